@@ -1,0 +1,1 @@
+"""Reward models: one file per family, all behind :class:`~marble_lightning.rewards.base.RewardModel`."""
