@@ -1,0 +1,390 @@
+"""Gradient-space reward balancing: the min-norm point of the normalised reward gradients.
+
+Given ``K`` per-reward gradients ``g_k`` (rows of a ``[K, P]`` matrix), MARBLE normalises them,
+``g^_k = g_k / n_k`` with ``n_k = ||g_k||``, and finds the convex combination of smallest norm:
+
+.. math::
+
+    \\alpha^* = \\arg\\min_{\\alpha \\in \\Delta_K} \\| \\sum_k \\alpha_k \\hat g_k \\|^2
+             = \\arg\\min_{\\alpha \\in \\Delta_K} \\alpha^\\top M \\alpha,
+    \\qquad M_{kl} = \\hat g_k \\cdot \\hat g_l .
+
+The update direction is ``d = m * d*`` with ``d* = sum_k alpha_k g^_k`` and ``m`` the mean gradient
+norm, so ``d = sum_k w_k g_k`` with effective weights ``w_k = m * alpha_k / n_k``. By the optimality
+conditions of the QP, ``g^_k . d* >= ||d*||^2`` for every ``k``: the direction never conflicts with
+any reward.
+
+Everything except the final ``direction`` is a function of the raw Gram matrix
+``G_kl = g_k . g_l`` alone, so :func:`harmonize_gram` maps a ``[K, K]`` Gram matrix to the weights
+(this is what callers use when they compute the Gram matrix some faster way, or across ranks), and
+:func:`harmonize` composes "Gram matrix of the rows" with it and forms the direction.
+
+The QP is solved with ``quadprog`` in float64 numpy; tensors are converted only at that boundary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import quadprog
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Harmonized",
+    "harmonize",
+    "harmonize_gram",
+    "min_norm_coefficients",
+]
+
+Rescale = Literal["mean_norm", "none"]
+
+_SYMMETRY_RTOL = 1e-4
+"""Allowed asymmetry ``|G - G^T|``, relative to the largest diagonal entry of ``G``."""
+
+_MAX_REGULARIZATION = 1e-4
+"""Largest regularisation tried before :func:`min_norm_coefficients` gives up."""
+
+
+@dataclass
+class Harmonized:
+    """The result of harmonising ``K`` reward gradients.
+
+    Attributes:
+        direction: ``[P]`` update direction ``d = sum_k weights_k g_k``, in the dtype and on the
+            device of the gradients; ``None`` when only the Gram matrix was given
+            (:func:`harmonize_gram`).
+        alpha: ``[K]`` min-norm coefficients of the normalised gradients. Non-negative, summing to
+            one over the non-dropped rewards, zero for dropped rewards (all zero if every reward
+            was dropped).
+        norms: ``[K]`` gradient norms ``n_k = ||g_k||`` (units of the gradients).
+        weights: ``[K]`` effective weights ``w_k = m * alpha_k / n_k`` on the raw gradients
+            (zero for dropped rewards), so that ``direction == sum_k w_k g_k``.
+        cosines: ``[K]`` cosine between ``direction`` and ``g_k``; zero for dropped rewards and
+            when the direction is zero.
+        dropped: ``[K]`` bool, rewards whose gradient norm was below the tolerance.
+        gram: ``[K, K]`` raw Gram matrix ``G_kl = g_k . g_l`` the weights were computed from.
+    """
+
+    direction: Tensor | None
+    alpha: Tensor
+    norms: Tensor
+    weights: Tensor
+    cosines: Tensor
+    dropped: Tensor
+    gram: Tensor
+
+    @property
+    def worst_cosine(self) -> Tensor:
+        """Smallest cosine between the direction and a non-dropped reward gradient.
+
+        Returns:
+            0-dim tensor; ``0`` if every reward was dropped.
+        """
+        kept = self.cosines[~self.dropped]
+        if kept.numel() == 0:
+            return self.cosines.new_zeros(())
+        return kept.min()
+
+
+def _gram_to_numpy(gram: Tensor) -> np.ndarray:
+    """Validate a Gram-like matrix and return it as a float64 numpy array.
+
+    Raises:
+        ValueError: if ``gram`` is not a square 2-D tensor, has a non-finite entry, is not
+            symmetric within tolerance, or has a negative diagonal entry.
+    """
+    if not isinstance(gram, Tensor):
+        raise TypeError(
+            f"Parameter `gram` should be a torch.Tensor. Found `type(gram) = {type(gram)}`."
+        )
+    if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
+        raise ValueError(
+            f"Parameter `gram` should be a square matrix. Found `gram.shape = {tuple(gram.shape)}`."
+        )
+    if gram.shape[0] == 0:
+        raise ValueError(
+            "Parameter `gram` should have at least one row. Found `gram.shape = (0, 0)`."
+        )
+    array = gram.detach().to(device="cpu", dtype=torch.float64).numpy()
+    if not np.isfinite(array).all():
+        bad = np.argwhere(~np.isfinite(array))[0]
+        raise ValueError(
+            "Parameter `gram` should have finite entries. "
+            f"Found `gram[{bad[0]}, {bad[1]}] = {array[bad[0], bad[1]]}`."
+        )
+    diagonal = np.diag(array)
+    if (diagonal < 0).any():
+        k = int(np.argmin(diagonal))
+        raise ValueError(
+            "Parameter `gram` should have a non-negative diagonal (squared norms). "
+            f"Found `gram[{k}, {k}] = {diagonal[k]}`."
+        )
+    asymmetry = np.abs(array - array.T)
+    tolerance = _SYMMETRY_RTOL * float(diagonal.max(initial=0.0))
+    if asymmetry.max() > tolerance:
+        i, j = np.unravel_index(int(np.argmax(asymmetry)), asymmetry.shape)
+        raise ValueError(
+            "Parameter `gram` should be symmetric. "
+            f"Found `gram[{i}, {j}] = {array[i, j]}` and `gram[{j}, {i}] = {array[j, i]}` "
+            f"(tolerance {tolerance:.3g})."
+        )
+    return 0.5 * (array + array.T)
+
+
+def _solve_min_norm(matrix: np.ndarray, regularization: float) -> np.ndarray:
+    """Solve ``min alpha^T M alpha`` over the simplex for a validated symmetric PSD ``M``.
+
+    ``M`` is first divided by ``trace(M) / K`` (unit mean diagonal), which makes the problem
+    scale-free, then ``regularization * I`` is added so that ``quadprog``'s Cholesky factorisation
+    exists even when ``M`` is singular (duplicated, collinear or zero gradients). Among several
+    optimal ``alpha`` of a singular problem this selects the one of smallest Euclidean norm, which
+    splits weight equally between duplicated gradients. The regularisation moves the objective by
+    at most ``regularization * trace(M) / K``. If ``quadprog`` still fails (round-off made the
+    matrix indefinite), the regularisation is multiplied by 100 and the solve retried, up to
+    ``1e-4``.
+    """
+    k = matrix.shape[0]
+    if k == 1:
+        return np.ones(1)
+    scale = np.trace(matrix) / k
+    if scale <= 0.0:  # Every gradient is zero: every alpha is optimal; take the uniform one.
+        return np.full(k, 1.0 / k)
+    normalized = matrix / scale
+    # quadprog minimises 1/2 x^T G x - a^T x subject to C^T x >= b, the first `meq` as equalities.
+    constraints = np.concatenate([np.ones((k, 1)), np.eye(k)], axis=1)
+    bounds = np.concatenate([np.ones(1), np.zeros(k)])
+    linear = np.zeros(k)
+    eps = regularization
+    while True:
+        try:
+            regularized = normalized + eps * np.eye(k)
+            alpha = quadprog.solve_qp(regularized, linear, constraints, bounds, 1)[0]
+            break
+        except ValueError as error:
+            eps = max(eps * 100.0, 1e-12)
+            if eps > _MAX_REGULARIZATION:
+                raise ValueError(
+                    f"quadprog failed on the min-norm problem even with regularization {eps / 100:.1g}: "
+                    f"{error}. Eigenvalues of the normalised `gram`: {np.linalg.eigvalsh(normalized)}."
+                ) from error
+    alpha = np.clip(alpha, 0.0, None)
+    return alpha / alpha.sum()
+
+
+def min_norm_coefficients(gram: Tensor, *, regularization: float = 1e-10) -> Tensor:
+    """Coefficients on the simplex of the min-norm point of the convex hull of ``K`` vectors.
+
+    Solves ``min_alpha alpha^T gram alpha`` subject to ``alpha >= 0`` and ``sum(alpha) = 1``. With
+    ``gram`` the Gram matrix of normalised gradients this is MARBLE's ``alpha*``; any positive
+    semi-definite matrix (e.g. the raw Gram matrix, for MGDA) is accepted.
+
+    Singular matrices (duplicated, collinear or zero vectors) are handled by regularisation, not
+    by reducing the problem: ``gram`` is scaled to unit mean diagonal and ``regularization * I`` is
+    added before the solve (retried with 100x larger values, up to ``1e-4``, if ``quadprog``
+    rejects the matrix). The returned ``alpha`` is then the optimum of smallest Euclidean norm,
+    and its objective exceeds the true minimum by at most ``regularization * trace(gram) / K``.
+
+    Args:
+        gram: ``[K, K]`` symmetric positive semi-definite matrix, ``K >= 1``, any floating dtype
+            and device. Asymmetry up to ``1e-4`` times the largest diagonal entry is tolerated
+            (and symmetrised away).
+        regularization: Ridge added to the unit-mean-diagonal matrix; must be ``>= 0``.
+
+    Returns:
+        ``[K]`` tensor ``alpha`` (non-negative, sums to 1), with ``gram``'s dtype and device. If
+        ``gram`` is all zero, the uniform vector.
+
+    Raises:
+        ValueError: if ``gram`` is not square, is empty, has a non-finite entry, a negative diagonal
+            entry or is not symmetric; if ``regularization`` is negative; if the solver fails.
+    """
+    if not regularization >= 0.0:
+        raise ValueError(
+            f"Parameter `regularization` should be non-negative. Found `regularization = {regularization}`."
+        )
+    matrix = _gram_to_numpy(gram)
+    alpha = _solve_min_norm(matrix, regularization)
+    return torch.as_tensor(alpha, dtype=_float_dtype(gram), device=gram.device)
+
+
+def _float_dtype(tensor: Tensor) -> torch.dtype:
+    return tensor.dtype if tensor.is_floating_point() else torch.get_default_dtype()
+
+
+def harmonize_gram(
+    gram: Tensor,
+    *,
+    rescale: Rescale = "mean_norm",
+    norm_tol: float = 1e-6,
+    abs_norm_tol: float = 0.0,
+    regularization: float = 1e-10,
+) -> Harmonized:
+    """MARBLE's weights from the raw Gram matrix of the reward gradients.
+
+    Computes ``n_k = sqrt(G_kk)``, drops rewards with a negligible norm, solves the min-norm QP on
+    the normalised Gram matrix ``M_kl = G_kl / (n_k n_l)`` of the remaining rewards, and returns
+    ``alpha``, the effective weights ``w_k = m alpha_k / n_k`` and the cosines
+    ``cos(d, g_k) = (M alpha)_k / sqrt(alpha^T M alpha)`` (equal to
+    ``(w^T G)_k / (sqrt(w^T G w) n_k)``). The result's ``direction`` is ``None``; the caller forms
+    ``sum_k w_k g_k`` itself.
+
+    A reward is dropped when ``n_k <= norm_tol * max_l n_l`` or ``n_k <= abs_norm_tol``. If every
+    reward is dropped (e.g. all gradients are zero), alpha, weights and cosines are all zero, so
+    the direction is zero (the caller should skip the step).
+
+    Args:
+        gram: ``[K, K]`` raw Gram matrix ``G_kl = g_k . g_l`` (units: gradient squared), any
+            floating dtype and device. It is validated as in :func:`min_norm_coefficients`.
+        rescale: ``"mean_norm"`` (the paper): ``m`` is the mean norm of the non-dropped rewards, so
+            ``||d||`` is on the scale of the gradients; ``"none"``: ``m = 1`` and ``d = d*``, the
+            min-norm point of the unit gradients (``||d|| <= 1``).
+        norm_tol: Relative drop tolerance (fraction of the largest norm), ``>= 0``.
+        abs_norm_tol: Absolute drop tolerance in gradient units, ``>= 0``.
+        regularization: Passed to the QP, see :func:`min_norm_coefficients`.
+
+    Returns:
+        :class:`Harmonized` with ``direction=None``; tensors in ``gram``'s dtype and on its
+        device (``dropped`` is bool).
+
+    Raises:
+        ValueError: on an invalid ``gram`` or option.
+    """
+    if rescale not in ("mean_norm", "none"):
+        raise ValueError(
+            f"Parameter `rescale` should be 'mean_norm' or 'none'. Found `rescale = {rescale!r}`."
+        )
+    if not norm_tol >= 0.0:
+        raise ValueError(
+            f"Parameter `norm_tol` should be non-negative. Found `norm_tol = {norm_tol}`."
+        )
+    if not abs_norm_tol >= 0.0:
+        raise ValueError(
+            f"Parameter `abs_norm_tol` should be non-negative. Found `abs_norm_tol = {abs_norm_tol}`."
+        )
+    if not regularization >= 0.0:
+        raise ValueError(
+            f"Parameter `regularization` should be non-negative. Found `regularization = {regularization}`."
+        )
+    matrix = _gram_to_numpy(gram)
+    k = matrix.shape[0]
+    norms = np.sqrt(np.diag(matrix))
+    largest = norms.max()
+    dropped = (norms <= norm_tol * largest) | (norms <= abs_norm_tol) | (norms == 0.0)
+    kept = np.flatnonzero(~dropped)
+
+    alpha = np.zeros(k)
+    weights = np.zeros(k)
+    cosines = np.zeros(k)
+    if kept.size > 0:
+        kept_norms = norms[kept]
+        normalized = matrix[np.ix_(kept, kept)] / np.outer(kept_norms, kept_norms)
+        kept_alpha = _solve_min_norm(normalized, regularization)
+        m = kept_norms.mean() if rescale == "mean_norm" else 1.0
+        alpha[kept] = kept_alpha
+        weights[kept] = m * kept_alpha / kept_norms
+        projections = normalized @ kept_alpha  # g^_k . d*
+        squared_norm = float(kept_alpha @ projections)  # ||d*||^2, in [0, 1]
+        if squared_norm > 0.0:
+            cosines[kept] = np.clip(projections / np.sqrt(squared_norm), -1.0, 1.0)
+
+    dtype, device = _float_dtype(gram), gram.device
+    return Harmonized(
+        direction=None,
+        alpha=torch.as_tensor(alpha, dtype=dtype, device=device),
+        norms=torch.as_tensor(norms, dtype=dtype, device=device),
+        weights=torch.as_tensor(weights, dtype=dtype, device=device),
+        cosines=torch.as_tensor(cosines, dtype=dtype, device=device),
+        dropped=torch.as_tensor(dropped, dtype=torch.bool, device=device),
+        gram=gram.detach(),
+    )
+
+
+def _stack_gradients(grads: Tensor | Sequence[Tensor]) -> Tensor:
+    """Return a ``[K, P]`` matrix from a ``[K, ...]`` tensor or a sequence of ``K`` tensors."""
+    if isinstance(grads, Tensor):
+        if grads.ndim < 2:
+            raise ValueError(
+                "Parameter `grads` should be a [K, P] tensor (one row per reward). "
+                f"Found `grads.shape = {tuple(grads.shape)}`."
+            )
+        matrix = grads.flatten(start_dim=1)
+    else:
+        rows = list(grads)
+        if not all(isinstance(row, Tensor) for row in rows):
+            raise TypeError("Parameter `grads` should be a tensor or a sequence of tensors.")
+        sizes = [row.numel() for row in rows]
+        if len(set(sizes)) > 1:
+            raise ValueError(
+                "Parameter `grads` should hold one gradient per reward, all with the same number of "
+                f"elements. Found sizes {sizes}."
+            )
+        if not rows:
+            raise ValueError(
+                "Parameter `grads` should hold at least one gradient. Found an empty sequence."
+            )
+        matrix = torch.stack([row.reshape(-1) for row in rows])
+    if matrix.shape[0] == 0:
+        raise ValueError(
+            f"Parameter `grads` should have at least one row. Found `grads.shape = {tuple(matrix.shape)}`."
+        )
+    return matrix
+
+
+def harmonize(
+    grads: Tensor | Sequence[Tensor],
+    *,
+    rescale: Rescale = "mean_norm",
+    norm_tol: float = 1e-6,
+    abs_norm_tol: float = 0.0,
+    regularization: float = 1e-10,
+) -> Harmonized:
+    """Harmonise ``K`` reward gradients into one non-conflicting update direction.
+
+    Composes "Gram matrix of the rows" (``G = g g^T`` in the gradients' dtype, on their device)
+    with :func:`harmonize_gram`, then forms ``direction = weights @ g``.
+
+    Args:
+        grads: ``[K, P]`` tensor (a ``[K, ...]`` tensor is flattened after the first dimension), or
+            a sequence of ``K`` tensors of any shapes with equal numbers of elements, each the
+            gradient of one reward (flattened and stacked).
+        rescale: See :func:`harmonize_gram`.
+        norm_tol: See :func:`harmonize_gram`.
+        abs_norm_tol: See :func:`harmonize_gram`.
+        regularization: See :func:`min_norm_coefficients`.
+
+    Returns:
+        :class:`Harmonized` with ``direction`` of shape ``[P]`` (dtype/device of the gradients;
+        zero when every reward is dropped). The other fields have the gradients' dtype and device.
+
+    Raises:
+        ValueError: on malformed ``grads`` (including non-finite entries, reported through the Gram
+            matrix) or options.
+    """
+    matrix = _stack_gradients(grads).detach()
+    if not matrix.is_floating_point():
+        matrix = matrix.to(torch.get_default_dtype())
+    gram = matrix @ matrix.T
+    if not bool(torch.isfinite(gram).all()):
+        bad_rows = torch.nonzero(~torch.isfinite(matrix).all(dim=1)).flatten().tolist()
+        if bad_rows:
+            raise ValueError(
+                "Parameter `grads` should have finite entries. "
+                f"Found non-finite values in the gradient(s) of reward(s) {bad_rows}."
+            )
+        raise ValueError(
+            f"The Gram matrix of `grads` overflowed in {matrix.dtype}. Found "
+            f"`grads.abs().max() = {matrix.abs().max().item():.3g}`; pass float64 gradients."
+        )
+    result = harmonize_gram(
+        gram,
+        rescale=rescale,
+        norm_tol=norm_tol,
+        abs_norm_tol=abs_norm_tol,
+        regularization=regularization,
+    )
+    result.direction = result.weights.to(matrix.dtype) @ matrix
+    return result
