@@ -1,0 +1,50 @@
+"""JPEG compressibility reward (DDPO): images that compress well score higher.
+
+``score = -(size of the image encoded as JPEG at quality q, in kB)`` with 1 kB = 1000 bytes,
+quality 95 by default, PIL's encoder, the image quantised to uint8 by rounding. Always negative.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from marble_lightning.rewards._loading import to_uint8_hwc
+from marble_lightning.rewards.base import RewardModel
+
+
+def jpeg_size_kb(image_hwc, quality: int) -> float:
+    """Size in kB (1000 bytes) of a uint8 ``[H, W, 3]`` array saved as JPEG at ``quality``."""
+    buffer = io.BytesIO()
+    Image.fromarray(image_hwc).save(buffer, format="JPEG", quality=quality)
+    return buffer.tell() / 1000.0
+
+
+class JPEGCompressibilityReward(RewardModel):
+    """Negative JPEG file size in kB at a fixed quality; applies to every prompt.
+
+    Args:
+        quality: JPEG quality, 1..95 (PIL's useful range; DDPO uses 95).
+        name: reward name in logs.
+    """
+
+    name = "jpeg"
+
+    def __init__(self, quality: int = 95, name: str | None = None) -> None:
+        super().__init__(name)
+        if not isinstance(quality, int) or not 1 <= quality <= 100:
+            raise ValueError(f"JPEGCompressibilityReward: quality must be an int in [1, 100], got {quality!r}")
+        self.quality = quality
+
+    @classmethod
+    def from_config(cls, **kwargs) -> JPEGCompressibilityReward:
+        """Build from keyword arguments (same as the constructor)."""
+        return cls(**kwargs)
+
+    def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        sizes = [jpeg_size_kb(a, self.quality) for a in to_uint8_hwc(images)]
+        return -torch.tensor(sizes, dtype=torch.float32, device=images.device)

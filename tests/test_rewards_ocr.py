@@ -1,0 +1,128 @@
+"""OCRReward: RapidOCR reads PIL-rendered words; score formula; masking; bad input."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image, ImageDraw, ImageFont
+
+from marble_lightning.rewards.ocr import (
+    OCRReward,
+    edit_distance,
+    normalize_text,
+    ocr_similarity,
+    quoted_text,
+)
+
+
+def render(word: str, size: int = 64, font_size: int = 22) -> torch.Tensor:
+    """Black word on white, centred -> float [3, size, size] in [0, 1]."""
+    im = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(im)
+    draw.text((size // 2, size // 2), word, fill="black", font=ImageFont.load_default(size=font_size), anchor="mm")
+    return torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255.0
+
+
+@pytest.fixture(scope="module")
+def reward() -> OCRReward:
+    torch.set_num_threads(1)
+    return OCRReward(num_threads=1)
+
+
+def test_quoted_text() -> None:
+    assert quoted_text('a sign that says "cat"') == "cat"
+    assert quoted_text("a sign that says \u201cHello World\u201d") == "Hello World"
+    assert quoted_text('"ab" and "cd"') == "ab cd"
+    assert quoted_text("two red circles") is None
+    assert quoted_text('a sign that says ""') is None
+    assert quoted_text('a sign that says "  "') is None
+
+
+def brute_levenshtein(a: str, b: str) -> int:
+    """Independent recursive definition (memoised)."""
+    from functools import lru_cache
+
+    @lru_cache(maxsize=None)
+    def d(i: int, j: int) -> int:
+        if i == 0 or j == 0:
+            return i + j
+        return min(d(i - 1, j) + 1, d(i, j - 1) + 1, d(i - 1, j - 1) + (a[i - 1] != b[j - 1]))
+
+    return d(len(a), len(b))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text("abc ", max_size=7), st.text("abc", max_size=7))
+def test_edit_distance_matches_recursive_definition(a: str, b: str) -> None:
+    assert edit_distance(a, b) == brute_levenshtein(a, b) == edit_distance(b, a)
+
+
+def test_similarity_formula() -> None:
+    assert ocr_similarity("CAT", "cat") == 1.0
+    assert ocr_similarity("the cat sat", "c a t") == 1.0  # substring after removing spaces
+    assert ocr_similarity("cot", "cat") == pytest.approx(1 - 1 / 3)
+    assert ocr_similarity("", "cat") == 0.0
+    assert ocr_similarity("xxxxxxxxxx", "cat") == 0.0  # distance clipped at len(target)
+    assert ocr_similarity("hel lo", "Hello") == 1.0
+    with pytest.raises(ValueError, match="empty"):
+        ocr_similarity("abc", "  ")
+    assert normalize_text(" He llo\t") == "hello"
+
+
+def test_reads_rendered_words(reward: OCRReward) -> None:
+    words = ["cat", "dog", "sun", "red"]
+    images = torch.stack([render(w) for w in words])
+    prompts = [f'a sign that says "{w}"' for w in words]
+    values = reward(images, prompts)
+    assert values.dtype == torch.float32 and values.shape == (4,)
+    assert torch.all(values == 1.0), (values, reward.read(images))
+
+
+def test_misspelling_blank_and_masking(reward: OCRReward) -> None:
+    images = torch.stack([render("cat"), render("cot"), torch.ones(3, 64, 64), render("cat")])
+    prompts = ['"cat"', 'a sign that says "cat"', 'a sign that says "cat"', "a photo of a cat"]
+    values = reward(images, prompts)
+    assert values[0] == 1.0
+    assert 0.0 <= values[1] < 1.0
+    assert values[2] == 0.0
+    assert values[3] == 0.0 and torch.isfinite(values).all()
+    assert reward.applies_to(prompts).tolist() == [True, True, True, False]
+
+
+def test_all_masked_batch_never_reads(reward: OCRReward) -> None:
+    values = reward(torch.rand(2, 3, 32, 32), ["two red circles", "a dog"])
+    assert values.tolist() == [0.0, 0.0]
+
+
+def test_small_renders_with_upscale() -> None:
+    r = OCRReward(upscale=2.0, num_threads=1)
+    images = torch.stack([render("cat", 32, 11), render("sun", 32, 11)])
+    values = r(images, ['"cat"', '"sun"'])
+    assert values.min() >= 2 / 3, r.read(images)
+
+
+def test_bad_input(reward: OCRReward) -> None:
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        reward(torch.stack([render("cat")]) * 255, ['"cat"'])
+    with pytest.raises(ValueError, match="shape"):
+        reward(torch.rand(3, 64, 64), ['"cat"'])
+    with pytest.raises(ValueError, match="prompts"):
+        reward(torch.rand(2, 3, 64, 64), ['"cat"'])
+    with pytest.raises(ValueError, match="upscale"):
+        OCRReward(upscale=0)
+
+
+def test_time_per_image(reward: OCRReward) -> None:
+    images = torch.stack([render(w) for w in ["cat", "dog", "sun", "red"] * 4])
+    prompts = ['"cat"', '"dog"', '"sun"', '"red"'] * 4
+    reward(images[:1], prompts[:1])  # warm-up
+    t0 = time.perf_counter()
+    reward(images, prompts)
+    ms = (time.perf_counter() - t0) / len(prompts) * 1000
+    print(f"OCRReward: {ms:.1f} ms/image at 64x64")
+    assert ms < 500
