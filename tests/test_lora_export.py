@@ -1,0 +1,161 @@
+"""Round trips of the exported policy LoRA: diffusers' load_lora_weights and peft's PeftModel."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig
+from safetensors import safe_open
+from torch import nn
+
+from marble_lightning.lora_export import DIFFUSERS_LORA_FILE, PEFT_LORA_FILE, export_lora
+from marble_lightning.sd3 import SD3_LORA_TARGET_MODULES, SD3Backbone
+from marble_lightning.testing import TINY_SD3_RESOLUTION, build_tiny_sd3_pipeline
+
+RANK, ALPHA = 4, 12  # scale alpha / r = 3: a loader that ignored alpha would be caught
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> str:
+    torch.set_num_threads(1)
+    return build_tiny_sd3_pipeline(tmp_path_factory.mktemp("tiny_sd3_lora"))
+
+
+def _adapted_backbone(tiny_dir: str) -> SD3Backbone:
+    backbone = SD3Backbone(tiny_dir, resolution=TINY_SD3_RESOLUTION, max_sequence_length=4)
+    torch.manual_seed(0)
+    for name in ("policy", "old"):  # random non-zero A and B for both adapters
+        config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=SD3_LORA_TARGET_MODULES, init_lora_weights=False)
+        backbone.denoiser.add_adapter(config, adapter_name=name)
+    backbone.denoiser.set_adapter("policy")
+    return backbone
+
+
+def _transformer_out(transformer: nn.Module, x: torch.Tensor, cond: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return transformer(
+            hidden_states=x,
+            timestep=torch.full((x.shape[0],), 400.0),
+            encoder_hidden_states=cond["prompt_embeds"],
+            pooled_projections=cond["pooled_prompt_embeds"],
+        ).sample
+
+
+def _check_diffusers_round_trip(tiny_dir: str, out_dir, expected: torch.Tensor, x, cond) -> None:
+    from diffusers import StableDiffusion3Pipeline
+
+    fresh = StableDiffusion3Pipeline.from_pretrained(tiny_dir, text_encoder_3=None, tokenizer_3=None)
+    base = _transformer_out(fresh.transformer, x, cond)
+    fresh.load_lora_weights(str(out_dir))
+    loaded = _transformer_out(fresh.transformer, x, cond)
+    assert not torch.allclose(base, expected, atol=1e-3)  # the adapter matters
+    torch.testing.assert_close(loaded, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_diffusers_round_trip_from_module(tiny_dir: str, tmp_path) -> None:
+    backbone = _adapted_backbone(tiny_dir)
+    cond = backbone.encode_prompts(["a red circle", "blue"])
+    x = torch.randn(2, *backbone.sample_shape, generator=torch.Generator().manual_seed(3))
+    expected = _transformer_out(backbone.denoiser, x, cond)
+    backbone.denoiser.set_adapter("old")
+    other = _transformer_out(backbone.denoiser, x, cond)
+    backbone.denoiser.set_adapter("policy")
+    assert not torch.allclose(other, expected, atol=1e-3)
+
+    holder = nn.Module()  # stands for MarbleDiffusionModule: export finds .backbone.denoiser
+    holder.backbone = backbone
+    path = export_lora(holder, tmp_path / "lora")
+    assert path == tmp_path / "lora" / DIFFUSERS_LORA_FILE
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+        metadata = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert all(k.startswith("transformer.") and ".lora_" in k and "policy" not in k for k in keys)
+    # 2 blocks: block 0 has attn (8 targets) + attn2 (4), block 1 (context_pre_only) attn without to_add_out (7)
+    assert len(keys) == 2 * (8 + 4 + 7)
+    assert metadata["transformer.r"] == RANK and metadata["transformer.lora_alpha"] == ALPHA
+    _check_diffusers_round_trip(tiny_dir, tmp_path / "lora", expected, x, cond)
+
+
+def test_diffusers_round_trip_from_checkpoint(tiny_dir: str, tmp_path) -> None:
+    backbone = _adapted_backbone(tiny_dir)
+    cond = backbone.encode_prompts(["a green square"])
+    x = torch.randn(1, *backbone.sample_shape, generator=torch.Generator().manual_seed(4))
+    expected = _transformer_out(backbone.denoiser, x, cond)
+    # a Lightning-style checkpoint of a module holding the backbone as `.backbone`
+    state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"state_dict": state, "global_step": 3}, ckpt)
+    # alpha from the run's config.yaml, as the CLI saves it
+    (tmp_path / "run" / "config.yaml").write_text(
+        "model:\n  backbone:\n    class_path: marble_lightning.sd3.SD3Backbone\n"
+        f"    init_args:\n      pretrained: {tiny_dir}\n  lora_alpha: {ALPHA}\n"
+    )
+    path = export_lora(str(ckpt), tmp_path / "from_ckpt")
+    assert path.name == DIFFUSERS_LORA_FILE
+    _check_diffusers_round_trip(tiny_dir, tmp_path / "from_ckpt", expected, x, cond)
+
+    # no config and no hyper-parameters: alpha is unknown -> clear error; explicit alpha works
+    bare = tmp_path / "bare.ckpt"
+    torch.save({"state_dict": state}, bare)
+    with pytest.raises(ValueError, match="lora_alpha"):
+        export_lora(str(bare), tmp_path / "x")
+    export_lora(str(bare), tmp_path / "bare_out", lora_alpha=ALPHA)
+    _check_diffusers_round_trip(tiny_dir, tmp_path / "bare_out", expected, x, cond)
+    torch.save({"state_dict": state, "hyper_parameters": {"lora_alpha": ALPHA}}, bare)
+    export_lora(str(bare), tmp_path / "hp_out")
+    _check_diffusers_round_trip(tiny_dir, tmp_path / "hp_out", expected, x, cond)
+
+
+class _TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj_in = nn.Linear(6, 8)
+        self.mid = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8))
+        self.proj_out = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj_out(self.mid(self.proj_in(x)))
+
+
+@pytest.mark.parametrize("from_checkpoint", [False, True])
+def test_peft_round_trip_for_other_backbones(tmp_path, from_checkpoint: bool) -> None:
+    from peft import PeftModel, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    net = _TinyNet()
+    base_state = {k: v.clone() for k, v in net.state_dict().items()}
+    config = LoraConfig(r=2, lora_alpha=6, target_modules=["proj_in", "mid.0", "mid.2"], init_lora_weights=False)
+    inject_adapter_in_model(config, net, adapter_name="policy")
+    holder = nn.Module()
+    holder.backbone = nn.Module()
+    holder.backbone.denoiser = net
+    x = torch.randn(5, 6)
+    expected = net(x).detach()
+    if from_checkpoint:
+        ckpt = tmp_path / "toy.ckpt"
+        torch.save({"state_dict": holder.state_dict(), "hyper_parameters": {"lora_alpha": 6}}, ckpt)
+        path = export_lora(str(ckpt), tmp_path / "peft")
+    else:
+        path = export_lora(holder, tmp_path / "peft")
+    assert path == tmp_path / "peft" / PEFT_LORA_FILE
+    fresh = _TinyNet()
+    fresh.load_state_dict(base_state)
+    assert not torch.allclose(fresh(x), expected, atol=1e-4)
+    loaded = PeftModel.from_pretrained(fresh, str(tmp_path / "peft"))
+    torch.testing.assert_close(loaded(x), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_bad_sources(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+        export_lora(str(tmp_path / "nope.ckpt"), tmp_path / "o")
+    with pytest.raises(ValueError, match="format='onnx'"):
+        export_lora(nn.Linear(2, 2), tmp_path / "o", format="onnx")
+    with pytest.raises(ValueError, match="no LoRA adapter named 'policy'"):
+        export_lora(nn.Linear(2, 2), tmp_path / "o")
+    ckpt = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": {"backbone.denoiser.w": torch.zeros(2)}}, ckpt)
+    with pytest.raises(ValueError, match="no weights of LoRA adapter 'policy'"):
+        export_lora(str(ckpt), tmp_path / "o", lora_alpha=1)
