@@ -45,6 +45,9 @@ Rescale = Literal["mean_norm", "none"]
 _SYMMETRY_RTOL = 1e-4
 """Allowed asymmetry ``|G - G^T|``, relative to the largest diagonal entry of ``G``."""
 
+_STATIONARY_TOL = 1e-12
+"""``||d*||^2`` (unit gradients) at or below which the min-norm point counts as zero."""
+
 _MAX_REGULARIZATION = 1e-4
 """Largest regularisation tried before :func:`min_norm_coefficients` gives up."""
 
@@ -64,7 +67,8 @@ class Harmonized:
         weights: ``[K]`` effective weights ``w_k = m * alpha_k / n_k`` on the raw gradients
             (zero for dropped rewards), so that ``direction == sum_k w_k g_k``.
         cosines: ``[K]`` cosine between ``direction`` and ``g_k``; zero for dropped rewards and
-            when the direction is zero.
+            when the direction is numerically zero (``||d*||^2 <= max(100 * regularization,
+            1e-12)``: the gradients are Pareto-stationary and the angle is round-off).
         dropped: ``[K]`` bool, rewards whose gradient norm was below the tolerance.
         gram: ``[K, K]`` raw Gram matrix ``G_kl = g_k . g_l`` the weights were computed from.
     """
@@ -288,7 +292,7 @@ def harmonize_gram(
         weights[kept] = m * kept_alpha / kept_norms
         projections = normalized @ kept_alpha  # g^_k . d*
         squared_norm = float(kept_alpha @ projections)  # ||d*||^2, in [0, 1]
-        if squared_norm > 0.0:
+        if squared_norm > max(100.0 * regularization, _STATIONARY_TOL):
             cosines[kept] = np.clip(projections / np.sqrt(squared_norm), -1.0, 1.0)
 
     dtype, device = _float_dtype(gram), gram.device
