@@ -1,0 +1,238 @@
+"""Per-reward gradient engines: the ``[K, P]`` matrix whose rows are ``g_k = grad l_k``.
+
+MARBLE needs the Gram matrix of the per-reward gradients ``g_k`` (DESIGN.md §1) and then the
+combination ``sum_k w_k g_k``. Three engines produce the same ``[K, P]`` matrix ``G`` (rows in the
+order of the trainable parameter list, each parameter flattened), so everything downstream (the
+single cross-rank mean reduction, ``harmonize``, writing ``.grad``) is shared:
+
+* ``"backward"``: ``K`` ``torch.autograd.grad`` calls over one retained graph (the paper's way).
+* ``"batched"``: one vectorised ``torch.autograd.grad(..., is_grads_batched=True)`` call.
+* ``"per_sample"``: exploits the structure of the NFT loss. With per-sample terms ``L+_i, L-_i``
+  shared by every reward, ``l_k = s * sum_i (r_ik L+_i + (1 - r_ik) L-_i)`` (``s = a_max /
+  (beta B)``), so ``g_k = s * (r_k @ P + (1 - r_k) @ N)`` where ``P[i]`` and ``N[i]`` are the
+  per-sample gradients of ``L+_i`` and ``L-_i``. Those come from TWO backward passes, whatever
+  ``K`` is: forward hooks keep each trainable layer's input, one ``autograd.grad`` per term
+  returns the gradient at each layer's output, and per-sample weight gradients follow in closed
+  form (an outer product for ``nn.Linear``, an ``unfold`` product for ``nn.Conv2d``; LoRA adapters
+  are made of exactly these). ``r`` does not depend on the timestep, so ``P`` and ``N`` are
+  accumulated over timesteps and ``G`` is formed once. It is exact (float round-off only) when
+  samples do not interact in the forward pass (no batch norm) and every trainable parameter is the
+  weight or bias of a supported layer; :class:`PerSampleGradients` raises
+  :class:`UnsupportedModelError` with the reason otherwise, and callers fall back to ``"backward"``.
+
+No Lightning import: this is pure autograd plumbing, tested against the ``"backward"`` engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "ENGINES",
+    "PerSampleGradients",
+    "UnsupportedModelError",
+    "flat_gradients",
+    "per_reward_gradients",
+]
+
+ENGINES = ("backward", "batched", "per_sample")
+"""Names accepted by ``MarbleDiffusionModule(gram=...)``."""
+
+
+class UnsupportedModelError(ValueError):
+    """The per-sample engine cannot handle this model; the message says why."""
+
+
+def flat_gradients(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> Tensor:
+    """Concatenate per-parameter gradients into one ``[P]`` vector (``None`` -> zeros)."""
+    return torch.cat(
+        [
+            (torch.zeros_like(p) if g is None else g).reshape(-1)
+            for g, p in zip(grads, params, strict=True)
+        ]
+    )
+
+
+def per_reward_gradients(
+    losses: Tensor, params: Sequence[Tensor], *, engine: str = "backward", retain_graph: bool = False
+) -> Tensor:
+    """Gradients of ``K`` losses sharing one graph, as a ``[K, P]`` matrix.
+
+    Args:
+        losses: ``[K]`` losses (one forward graph).
+        params: the trainable parameters, in the order of the flattened columns.
+        engine: ``"backward"`` (K calls) or ``"batched"`` (one vectorised call).
+        retain_graph: keep the graph after the last call (e.g. to differentiate a KL term next).
+
+    Returns:
+        ``[K, P]`` float tensor, row ``k`` = flattened ``grad losses[k]``.
+    """
+    if losses.ndim != 1 or losses.numel() == 0:
+        raise ValueError(f"Parameter `losses` should have shape [K], K >= 1. Found {tuple(losses.shape)}.")
+    params = list(params)
+    k = losses.shape[0]
+    if engine == "backward":
+        rows = []
+        for i in range(k):
+            grads = torch.autograd.grad(
+                losses[i], params, retain_graph=retain_graph or i < k - 1, allow_unused=True
+            )
+            rows.append(flat_gradients(grads, params))
+        return torch.stack(rows)
+    if engine == "batched":
+        eye = torch.eye(k, dtype=losses.dtype, device=losses.device)
+        grads = torch.autograd.grad(
+            losses, params, grad_outputs=eye, is_grads_batched=True,
+            retain_graph=retain_graph, allow_unused=True,
+        )
+        return torch.cat(
+            [
+                (torch.zeros((k, p.numel()), dtype=p.dtype, device=p.device) if g is None else g.reshape(k, -1))
+                for g, p in zip(grads, params, strict=True)
+            ],
+            dim=1,
+        )
+    raise ValueError(f"Parameter `engine` should be 'backward' or 'batched'. Found `engine = {engine!r}`.")
+
+
+@dataclass
+class _Capture:
+    """Inputs and outputs of one trainable layer, one entry per call in the captured forward."""
+
+    inputs: list[Tensor] = field(default_factory=list)
+    outputs: list[Tensor] = field(default_factory=list)
+
+
+class PerSampleGradients:
+    """Exact per-sample gradients of the weights/biases of ``nn.Linear`` and ``nn.Conv2d`` layers.
+
+    Usage, once per training timestep::
+
+        engine = PerSampleGradients(model, params)
+        with engine.capture():
+            v = model(x)                                  # forward with gradients enabled
+        terms = nft_terms(v, ...)
+        pos = engine.gradients(terms.positive.sum(), retain_graph=True)   # [B, P]
+        neg = engine.gradients(terms.negative.sum())                      # [B, P]
+
+    ``gradients(sum_i L_i)`` returns row ``i`` = flattened gradient of ``L_i`` alone, provided the
+    forward pass treats samples independently (batch dimension 0 everywhere).
+
+    Args:
+        model: module containing every parameter in ``params``.
+        params: trainable parameters (the column order of the results).
+
+    Raises:
+        UnsupportedModelError: a parameter is not the weight/bias of a supported layer (grouped or
+            non-zero-padded convolutions included), or is not inside ``model``.
+    """
+
+    def __init__(self, model: nn.Module, params: Sequence[nn.Parameter]) -> None:
+        self.params = list(params)
+        owner: dict[int, tuple[nn.Module, str]] = {}
+        for module_name, module in model.named_modules():
+            for pname, p in module.named_parameters(recurse=False):
+                owner.setdefault(id(p), (module, f"{module_name}.{pname}" if module_name else pname))
+        self._layers: list[nn.Module] = []
+        self._slots: list[tuple[nn.Module, str]] = []  # (layer, "weight" | "bias") per param
+        for p in self.params:
+            if id(p) not in owner:
+                raise UnsupportedModelError("a trainable parameter is not a parameter of `model`")
+            module, qualified = owner[id(p)]
+            if isinstance(module, nn.Conv2d):
+                if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
+                    raise UnsupportedModelError(
+                        f"{qualified}: only ungrouped, zero-padded Conv2d with explicit padding is supported"
+                    )
+            elif not isinstance(module, nn.Linear):
+                raise UnsupportedModelError(
+                    f"{qualified} belongs to a {type(module).__name__}; per-sample gradients are "
+                    "implemented for nn.Linear and nn.Conv2d (LoRA adapters use only these)"
+                )
+            slot = "weight" if p is module.weight else "bias" if p is getattr(module, "bias", None) else None
+            if slot is None:
+                raise UnsupportedModelError(f"{qualified} is neither the weight nor the bias of its layer")
+            if module not in self._layers:
+                self._layers.append(module)
+            self._slots.append((module, slot))
+        self._captures: dict[nn.Module, _Capture] = {}
+
+    @contextmanager
+    def capture(self) -> Iterator[None]:
+        """Record inputs/outputs of the trainable layers during the enclosed forward pass."""
+        self._captures = {layer: _Capture() for layer in self._layers}
+        handles = [layer.register_forward_hook(self._hook) for layer in self._layers]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _hook(self, module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+        if output.requires_grad:  # skip no-grad forwards (old policy, reference)
+            cap = self._captures[module]
+            cap.inputs.append(args[0].detach())
+            cap.outputs.append(output)
+
+    def gradients(self, total: Tensor, *, retain_graph: bool = False) -> Tensor:
+        """Per-sample gradients ``[B, P]`` of the summands of ``total = sum_i L_i``."""
+        layers = [m for m in self._layers for _ in self._captures[m].outputs]
+        outputs = [o for m in self._layers for o in self._captures[m].outputs]
+        if not outputs:
+            raise RuntimeError("no trainable layer ran with gradients inside `capture()`")
+        grads_out = torch.autograd.grad(total, outputs, retain_graph=retain_graph, allow_unused=True)
+        per_layer: dict[tuple[nn.Module, str], Tensor] = {}
+        call_index: dict[nn.Module, int] = {}
+        for layer, delta in zip(layers, grads_out):
+            i = call_index.get(layer, 0)
+            call_index[layer] = i + 1
+            x = self._captures[layer].inputs[i]
+            if delta is None:
+                delta = torch.zeros_like(self._captures[layer].outputs[i])
+            weight, bias = self._layer_gradients(layer, x, delta)
+            for slot, value in (("weight", weight), ("bias", bias)):
+                key = (layer, slot)
+                per_layer[key] = per_layer[key] + value if key in per_layer else value
+        batch = next(iter(per_layer.values())).shape[0]
+        return torch.cat([per_layer[slot].reshape(batch, -1) for slot in self._slots], dim=1)
+
+    @staticmethod
+    def _layer_gradients(layer: nn.Module, x: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-sample ``(weight_grad [B, *W], bias_grad [B, out])`` of one call of ``layer``."""
+        b = x.shape[0]
+        if isinstance(layer, nn.Linear):
+            x2 = x.reshape(b, -1, x.shape[-1])
+            d2 = delta.reshape(b, -1, delta.shape[-1])
+            return torch.einsum("bto,bti->boi", d2, x2), d2.sum(dim=1)
+        assert isinstance(layer, nn.Conv2d)
+        cols = F.unfold(
+            x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride
+        )  # [B, C*kh*kw, L]
+        d2 = delta.reshape(b, delta.shape[1], -1)  # [B, O, L]
+        weight = torch.einsum("bol,bil->boi", d2, cols).reshape(b, *layer.weight.shape)
+        return weight, d2.sum(dim=2)
+
+
+def combine_per_sample(
+    positive: Tensor, negative: Tensor, r: Tensor, *, beta: float, a_max: float, batch_size: int
+) -> Tensor:
+    """``[K, P]`` per-reward gradients from accumulated per-sample gradients.
+
+    Args:
+        positive: ``[B, P]`` per-sample gradients of ``L+_i`` (summed over timesteps).
+        negative: ``[B, P]`` per-sample gradients of ``L-_i`` (summed over timesteps).
+        r: ``[K, B]`` interpolation coefficients.
+        beta, a_max: the NFT constants of :func:`marble_lightning.nft.nft_objective`.
+        batch_size: ``B`` of the mean in the NFT objective.
+
+    Returns:
+        ``[K, P]``: ``(a_max / (beta B)) * (r @ positive + (1 - r) @ negative)``.
+    """
+    r = r.to(positive.dtype)
+    return (a_max / (beta * batch_size)) * (r @ positive + (1.0 - r) @ negative)
