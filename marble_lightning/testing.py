@@ -8,6 +8,7 @@ offline exactly like a real checkpoint.
 
 * :func:`build_tiny_sd3_pipeline` -- a complete SD3 pipeline small enough for CPU tests
   (transformer, VAE, two CLIP text encoders, no T5, flow-matching scheduler).
+* :class:`BrightnessReward` -- a trivial offline reward (mean brightness) for CPU test configs.
 * :func:`sd35_medium_transformer_config` / :func:`build_sd35_medium_transformer` -- a
   randomly initialised transformer with the published SD3.5-Medium architecture, for GPU
   benchmarks that measure speed and memory (the weights are random, the shapes are real).
@@ -16,13 +17,17 @@ offline exactly like a real checkpoint.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from marble_lightning.rewards.base import RewardModel
+
 __all__ = [
     "TINY_SD3_RESOLUTION",
+    "BrightnessReward",
     "build_sd35_medium_transformer",
     "build_tiny_sd3_pipeline",
     "sd35_medium_transformer_config",
@@ -35,6 +40,37 @@ TINY_SD3_RESOLUTION = 32
 _TINY_CLIP_WIDTH = 32
 _TINY_CLIP_PROJECTION = 32
 _TINY_MAX_TOKENS = 16
+
+
+class BrightnessReward(RewardModel):
+    """Test reward: closeness of the mean image brightness to ``target``.
+
+    ``R(x) = 1 - |mean(x) - target|`` with the mean over pixels and channels of an image in
+    ``[0, 1]``; so ``R`` lies in ``[0, 1]``. Optionally it applies only to prompts containing
+    ``keyword`` (to exercise reward masks). Offline, instant, differentiable in principle.
+
+    Args:
+        target: brightness in ``[0, 1]`` that scores 1.
+        keyword: if set, the reward applies only to prompts containing this substring.
+        name: reward name in logs.
+    """
+
+    name = "brightness"
+
+    def __init__(self, target: float = 1.0, keyword: str | None = None, name: str | None = None) -> None:
+        super().__init__(name)
+        if not 0.0 <= float(target) <= 1.0:
+            raise ValueError(f"BrightnessReward: target must lie in [0, 1], got {target!r}")
+        self.target = float(target)
+        self.keyword = keyword
+
+    def applies_to(self, prompts: Sequence[str]) -> torch.Tensor:
+        if self.keyword is None:
+            return torch.ones(len(prompts), dtype=torch.bool)
+        return torch.tensor([self.keyword in p for p in prompts], dtype=torch.bool)
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return 1.0 - (images.float().mean(dim=(1, 2, 3)) - self.target).abs()
 
 
 def sd35_medium_transformer_config() -> dict[str, Any]:
