@@ -186,3 +186,59 @@ def test_sd35_medium_config_matches_diffusers_signature() -> None:
     assert model.config.num_attention_heads * model.config.attention_head_dim == 1536
     assert len(model.transformer_blocks) == 24
     assert sum(b.attn2 is not None for b in model.transformer_blocks) == 13
+
+
+MODE_KWARGS = {
+    "marble": {},
+    "amortized": {"refresh_every": 2},
+    "weighted_sum": {"reward_weights": [1.0, 0.5, 1.0]},
+    "fixed": {"fixed_alpha": [0.5, 0.25, 0.25]},
+    "single": {"single_reward": "dark"},
+    "sequential": {"stages": [("bright", 1), ("dark", 2)]},
+}
+
+
+@pytest.mark.parametrize("mode", sorted(MODE_KWARGS))
+def test_module_trains_on_tiny_sd3_in_every_mode(tiny_dir: str, mode: str) -> None:
+    module_lib = pytest.importorskip("marble_lightning.module", reason="module.py (engineer 4a) not present")
+    from lightning.pytorch import Trainer
+    from torch.utils.data import DataLoader
+
+    from marble_lightning.testing import BrightnessReward
+
+    torch.manual_seed(0)
+    backbone = SD3Backbone(tiny_dir, resolution=TINY_SD3_RESOLUTION, max_sequence_length=4)
+    rewards = [
+        BrightnessReward(target=1.0, name="bright"),
+        BrightnessReward(target=0.0, name="dark"),
+        BrightnessReward(target=0.5, keyword="red", name="grey_red"),  # masked on prompts without "red"
+    ]
+    module = module_lib.MarbleDiffusionModule(
+        backbone, rewards, mode=mode, group_size=2, sample_steps=2, lora_rank=2, lora_alpha=4, lr=1e-2,
+        **MODE_KWARGS[mode],
+    )
+    lora = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    assert lora and all(".lora_" in n and ".policy." in n for n in lora)
+    base = {n: p.detach().clone() for n, p in backbone.denoiser.named_parameters() if ".lora_" not in n}
+    frozen = {k: next(m.parameters()).detach().clone() for k, m in backbone.frozen_modules.items()}
+
+    prompts = ["a red circle", "a blue square", "two green dots", "a red word"]
+    loader = DataLoader(prompts, batch_size=2, shuffle=False, collate_fn=list)
+    trainer = Trainer(
+        max_steps=3, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(module, train_dataloaders=loader)
+
+    losses = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("loss")}
+    assert losses and all(torch.isfinite(torch.tensor(v)) for v in losses.values()), losses
+    assert module.step_index == 3
+    changed = [n for n, p in module.named_parameters() if p.requires_grad and not torch.equal(p, lora[n])]
+    assert changed, "no LoRA parameter changed"
+    for n, p in backbone.denoiser.named_parameters():
+        if ".lora_" not in n:
+            assert torch.equal(p, base[n]), n
+    for k, m in backbone.frozen_modules.items():
+        assert torch.equal(next(m.parameters()), frozen[k]), k
+    images = module.sample(["a red circle"], seed=0)
+    assert images.shape == (1, 3, TINY_SD3_RESOLUTION, TINY_SD3_RESOLUTION)
