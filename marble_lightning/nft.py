@@ -86,7 +86,12 @@ def interpolation_coefficient(adv: Tensor, a_max: float = 5.0) -> Tensor:
 def _time_like(t: Tensor | float, reference: Tensor) -> Tensor:
     """Broadcast a per-sample time ``[B]`` (or a scalar, or any broadcastable shape) to ``reference``."""
     t = torch.as_tensor(t, dtype=reference.dtype, device=reference.device)
-    if t.ndim == 1 and reference.ndim > 1 and t.shape[0] == reference.shape[0]:
+    if t.ndim == 1:
+        if t.shape[0] not in (1, reference.shape[0]):
+            raise ValueError(
+                f"Parameter `t` should have shape [B] with B = {reference.shape[0]}. "
+                f"Found `t.shape = {tuple(t.shape)}`."
+            )
         t = t.reshape(-1, *([1] * (reference.ndim - 1)))
     try:
         torch.broadcast_shapes(t.shape, reference.shape)
