@@ -159,3 +159,36 @@ def test_bad_sources(tmp_path) -> None:
     torch.save({"state_dict": {"backbone.denoiser.w": torch.zeros(2)}}, ckpt)
     with pytest.raises(ValueError, match="no weights of LoRA adapter 'policy'"):
         export_lora(str(ckpt), tmp_path / "o", lora_alpha=1)
+
+
+def test_export_from_marble_module_and_its_checkpoint(tiny_dir: str, tmp_path) -> None:
+    """A trained MarbleDiffusionModule's policy, exported from the live module and from the
+    checkpoint Lightning writes, reproduces the policy's velocity in a fresh diffusers pipeline."""
+    module_lib = pytest.importorskip("marble_lightning.module", reason="module.py (engineer 4a) not present")
+    from lightning.pytorch import Trainer
+    from torch.utils.data import DataLoader
+
+    from marble_lightning.testing import BrightnessReward
+
+    backbone = SD3Backbone(tiny_dir, resolution=TINY_SD3_RESOLUTION, max_sequence_length=4)
+    module = module_lib.MarbleDiffusionModule(
+        backbone,
+        [BrightnessReward(1.0, name="bright"), BrightnessReward(0.5, keyword="red", name="grey_red")],
+        mode="marble", group_size=2, sample_steps=2, lora_rank=2, lora_alpha=6, lr=5e-2,
+    )
+    trainer = Trainer(
+        max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    trainer.fit(module, train_dataloaders=DataLoader(["a", "b red"], batch_size=2, collate_fn=list))
+    ckpt = tmp_path / "trained.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    cond = backbone.encode_prompts(["a red circle"])
+    x = torch.randn(1, *backbone.sample_shape, generator=torch.Generator().manual_seed(5))
+    with module.using_adapter("policy"):
+        expected = _transformer_out(backbone.denoiser, x, cond)
+    export_lora(module, tmp_path / "live")
+    _check_diffusers_round_trip(tiny_dir, tmp_path / "live", expected, x, cond)
+    export_lora(str(ckpt), tmp_path / "ckpt")  # alpha from the checkpoint's hyper-parameters
+    _check_diffusers_round_trip(tiny_dir, tmp_path / "ckpt", expected, x, cond)
