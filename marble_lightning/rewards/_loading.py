@@ -105,7 +105,7 @@ def resize_center_crop(images: Tensor, size: int | tuple[int, int], shortest_edg
     h, w = images.shape[-2:]
     if min(h, w) != edge:
         scale = edge / min(h, w)
-        nh, nw = max(edge, round(h * scale)), max(edge, round(w * scale))
+        nh, nw = max(edge, int(h * scale)), max(edge, int(w * scale))  # floor, as torchvision/transformers
         images = F.interpolate(images, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
         images = images.clamp(0.0, 1.0)
         h, w = nh, nw
@@ -154,3 +154,73 @@ def batched(n: int, batch_size: int | None) -> list[slice]:
     if batch_size is None or batch_size <= 0:
         return [slice(0, n)]
     return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+
+
+def parse_dtype(dtype: str | torch.dtype, reward: str) -> torch.dtype:
+    """``"float32"``/``"bfloat16"``/``"float16"`` (or ``fp32``/``bf16``/``fp16``, or a dtype) -> dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"reward {reward!r}: unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+class LazyModel:
+    """A frozen model built on first use and kept OUTSIDE the ``nn.Module`` tree.
+
+    Reward weights therefore never enter the training module's ``state_dict``, optimizer or DDP
+    wrapper. :meth:`get` moves the model to the requested device (and dtype) when needed.
+
+    Args:
+        build: zero-argument callable returning the loaded object. If it returns a tuple, its
+            first element is the ``nn.Module`` to freeze and move; the rest (tokenizers,
+            processors) is returned unchanged.
+    """
+
+    def __init__(self, build) -> None:
+        self._build = build
+        self._value = None
+        self._place: tuple[torch.device, torch.dtype | None] | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._value is not None
+
+    def get(self, device: torch.device | str, dtype: torch.dtype | None = None):
+        """The built object, its module on ``device`` (and ``dtype`` if given), in eval mode."""
+        if self._value is None:
+            value = self._build()
+            module = value[0] if isinstance(value, tuple) else value
+            module.eval().requires_grad_(False)
+            self._value = value
+        module = self._value[0] if isinstance(self._value, tuple) else self._value
+        place = (torch.device(device), dtype)
+        if self._place != place:
+            module.to(device=place[0], dtype=dtype) if dtype is not None else module.to(place[0])
+            self._place = place
+        return self._value
+
+
+def clip_image_settings(image_processor: object) -> tuple[tuple[int, int], int, list[float], list[float]]:
+    """Read ``(crop (h, w), shortest_edge, mean, std)`` from a transformers CLIP image processor."""
+
+    def as_dict(value: object, int_key: str) -> dict:
+        if value is None:
+            return {}
+        if isinstance(value, int):
+            return {int_key: value} if int_key == "shortest_edge" else {"height": value, "width": value}
+        pairs = value.items() if isinstance(value, dict) else dict(value).items()  # SizeDict iterates pairs
+        return {k: v for k, v in pairs if v is not None}
+
+    size = as_dict(getattr(image_processor, "size", None), "shortest_edge")
+    crop = as_dict(getattr(image_processor, "crop_size", None), "crop")
+    edge = size.get("shortest_edge") or min(size.get("height", 224), size.get("width", 224))
+    if not getattr(image_processor, "do_center_crop", True) or not crop:
+        crop = {"height": size.get("height", edge), "width": size.get("width", edge)}
+    mean = list(getattr(image_processor, "image_mean", None) or [0.48145466, 0.4578275, 0.40821073])
+    std = list(getattr(image_processor, "image_std", None) or [0.26862954, 0.26130258, 0.27577711])
+    return (int(crop["height"]), int(crop["width"])), int(edge), mean, std
