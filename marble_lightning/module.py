@@ -410,7 +410,9 @@ class MarbleDiffusionModule(LightningModule):
             torch.manual_seed(self.seed)
             try:
                 denoiser.add_adapter(config, adapter_name=POLICY)
-                denoiser.add_adapter(config, adapter_name=OLD)
+                with warnings.catch_warnings():  # a second adapter is intended here
+                    warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+                    denoiser.add_adapter(config, adapter_name=OLD)
             except ValueError as err:
                 raise ValueError(f"could not attach LoRA to targets {targets}: {err}") from err
         named = dict(denoiser.named_parameters())
@@ -577,24 +579,33 @@ class MarbleDiffusionModule(LightningModule):
         self,
         prompts: list[str],
         *,
-        seed: int,
+        seed: int | Sequence[int],
         adapter: str = POLICY,
         steps: int | None = None,
         cfg_scale: float | None = None,
     ) -> Tensor:
-        """Images ``[B, 3, H, W]`` in ``[0, 1]``, one per prompt, with fixed noise per
-        ``(seed, prompt, occurrence)``.
+        """Images ``[B, 3, H, W]`` in ``[0, 1]``, one per prompt, with fixed noise.
 
         Args:
             prompts: ``B`` prompts (repeat a prompt to get several images of it).
-            seed: noise seed; the same seed and prompt give the same noise for every adapter.
+            seed: an int: image ``i`` gets the noise of ``(seed, prompts[i], occurrence of
+                prompts[i] so far in the list)``; or ``B`` ints: image ``i`` gets the noise of
+                ``(seed[i], prompts[i])``, independent of the rest of the list (use this to split
+                an evaluation set into chunks or across ranks). The same seed and prompt give
+                the same noise for every adapter.
             adapter: ``"policy"``, ``"old"`` or ``"base"`` (adapters disabled).
             steps: Euler steps (default: ``sample_steps``).
             cfg_scale: guidance scale (default: ``cfg_scale``).
         """
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"`prompts` should be a list of strings, got {prompts!r}")
-        noise = self._noise(prompts, 1, "sample", seed)
+        if isinstance(seed, int):
+            noise = self._noise(prompts, 1, "sample", seed)
+        else:
+            seeds = [int(x) for x in seed]
+            if len(seeds) != len(prompts):
+                raise ValueError(f"`seed` should be an int or one int per prompt ({len(prompts)}), got {len(seeds)}")
+            noise = torch.cat([self._noise([p], 1, "sample", x) for p, x in zip(prompts, seeds)])
         x0 = self.sample_latents(list(prompts), noise, adapter=adapter, steps=steps, cfg_scale=cfg_scale)
         return self.backbone.decode(x0).float().clamp(0.0, 1.0)
 

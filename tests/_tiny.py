@@ -4,6 +4,8 @@
   diffusers ``SD3Transformer2DModel`` on ``3 x 8 x 8`` pixels (patch 2, 2 layers, 2 heads of
   width 8, about 20k parameters) and a fixed, hash-based prompt embedding (no text encoder to
   train; the empty prompt maps to zeros, which makes CFG well defined).
+* Helpers: :func:`make_module`, :func:`fit` (tiny trainer runs on :data:`PROMPTS`),
+  :func:`lora_state`, :func:`base_state`.
 * Rewards: :class:`ChannelMean` (mean of one RGB channel, optionally only on prompts that
   contain a keyword, i.e. masked elsewhere), :class:`Darkness` (one minus the mean brightness),
   and rewards that misbehave (:class:`NaNReward`, :class:`WrongShapeReward`) for the bad-input
@@ -12,8 +14,10 @@
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import SD3Transformer2DModel
@@ -21,6 +25,11 @@ from torch import Tensor, nn
 
 from marble_lightning.backbone import Conditioning
 from marble_lightning.rewards.base import RewardModel
+
+if TYPE_CHECKING:
+    from lightning.pytorch import Callback, Trainer
+
+    from marble_lightning.module import MarbleDiffusionModule
 
 TOKENS = 4
 """Tokens per prompt of the tiny prompt embedding."""
@@ -159,3 +168,56 @@ PROMPTS = [
     "big green tree",
 ]
 """Eight training prompts (four contain "green")."""
+
+
+# ----------------------------------------------------------------- module / trainer helpers
+
+TINY = dict(group_size=2, sample_steps=2, lora_rank=2, lora_alpha=4, lr=1e-3)
+
+
+def make_module(mode: str = "marble", rewards: list | None = None, **kwargs: Any) -> MarbleDiffusionModule:
+    """A tiny module (8x8 SD3 transformer, G=2, 2 sampler steps, LoRA rank 2)."""
+    from marble_lightning.module import MarbleDiffusionModule
+
+    options = dict(TINY)
+    if mode == "single":
+        options["single_reward"] = "red"
+    if mode == "sequential":
+        options["stages"] = [("red", 1), ("dark", 1)]
+    options.update(kwargs)
+    return MarbleDiffusionModule(TinySD3Backbone(), rewards if rewards is not None else tiny_rewards(), mode=mode, **options)
+
+
+def make_trainer(max_steps: int, callbacks: list[Callback] | None = None, **kwargs: Any) -> Trainer:
+    from lightning.pytorch import Trainer
+
+    options = dict(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    options.update(kwargs)
+    return Trainer(callbacks=callbacks or [], **options)
+
+
+def fit(module: MarbleDiffusionModule, max_steps: int, prompts_per_step: int = 2, callbacks=None, ckpt_path=None, **kwargs: Any) -> Trainer:
+    """Fit ``module`` on the tiny prompts for ``max_steps`` optimizer steps."""
+    from marble_lightning.data import PromptDataModule
+
+    trainer = make_trainer(max_steps, callbacks, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, datamodule=PromptDataModule(PROMPTS, prompts_per_step=prompts_per_step), ckpt_path=ckpt_path)
+    return trainer
+
+
+def lora_state(module: MarbleDiffusionModule) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.trainable_parameters + module.old_parameters]
+
+
+def base_state(module: MarbleDiffusionModule) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters() if ".lora_" not in n}

@@ -1,0 +1,298 @@
+"""Lightning callbacks that drive :class:`~marble_lightning.module.MarbleDiffusionModule`.
+
+* :class:`HarmonizationCallback` decides on which steps the module harmonises fresh per-reward
+  gradients (a "refresh") and when the final uniform-alpha stage starts.
+* :class:`EMACoefficientCallback` smooths the coefficients used between refreshes.
+* :class:`RewardEvalCallback` scores the policy on held-out prompts at fixed seeds, logs the
+  per-reward means and an image grid, and keeps the evaluation history (for plots).
+
+Each callback validates its arguments in ``__init__`` (``ValueError`` naming the argument and
+value), checks the module in ``setup`` and is resumable (``state_dict`` / ``load_state_dict``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor, nn
+from typing_extensions import override
+
+from marble_lightning.data import resolve_prompts
+from marble_lightning.rewards.base import MultiReward
+
+__all__ = ["EMACoefficientCallback", "HarmonizationCallback", "RewardEvalCallback"]
+
+
+def _check_module(pl_module: LightningModule, who: str, modes: Sequence[str] | None = None) -> None:
+    from marble_lightning.module import MarbleDiffusionModule
+
+    if not isinstance(pl_module, MarbleDiffusionModule):
+        raise ValueError(f"{who} needs a MarbleDiffusionModule, got {type(pl_module).__name__}")
+    if modes is not None and pl_module.mode not in modes:
+        raise ValueError(f"{who} needs the module's mode to be one of {tuple(modes)}, got {pl_module.mode!r}")
+
+
+def _int_at_least(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` should be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+class HarmonizationCallback(Callback):
+    """When to refresh the MARBLE coefficients, and when to switch to uniform alpha.
+
+    Before every training step it sets ``module.refresh_now = (step % refresh_every == 0)`` (so
+    step 0 always refreshes) and ``module.force_uniform = step >= uniform_after``. In the uniform
+    stage alpha is ``1/K`` over the non-dropped rewards, with the gradient norms of the latest
+    refresh (the paper's best schedule: dynamic most of training, uniform at the end).
+
+    Args:
+        refresh_every: refresh period in training steps (rollouts), ``>= 1``.
+        uniform_after: first step of the uniform stage (``None``: never).
+    """
+
+    def __init__(self, refresh_every: int = 5, uniform_after: int | None = None) -> None:
+        self.refresh_every = _int_at_least("refresh_every", refresh_every, 1)
+        self.uniform_after = None if uniform_after is None else _int_at_least("uniform_after", uniform_after, 0)
+        self.refreshes = 0
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(refresh_every=self.refresh_every, uniform_after=self.uniform_after)
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        _check_module(pl_module, "HarmonizationCallback", ("marble", "amortized"))
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        step = pl_module.step_index
+        refresh = step % self.refresh_every == 0
+        pl_module.refresh_now = refresh
+        pl_module.force_uniform = self.uniform_after is not None and step >= self.uniform_after
+        self.refreshes += int(refresh)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"refresh_every": self.refresh_every, "uniform_after": self.uniform_after, "refreshes": self.refreshes}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.refreshes = int(state_dict.get("refreshes", 0))
+
+
+class EMACoefficientCallback(Callback):
+    """Exponential moving average of the MARBLE coefficients between refreshes.
+
+    After each refresh with QP solution ``alpha*``:
+    ``alpha_ema <- decay * alpha_ema + (1 - decay) * alpha*`` (initialised with the first
+    ``alpha*``); amortised steps use ``alpha_ema`` with the norms of the last refresh. Refresh
+    steps themselves use ``alpha*`` (the exact MARBLE direction).
+
+    Args:
+        decay: ``rho`` in ``[0, 1)``; 0 means no smoothing.
+    """
+
+    def __init__(self, decay: float = 0.9) -> None:
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+            raise ValueError(f"`decay` should lie in [0, 1), got {decay!r}")
+        self.decay = float(decay)
+        self.alpha_ema: Tensor | None = None
+        self.updates = 0
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(decay=self.decay)
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        _check_module(pl_module, "EMACoefficientCallback", ("marble", "amortized"))
+        pl_module.alpha_transform = self.smooth
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if getattr(pl_module, "alpha_transform", None) == self.smooth:
+            pl_module.alpha_transform = None
+
+    def smooth(self, alpha: Tensor) -> Tensor:
+        """Fold a fresh ``alpha*`` ``[K]`` into the average and return ``alpha_ema`` ``[K]``."""
+        alpha = torch.as_tensor(alpha, dtype=torch.float64).detach().cpu()
+        if self.alpha_ema is None or self.alpha_ema.shape != alpha.shape:
+            self.alpha_ema = alpha.clone()
+        else:
+            self.alpha_ema = self.decay * self.alpha_ema + (1.0 - self.decay) * alpha
+        self.updates += 1
+        return self.alpha_ema.clone()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "decay": self.decay,
+            "alpha_ema": None if self.alpha_ema is None else self.alpha_ema.tolist(),
+            "updates": self.updates,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        ema = state_dict.get("alpha_ema")
+        self.alpha_ema = None if ema is None else torch.tensor(ema, dtype=torch.float64)
+        self.updates = int(state_dict.get("updates", 0))
+
+
+class RewardEvalCallback(Callback):
+    """Held-out evaluation: per-reward means of the policy's images at fixed seeds.
+
+    At fit start it evaluates the base model (adapters disabled) once, then the policy every
+    ``every_n_steps`` training steps and at fit end. Logs ``eval/<name>`` (mean over the samples
+    where the reward applies; NaN is not logged when it applies to none), ``eval/mean`` (mean of
+    the per-reward means) and an image grid (``eval/images``, TensorBoard). Prompts are split
+    across ranks and the sums reduced, so every rank gets the same numbers.
+
+    (Per-reward masked means are computed here directly; ``marble_lightning.metrics`` did not
+    exist when this was written.)
+
+    Args:
+        prompts: a list, a text file or ``"toy:heldout"`` (see
+            :func:`~marble_lightning.data.resolve_prompts`).
+        every_n_steps: evaluation period in training steps, ``>= 1``.
+        seed: noise seed; copy ``c`` of a prompt uses seed ``seed + c`` (see
+            :meth:`~marble_lightning.module.MarbleDiffusionModule.sample`), whatever the chunking
+            or the number of ranks.
+        images_per_prompt: samples per prompt, ``>= 1``.
+        rewards: reward modules to evaluate (``None``: the module's own rewards).
+        log_images: log an image grid (first ``max_grid`` images) to loggers that support it.
+        batch_size: prompts per sampling batch.
+        max_grid: images in the grid.
+
+    Attributes:
+        history: one dict per evaluation: ``step`` (rollouts done), ``global_step``, ``adapter``,
+            ``eval/<name>`` and ``eval/mean``.
+    """
+
+    def __init__(
+        self,
+        prompts: str | list[str],
+        every_n_steps: int = 50,
+        seed: int = 0,
+        images_per_prompt: int = 1,
+        rewards: list[nn.Module] | None = None,
+        log_images: bool = True,
+        batch_size: int = 32,
+        max_grid: int = 16,
+    ) -> None:
+        if not isinstance(prompts, (str, list, tuple)):
+            raise ValueError(f"`prompts` should be a path, 'toy:<split>' or a list of prompts, got {prompts!r}")
+        if isinstance(prompts, (list, tuple)):
+            resolve_prompts(list(prompts), what="prompts")  # validate lists now
+        self.source = prompts
+        self.every_n_steps = _int_at_least("every_n_steps", every_n_steps, 1)
+        self.seed = int(seed)
+        self.images_per_prompt = _int_at_least("images_per_prompt", images_per_prompt, 1)
+        self.batch_size = _int_at_least("batch_size", batch_size, 1)
+        self.max_grid = _int_at_least("max_grid", max_grid, 0)
+        self.log_images = bool(log_images)
+        self.rewards = None if rewards is None else MultiReward(rewards)
+        self.prompts: list[str] = []
+        self.history: list[dict[str, Any]] = []
+        self.last_images: Tensor | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_steps=self.every_n_steps, seed=self.seed)
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        _check_module(pl_module, "RewardEvalCallback")
+        self.prompts = resolve_prompts(self.source, what="prompts")
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.rewards is not None:
+            self.rewards.to(pl_module.device)
+        if not any(entry.get("adapter") == "base" for entry in self.history):
+            self.evaluate(trainer, pl_module, adapter="base")
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if pl_module.step_index % self.every_n_steps == 0:
+            self.evaluate(trainer, pl_module, adapter="policy")
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        done = any(e.get("adapter") == "policy" and e.get("step") == pl_module.step_index for e in self.history)
+        if not done:
+            self.evaluate(trainer, pl_module, adapter="policy")
+
+    @torch.no_grad()
+    def evaluate(self, trainer: Trainer, pl_module: LightningModule, adapter: str = "policy") -> dict[str, float]:
+        """Sample, score and log; every rank must call it (sums are reduced across ranks).
+
+        Returns:
+            ``{"eval/<name>": mean, ..., "eval/mean": ...}`` (NaN for a reward that applied to no
+            sample).
+        """
+        rewards: MultiReward = self.rewards if self.rewards is not None else pl_module.rewards
+        names = list(rewards.names)
+        world, rank = trainer.world_size, trainer.global_rank
+        everything = [(p, self.seed + c) for p in self.prompts for c in range(self.images_per_prompt)]
+        mine = everything[rank::world]
+        device = pl_module.device
+        sums = torch.zeros(len(names), dtype=torch.float64, device=device)
+        counts = torch.zeros(len(names), dtype=torch.float64, device=device)
+        grid: list[Tensor] = []
+        for start in range(0, len(mine), self.batch_size):
+            chunk = [p for p, _ in mine[start : start + self.batch_size]]
+            seeds = [x for _, x in mine[start : start + self.batch_size]]
+            images = pl_module.sample(chunk, seed=seeds, adapter=adapter)
+            scored = rewards(images, chunk)
+            mask = scored.mask.to(device)
+            sums += (scored.values.to(device).double() * mask).sum(dim=0)
+            counts += mask.double().sum(dim=0)
+            if len(grid) * images.shape[0] < self.max_grid:
+                grid.append(images.detach().cpu())
+        if world > 1:
+            sums = trainer.strategy.reduce(sums, reduce_op="sum")
+            counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        means = torch.where(counts > 0, sums / counts.clamp_min(1), torch.full_like(sums, float("nan")))
+        metrics = {f"eval/{name}": float(means[i]) for i, name in enumerate(names)}
+        finite = [v for v in metrics.values() if math.isfinite(v)]
+        metrics["eval/mean"] = sum(finite) / len(finite) if finite else float("nan")
+        suffix = "" if adapter == "policy" else f"_{adapter}"
+        to_log = {key + suffix: value for key, value in metrics.items() if math.isfinite(value)}
+        for logger in trainer.loggers:
+            logger.log_metrics(to_log, step=trainer.global_step)
+        if grid and self.log_images and self.max_grid > 0:
+            images = torch.cat(grid)[: self.max_grid]
+            self.last_images = images
+            self._log_grid(trainer, images, f"eval/images{suffix}")
+        self.history.append(
+            {"step": pl_module.step_index, "global_step": trainer.global_step, "adapter": adapter, **metrics}
+        )
+        return metrics
+
+    @staticmethod
+    def _log_grid(trainer: Trainer, images: Tensor, tag: str) -> None:
+        if trainer.global_rank != 0:
+            return
+        from torchvision.utils import make_grid
+
+        grid = make_grid(images, nrow=int(math.ceil(math.sqrt(images.shape[0]))), padding=1)
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_image"):
+                experiment.add_image(tag, grid, global_step=trainer.global_step)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": list(self.history)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))

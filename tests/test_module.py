@@ -1,0 +1,281 @@
+"""MarbleDiffusionModule on a tiny SD3 transformer: the update direction against independent
+per-reward gradients, every mode end to end, the old policy, sampling and bad input."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from _tiny import (
+    PROMPTS,
+    ChannelMean,
+    Darkness,
+    NaNReward,
+    WrongShapeReward,
+    base_state,
+    fit,
+    lora_state,
+    make_module,
+    tiny_rewards,
+)
+from marble_lightning.harmonize import harmonize
+from marble_lightning.module import MODES, MarbleDiffusionModule
+from marble_lightning.nft import interpolation_coefficient
+
+torch.set_num_threads(1)
+
+
+def _perturb(module: MarbleDiffusionModule, seed: int = 1) -> None:
+    """Random policy and (different) old adapters, so policy != old != base."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p, q in zip(module.trainable_parameters, module.old_parameters):
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+            q.copy_(p + 0.05 * torch.randn(p.shape, generator=gen))
+    module._old_is_policy = False
+
+
+def _independent_gradients(module: MarbleDiffusionModule, rollout, timesteps, beta: float, a_max: float, kl_weight: float):
+    """Per-reward and KL gradients written from the formulas (DESIGN.md section 1), one
+    autograd.grad per reward and timestep on a deep copy of the module."""
+    twin = copy.deepcopy(module)
+    params = twin.trainable_parameters
+    k = twin.num_rewards
+    x0 = rollout.x0
+    b = x0.shape[0]
+    r = rollout.r  # [K, B]
+    cond = twin.backbone.encode_prompts(rollout.prompts)
+    grads = torch.zeros(k, sum(p.numel() for p in params), dtype=torch.float64)
+    kl_grad = torch.zeros(grads.shape[1], dtype=torch.float64)
+    for j in timesteps:
+        t = 1.0 - j / twin.sample_steps
+        eps = module._noise(rollout.prompts[:: twin.group_size], twin.group_size, "train", rollout.step, 0, j)
+        x_t = (1 - t) * x0 + t * eps
+        tt = torch.full((b,), t)
+        with torch.no_grad():
+            with twin.using_adapter("old"):
+                v_old = twin.backbone.velocity(x_t, tt, cond)
+            with twin.using_adapter("base"):
+                v_ref = twin.backbone.velocity(x_t, tt, cond)
+        for kk in range(k + 1):
+            v = twin.backbone.velocity(x_t, tt, cond)
+            if kk == k:
+                loss = kl_weight * ((v - v_ref) ** 2).mean()
+            else:
+                x0_pos = x_t - t * (beta * v + (1 - beta) * v_old)
+                x0_neg = x_t - t * ((1 + beta) * v_old - beta * v)
+                dims = (1, 2, 3)
+                l_pos = ((x0_pos - x0) ** 2).mean(dims) / (x0_pos - x0).abs().mean(dims).clamp_min(1e-5).detach()
+                l_neg = ((x0_neg - x0) ** 2).mean(dims) / (x0_neg - x0).abs().mean(dims).clamp_min(1e-5).detach()
+                loss = a_max * (r[kk] * l_pos + (1 - r[kk]) * l_neg).mean() / beta
+            g = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+            flat = torch.cat([x.reshape(-1) for x in g]).double() / len(timesteps)
+            if kk == k:
+                kl_grad += flat
+            else:
+                grads[kk] += flat
+    return grads, kl_grad
+
+
+def test_refresh_direction_equals_harmonize_of_independent_gradients():
+    module = make_module("marble", sample_steps=3, beta=0.5, kl_weight=0.2)
+    _perturb(module)
+    rollout = module.rollout(PROMPTS[:3], step=0)
+    # the masked reward ("green") has r = 1/2 exactly where it does not apply
+    green = module.reward_names.index("green")
+    assert torch.all(rollout.r[green][~rollout.mask[:, green]] == 0.5)
+    grads, kl_grad = _independent_gradients(module, rollout, [0, 1, 2], beta=0.5, a_max=5.0, kl_weight=0.2)
+    result = module.compute_update(rollout, refresh=True)
+    assert result.timesteps == [0, 1, 2]  # accumulation over 3 timesteps
+    expected = harmonize(grads)
+    torch.testing.assert_close(result.grads.double(), grads, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(result.alpha, expected.alpha, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(result.direction.double(), expected.direction, rtol=1e-4, atol=1e-7)
+    # the KL gradient is separate (not harmonised) and non-zero here
+    assert kl_grad.norm() > 1e-4
+    torch.testing.assert_close(result.kl_grad.double(), kl_grad, rtol=1e-4, atol=1e-8)
+    # the module caches what amortised steps need
+    torch.testing.assert_close(module.cached_norms, grads.norm(dim=1), rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(module.current_alpha, expected.alpha, rtol=1e-4, atol=1e-5)
+    assert module.last_gram.shape == (3, 3)
+    # cosines: never negative for MARBLE (worst-reward cosine >= 0)
+    assert float(result.cosines.min()) >= -1e-6
+
+
+def test_train_timestep_subset_and_reuse_of_old_policy():
+    """A random subset of the grid (same for the same step), and v_old = v when old == policy."""
+    module = make_module("marble", sample_steps=4, train_timesteps=2)
+    rollout = module.rollout(PROMPTS[:2], step=0)
+    assert module._old_is_policy
+    grads, _ = _independent_gradients(module, rollout, module._training_timesteps(0, 0), 1.0, 5.0, 0.0)
+    result = module.compute_update(rollout, refresh=True)
+    assert len(result.timesteps) == 2 and result.timesteps == module._training_timesteps(0, 0)
+    torch.testing.assert_close(result.grads.double(), grads, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("aggregate", ["r", "advantage"])
+def test_amortized_step_with_cached_weights_equals_refresh_direction(aggregate):
+    module = make_module("amortized", sample_steps=2, beta=0.7, aggregate=aggregate)
+    _perturb(module, seed=3)
+    rollout = module.rollout(PROMPTS[:4], step=0)
+    clamp_active = bool(((rollout.advantages.abs() >= module.a_max) & rollout.mask).any())
+    refresh = module.compute_update(rollout, refresh=True)
+    amortized = module.compute_update(rollout, refresh=False)
+    assert not amortized.refreshed and amortized.grads is None
+    torch.testing.assert_close(amortized.weights, refresh.weights, rtol=1e-6, atol=1e-9)
+    if aggregate == "r" or not clamp_active:
+        torch.testing.assert_close(amortized.direction, refresh.direction, rtol=2e-4, atol=1e-7)
+
+
+def test_weights_from_matches_harmonized_weights():
+    g = torch.randn(4, 50, dtype=torch.float64)
+    g[2] *= 10
+    h = harmonize(g)
+    w = MarbleDiffusionModule.weights_from(h.alpha, h.norms, h.dropped)
+    torch.testing.assert_close(w, h.weights)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_trains(mode):
+    module = make_module(mode, kl_weight=0.01, diagnostics_every=2 if mode != "marble" else None)
+    lora_before = lora_state(module)
+    base_before = base_state(module)
+    fit(module, max_steps=3)
+    assert module.step_index == 3 and len(module.history) == 3
+    for record in module.history:
+        assert math.isfinite(record["loss/nft"])
+        assert len(record["alpha"]) == 3 and abs(sum(record["alpha"]) - 1) < 1e-6
+    policy_after = [p.detach() for p in module.trainable_parameters]
+    changed = max(float((a - b).abs().max()) for a, b in zip(lora_before, policy_after))
+    assert changed > 1e-5
+    for name, p in module.named_parameters():
+        if ".lora_" not in name:
+            assert torch.equal(p, base_before[name]), name
+    assert all(p.requires_grad for p in module.trainable_parameters)
+    trainable = {id(p) for p in module.trainable_parameters}
+    assert all(not p.requires_grad for p in module.parameters() if id(p) not in trainable)
+    # default schedule: eta = 0 before step 75, so the old adapter is a copy of the policy
+    for p, q in zip(module.trainable_parameters, module.old_parameters):
+        assert torch.equal(p, q)
+    if mode == "marble":
+        assert all(r["refresh"] for r in module.history)
+        assert all(r["cos/worst"] >= -1e-6 for r in module.history)
+    if mode in ("weighted_sum", "fixed", "single", "sequential"):
+        assert not any(r["refresh"] for r in module.history)
+        assert "cos/worst" in module.history[0] and "cos/worst" not in module.history[1]
+    if mode == "sequential":
+        assert [r["alpha"] for r in module.history] == [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 1.0]]
+    if mode == "amortized":  # refresh_every=5 default: refresh at step 0 only
+        assert [r["refresh"] for r in module.history] == [True, False, False]
+
+
+def test_weighted_sum_scalarises_rewards_with_masked_entries_as_zero():
+    module = make_module("weighted_sum", reward_weights=[1.0, 2.0, 0.5])
+    rollout = module.rollout(PROMPTS[:4], step=0)
+    scalar = (rollout.values * rollout.mask) @ torch.tensor([1.0, 2.0, 0.5])
+    # per-prompt advantage of the scalar, population std over the group (G=2 -> +-1 scaled)
+    for i in range(0, len(rollout.prompts), 2):
+        a, b = float(scalar[i]), float(scalar[i + 1])
+        mean, std = (a + b) / 2, abs(a - b) / 2
+        expected = 0.0 if std == 0 else (a - mean) / (std + module.tracker.eps)
+        assert rollout.scalar_advantages[i].item() == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    torch.testing.assert_close(rollout.scalar_r, interpolation_coefficient(rollout.scalar_advantages, 5.0))
+
+
+def test_old_policy_ema_update():
+    module = make_module("marble", old_policy={"start": 1, "rate": 0.5, "max_decay": 0.9})
+    _perturb(module, seed=5)
+    policy = [p.detach().clone() for p in module.trainable_parameters]
+    old = [p.detach().clone() for p in module.old_parameters]
+    assert module.update_old_policy(0) == 0.0
+    for p, q in zip(policy, module.old_parameters):
+        assert torch.equal(p, q)
+    with torch.no_grad():
+        for q, o in zip(module.old_parameters, old):
+            q.copy_(o)
+    eta = module.update_old_policy(2)  # min(0.5 * (2 - 1), 0.9)
+    assert eta == 0.5
+    for p, o, q in zip(policy, old, module.old_parameters):
+        torch.testing.assert_close(q, 0.5 * o + 0.5 * p)
+    assert module.update_old_policy(10) == 0.9
+
+
+def test_sample_is_deterministic_and_adapters_differ():
+    module = make_module("marble")
+    _perturb(module)
+    a = module.sample(["a red cat", "a red cat", "small box"], seed=7)
+    b = module.sample(["a red cat", "a red cat", "small box"], seed=7)
+    assert a.shape == (3, 3, 8, 8) and float(a.min()) >= 0 and float(a.max()) <= 1
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a[0], a[1])  # two occurrences of a prompt get different noise
+    # per-image seeds are independent of the rest of the list
+    c = module.sample(["small box"], seed=[11])
+    d = module.sample(["a red cat", "small box"], seed=[3, 11])
+    torch.testing.assert_close(c[0], d[1])
+    base = module.sample(["a red cat"], seed=7, adapter="base")
+    old = module.sample(["a red cat"], seed=7, adapter="old")
+    assert not torch.allclose(base[0], a[0]) and not torch.allclose(old[0], a[0])
+    # the policy is active again and still the only trainable adapter
+    assert all(p.requires_grad for p in module.trainable_parameters)
+    assert not any(p.requires_grad for p in module.old_parameters)
+    torch.testing.assert_close(module.sample(["a red cat"], seed=7)[0], a[0])
+    with pytest.raises(ValueError, match="adapter"):
+        module.sample(["x"], seed=0, adapter="ema")
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(rewards=[]), "K=0"),
+        (dict(mode="mgda"), "mgda"),
+        (dict(refresh_every=0), "refresh_every"),
+        (dict(mode="fixed", fixed_alpha=[0.5, 0.5]), "fixed_alpha"),
+        (dict(mode="weighted_sum", reward_weights=[1.0]), "reward_weights"),
+        (dict(mode="weighted_sum", reward_weights=[1.0, -1.0, 1.0]), "reward_weights"),
+        (dict(mode="sequential", stages=[("red", 2), ("ocr", 3)]), "'ocr'"),
+        (dict(mode="sequential", stages=[("red", 0)]), "steps of stage 'red'"),
+        (dict(mode="single", single_reward="blue"), "'blue'"),
+        (dict(mode="single", single_reward=None), "single_reward"),
+        (dict(train_timesteps=5), "train_timesteps"),
+        (dict(beta=0.0), "beta"),
+        (dict(aggregate="mean"), "aggregate"),
+        (dict(gram="magic"), "magic"),
+        (dict(old_policy={"start": 0, "max_decay": 1.0}), "max_decay"),
+        (dict(old_policy={"begin": 3}), "begin"),
+    ],
+)
+def test_bad_arguments_raise_naming_the_value(kwargs, match):
+    mode = kwargs.pop("mode", "marble")
+    with pytest.raises(ValueError, match=match):
+        make_module(mode, **kwargs)
+
+
+def test_duplicate_reward_names_and_bad_backbone():
+    with pytest.raises(ValueError, match="duplicates"):
+        make_module("marble", rewards=[Darkness("x"), Darkness("x")])
+    with pytest.raises(ValueError, match="FlowBackbone"):
+        MarbleDiffusionModule(torch.nn.Linear(2, 2), tiny_rewards())
+
+
+@pytest.mark.parametrize(
+    ("reward", "match"), [(NaNReward(), r"step 0 .*'nan'.*non-finite"), (WrongShapeReward(), r"'wrong_shape'.*shape")]
+)
+def test_bad_reward_fails_at_first_step_with_state_untouched(reward, match):
+    module = make_module("marble", rewards=[ChannelMean(0, "red"), reward])
+    before = lora_state(module)
+    with pytest.raises(ValueError, match=match):
+        fit(module, max_steps=2)
+    assert module.step_index == 0 and module.history == []
+    assert module.tracker.prompts == []
+    for a, b in zip(before, lora_state(module)):
+        assert torch.equal(a, b)
+
+
+def test_bad_batch_is_rejected():
+    module = make_module("marble")
+    with pytest.raises(ValueError, match="list of prompt strings"):
+        module.rollout([1, 2])
