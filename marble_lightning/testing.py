@@ -39,7 +39,7 @@ TINY_SD3_RESOLUTION = 32
 
 _TINY_CLIP_WIDTH = 32
 _TINY_CLIP_PROJECTION = 32
-_TINY_MAX_TOKENS = 16
+_TINY_MAX_TOKENS = 77
 
 
 class BrightnessReward(RewardModel):
@@ -186,7 +186,7 @@ def build_tiny_sd3_pipeline(directory: str | Path, *, seed: int = 0, latent_chan
     * ``vae``: ``AutoencoderKL`` with two levels (spatial factor 2), ``latent_channels``
       channels, SD3's ``scaling_factor``/``shift_factor``;
     * ``text_encoder`` / ``text_encoder_2``: 2-layer ``CLIPTextModelWithProjection`` of width
-      32 sharing one byte-level ``CLIPTokenizer`` (16 tokens), so the joint text width is 64
+      32 sharing one byte-level ``CLIPTokenizer`` (77 tokens, as in SD3), so the joint text width is 64
       and the pooled width 64;
     * ``text_encoder_3`` / ``tokenizer_3``: ``None`` (SD3 then feeds zeros in the T5 slots);
     * ``scheduler``: ``FlowMatchEulerDiscreteScheduler(shift=3.0)`` as in SD3.

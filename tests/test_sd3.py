@@ -34,9 +34,9 @@ def test_protocol_shapes_and_ranges(backbone: SD3Backbone) -> None:
     assert backbone.sample_shape == (16, 16, 16)
     assert backbone.lora_target_modules == SD3_LORA_TARGET_MODULES
     cond = backbone.encode_prompts(["a red circle", "", "two blue squares"])
-    assert cond["prompt_embeds"].shape == (3, 16 + SEQ, 64)  # 16 CLIP tokens + 8 zero T5 slots
+    assert cond["prompt_embeds"].shape == (3, 77 + SEQ, 64)  # 77 CLIP tokens + 8 zero T5 slots
     assert cond["pooled_prompt_embeds"].shape == (3, 64)
-    assert torch.all(cond["prompt_embeds"][:, 16:] == 0)
+    assert torch.all(cond["prompt_embeds"][:, 77:] == 0)
     # different prompts give different conditioning, the same prompt the same one
     again = backbone.encode_prompts(["a red circle"])
     torch.testing.assert_close(again["prompt_embeds"][0], cond["prompt_embeds"][0])
