@@ -98,6 +98,7 @@ def _gram_to_numpy(gram: Tensor) -> np.ndarray:
     """Validate a Gram-like matrix and return it as a float64 numpy array.
 
     Raises:
+        TypeError: if ``gram`` is not a tensor.
         ValueError: if ``gram`` is not a square 2-D tensor, has a non-finite entry, is not
             symmetric within tolerance, or has a negative diagonal entry.
     """
@@ -203,6 +204,7 @@ def min_norm_coefficients(gram: Tensor, *, regularization: float = 1e-10) -> Ten
         ``gram`` is all zero, the uniform vector.
 
     Raises:
+        TypeError: if ``gram`` is not a tensor.
         ValueError: if ``gram`` is not square, is empty, has a non-finite entry, a negative diagonal
             entry or is not symmetric; if ``regularization`` is negative; if the solver fails.
     """
