@@ -133,3 +133,43 @@ def save_aesthetic_mlp(path: str | Path, input_dim: int = 16, seed: int = 0) -> 
     else:
         torch.save(state, path)
     return path
+
+
+def save_tiny_owlv2(folder: str | Path, image_size: int = 32, seed: int = 0) -> Path:
+    """Save a random tiny ``Owlv2ForObjectDetection`` + ``Owlv2Processor`` to ``folder``.
+
+    Vision tower: patch 8 on ``image_size`` (16 boxes at 32 px); text tower: 2 layers, context 16.
+    """
+    from transformers import (
+        CLIPTokenizer,
+        Owlv2Config,
+        Owlv2ForObjectDetection,
+        Owlv2ImageProcessor,
+        Owlv2Processor,
+    )
+
+    folder = Path(folder)
+    vocab, merges = write_clip_tokenizer_files(folder / "_tokenizer_src")
+    vocab_size = len(json.loads(vocab.read_text()))
+    tokenizer = CLIPTokenizer(vocab=str(vocab), merges=str(merges), model_max_length=16)
+    text = dict(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=16, bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+    )  # fmt: skip
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=image_size, patch_size=8,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    # OWL's class head needs projection_dim == text hidden size (as in the released models)
+    model = Owlv2ForObjectDetection(Owlv2Config(text_config=text, vision_config=vision, projection_dim=32)).eval()
+    with torch.no_grad():  # untrained heads saturate; shrink them so scores and boxes stay graded
+        for layer in (model.class_head.logit_scale, model.class_head.logit_shift, model.box_head.dense2):
+            layer.weight.mul_(0.01)
+            layer.bias.zero_()
+        model.class_head.logit_scale.bias.fill_(2.0)
+    model.save_pretrained(folder)
+    image_processor = Owlv2ImageProcessor(size={"height": image_size, "width": image_size})
+    Owlv2Processor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
