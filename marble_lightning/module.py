@@ -1077,11 +1077,15 @@ class MarbleDiffusionModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict", {})
-        missing = [key for key in self._adapter_keys() if key not in state]
-        if missing:
+        expected = set(self._adapter_keys())
+        missing = sorted(expected - set(state))
+        unexpected = sorted(key for key in state if key not in expected)
+        if missing or unexpected:
+            example = (missing or unexpected)[0]
             raise ValueError(
-                f"checkpoint lacks {len(missing)} LoRA adapter tensors of this module (e.g. {missing[0]!r}); "
-                "was it written with other lora_targets / lora_rank?"
+                f"checkpoint does not match this module's LoRA adapter tensors ({len(missing)} missing, "
+                f"{len(unexpected)} unexpected, e.g. {example!r}); was it written with other "
+                "lora_targets / lora_rank?"
             )
         extra = checkpoint.get("marble")
         if extra is None:
