@@ -169,7 +169,7 @@ def main(args: Sequence[str] | None = None) -> None:
             "description": "MARBLE multi-reward diffusion fine-tuning (LightningCLI). Extra commands: "
             "`marble export-lora --ckpt C --out D` and `marble make-tiny-sd3 --out D` (see --help of each)."
         },
-        args=argv,
+        args=None if args is None else argv,  # None: LightningCLI reads sys.argv itself
         run=True,
     )
 
