@@ -1041,7 +1041,7 @@ class MarbleDiffusionModule(LightningModule):
             "alpha": [float(a) for a in used],
         }
         for key, value in metrics.items():
-            if key.startswith(("reward/", "cos/", "loss/")):
+            if key.startswith(("reward/", "cos/", "loss/", "norm/")):
                 record[key] = value
         self.history.append(record)
         self.step_index = step + 1

@@ -1,0 +1,125 @@
+"""HarmonizationCallback, EMACoefficientCallback and RewardEvalCallback on the tiny module."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from _tiny import ChannelMean, Darkness, fit, make_module
+from marble_lightning.callbacks import EMACoefficientCallback, HarmonizationCallback, RewardEvalCallback
+
+torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize(
+    ("factory", "match"),
+    [
+        (lambda: HarmonizationCallback(refresh_every=0), "refresh_every"),
+        (lambda: HarmonizationCallback(refresh_every=2.5), "refresh_every"),
+        (lambda: HarmonizationCallback(uniform_after=-1), "uniform_after"),
+        (lambda: EMACoefficientCallback(decay=1.0), "decay"),
+        (lambda: EMACoefficientCallback(decay=-0.1), "decay"),
+        (lambda: EMACoefficientCallback(decay=True), "decay"),
+        (lambda: RewardEvalCallback(["a"], every_n_steps=0), "every_n_steps"),
+        (lambda: RewardEvalCallback(["a"], images_per_prompt=0), "images_per_prompt"),
+        (lambda: RewardEvalCallback([]), "empty"),
+        (lambda: RewardEvalCallback(5), "prompts"),
+    ],
+)
+def test_arguments_are_validated(factory, match):
+    with pytest.raises(ValueError, match=match):
+        factory()
+
+
+def test_trainer_checks_in_setup(tmp_path):
+    with pytest.raises(ValueError, match="weighted_sum"):
+        fit(make_module("weighted_sum"), max_steps=1, callbacks=[HarmonizationCallback()])
+    with pytest.raises(ValueError, match="'fixed'"):
+        fit(make_module("fixed"), max_steps=1, callbacks=[EMACoefficientCallback()])
+    with pytest.raises(FileNotFoundError, match="nothere.txt"):
+        fit(make_module("marble"), max_steps=1, callbacks=[RewardEvalCallback(str(tmp_path / "nothere.txt"))])
+
+
+def test_refresh_schedule_and_uniform_stage():
+    module = make_module("amortized", refresh_every=100)
+    fit(module, max_steps=5, callbacks=[HarmonizationCallback(refresh_every=2, uniform_after=3)])
+    assert [r["refresh"] for r in module.history] == [True, False, True, False, True]
+    assert module.force_uniform
+    names = module.reward_names
+    # uniform over the rewards kept at the latest refresh (a reward absent from the batch has a
+    # zero gradient and is dropped, e.g. "green" when no prompt contains the word)
+    for step, refresh_step in ((3, 2), (4, 4)):
+        norms = torch.tensor([module.history[refresh_step][f"norm/{n}"] for n in names])
+        kept = (norms > 0).double()
+        torch.testing.assert_close(torch.tensor(module.history[step]["alpha"], dtype=torch.float64), kept / kept.sum())
+    assert module.history[4]["alpha"] == pytest.approx([1 / 3] * 3)
+    # before the uniform stage, refresh steps use the QP's alpha* (not uniform here)
+    assert module.history[0]["alpha"] != pytest.approx([1 / 3] * 3)
+
+
+def test_ema_of_coefficients():
+    module = make_module("amortized")
+    ema = EMACoefficientCallback(decay=0.5)
+    fit(module, max_steps=5, callbacks=[HarmonizationCallback(refresh_every=2), ema])
+    alpha = [torch.tensor(r["alpha"], dtype=torch.float64) for r in module.history]
+    a0, a2, a4 = alpha[0], alpha[2], alpha[4]  # refresh steps use alpha* itself
+    torch.testing.assert_close(alpha[1], a0)  # initialised with the first alpha*
+    torch.testing.assert_close(alpha[3], 0.5 * a0 + 0.5 * a2)
+    torch.testing.assert_close(ema.alpha_ema, 0.25 * a0 + 0.25 * a2 + 0.5 * a4)
+    torch.testing.assert_close(module.current_alpha, ema.alpha_ema)
+    assert module.alpha_transform is None  # removed at teardown
+    clone = EMACoefficientCallback(decay=0.5)
+    clone.load_state_dict(ema.state_dict())
+    torch.testing.assert_close(clone.alpha_ema, ema.alpha_ema)
+    assert clone.updates == ema.updates == 3
+
+
+def test_reward_eval_callback(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    prompts = ["a green dog", "red house", "small box"]
+    module = make_module("marble")
+    callback = RewardEvalCallback(prompts, every_n_steps=1, seed=5, images_per_prompt=2, batch_size=4)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    fit(module, max_steps=2, callbacks=[callback], logger=logger, log_every_n_steps=1)
+    assert [(e["adapter"], e["step"]) for e in callback.history] == [("base", 0), ("policy", 1), ("policy", 2)]
+
+    def expected(adapter: str) -> dict[str, float]:
+        repeated = [p for p in prompts for _ in range(2)]
+        images = module.sample(repeated, seed=[5, 6] * 3, adapter=adapter)
+        red = images[:, 0].mean(dim=(1, 2))
+        green = images[:2, 1].mean(dim=(1, 2))  # only "a green dog" has the word green
+        dark = 1 - images.mean(dim=(1, 2, 3))
+        return {"eval/red": float(red.mean()), "eval/green": float(green.mean()), "eval/dark": float(dark.mean())}
+
+    for adapter, entry in (("base", callback.history[0]), ("policy", callback.history[-1])):
+        for key, value in expected(adapter).items():
+            assert entry[key] == pytest.approx(value, rel=1e-5), (adapter, key)
+        assert entry["eval/mean"] == pytest.approx((entry["eval/red"] + entry["eval/green"] + entry["eval/dark"]) / 3)
+    assert callback.last_images is not None and callback.last_images.shape == (6, 3, 8, 8)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    assert "eval/images" in events.Tags()["images"] and "eval/images_base" in events.Tags()["images"]
+    assert "eval/red" in events.Tags()["scalars"] and "eval/red_base" in events.Tags()["scalars"]
+    assert "reward/red_mean" in events.Tags()["scalars"] and "alpha/red" in events.Tags()["scalars"]
+
+    restored = RewardEvalCallback(prompts)
+    restored.load_state_dict(callback.state_dict())
+    assert restored.history == callback.history
+
+
+def test_reward_eval_with_its_own_rewards_and_no_applicable_samples():
+    module = make_module("marble")
+    rewards = [Darkness("dark2"), ChannelMean(2, "blue", keyword="blue")]
+    callback = RewardEvalCallback(["small box"], every_n_steps=5, rewards=rewards, log_images=False)
+    fit(module, max_steps=1, callbacks=[callback])
+    entry = callback.history[-1]
+    assert set(entry) >= {"eval/dark2", "eval/blue", "eval/mean"}
+    assert math.isnan(entry["eval/blue"])  # applies to no held-out sample
+    assert entry["eval/mean"] == pytest.approx(entry["eval/dark2"])
+    assert callback.last_images is None

@@ -1,0 +1,100 @@
+"""PromptDataModule: sources, errors, deterministic shuffling, rank sharding, resumable loader."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from marble_lightning.data import PromptBatches, PromptDataModule, resolve_prompts
+
+PROMPTS = [f"prompt {i}" for i in range(10)]
+
+
+def test_sources(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("  a cat \n\nb dog\n   \nc\n", encoding="utf-8")
+    assert resolve_prompts(str(path)) == ["a cat", "b dog", "c"]
+    assert resolve_prompts(["x", "y"]) == ["x", "y"]
+    from marble_lightning.toy.prompts import heldout_prompts, train_prompts
+
+    assert resolve_prompts("toy:train") == train_prompts()
+    assert resolve_prompts("toy:heldout") == heldout_prompts()
+    assert resolve_prompts("toy:train:count") == train_prompts(["count"])
+    assert not set(resolve_prompts("toy:train")) & set(resolve_prompts("toy:heldout"))
+
+
+def test_errors_name_the_offending_value(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n", encoding="utf-8")
+    with pytest.raises(ValueError, match="empty.txt"):
+        resolve_prompts(str(empty))
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        resolve_prompts(str(tmp_path / "missing.txt"))
+    with pytest.raises(ValueError, match="'validation'"):
+        resolve_prompts("toy:validation")
+    with pytest.raises(ValueError, match="empty"):
+        resolve_prompts([])
+    with pytest.raises(ValueError, match="3"):
+        resolve_prompts(["a", 3])
+    with pytest.raises(ValueError, match="prompts_per_step"):
+        PromptDataModule(["a"], prompts_per_step=0)
+    with pytest.raises(ValueError, match="num_workers"):
+        PromptDataModule(["a"], num_workers=-1)
+    with pytest.raises(ValueError, match="global batch"):
+        PromptBatches(["a", "b", "c"], prompts_per_step=2, seed=0, rank=0, world_size=2)
+
+
+def test_sources_are_resolved_lazily(tmp_path):
+    path = tmp_path / "later.txt"
+    dm = PromptDataModule(str(path), prompts_per_step=2, heldout_prompts="toy:heldout")
+    path.write_text("a\nb\nc\n", encoding="utf-8")  # written after construction
+    dm.setup("fit")
+    assert dm.train == ["a", "b", "c"]
+    assert dm.heldout is not None and len(dm.heldout) > 0
+
+
+def test_epochs_are_deterministic_permutations():
+    data = PromptBatches(PROMPTS, prompts_per_step=3, seed=4)
+    assert len(data) == 3  # 10 // 3, remainder dropped
+    data.epoch = 0
+    epoch0 = list(data)
+    assert epoch0 == list(data)  # same epoch, same order
+    assert all(len(b) == 3 for b in epoch0)
+    flat = [p for b in epoch0 for p in b]
+    assert len(set(flat)) == 9 and set(flat) <= set(PROMPTS)
+    data.epoch = 1
+    assert list(data) != epoch0
+    assert [data.batch(0, i) for i in range(3)] == epoch0
+    other_seed = PromptBatches(PROMPTS, prompts_per_step=3, seed=5)
+    assert list(other_seed) != epoch0
+
+
+def test_ranks_split_the_single_process_batch():
+    for epoch in range(3):
+        single = PromptBatches(PROMPTS, prompts_per_step=4, seed=1)
+        ranks = [PromptBatches(PROMPTS, prompts_per_step=2, seed=1, rank=r, world_size=2) for r in range(2)]
+        for d in (single, *ranks):
+            d.epoch = epoch
+        for whole, part0, part1 in zip(list(single), list(ranks[0]), list(ranks[1])):
+            assert whole == part0 + part1  # disjoint, and in the single-process order
+        assert len(single) == len(ranks[0]) == 2
+
+
+def test_resumable_loader_skips_processed_batches():
+    dm = PromptDataModule(PROMPTS, prompts_per_step=2, seed=3)
+    loader = dm.train_dataloader()
+    full = list(loader)
+    assert len(full) == 5 and all(isinstance(b, list) for b in full)
+    loader.load_state_dict({"epoch": 0, "batches_done": 3})
+    assert list(loader) == full[3:]
+    assert list(loader) == full  # the skip applies to one pass only
+    loader.load_state_dict({"epoch": 7, "batches_done": 3})
+    assert list(loader) == full  # another epoch's state does not skip this one
+    assert loader.state_dict() == {"epoch": 0, "batches_done": 0}
+
+
+def test_workers_yield_the_same_stream():
+    dm = PromptDataModule(PROMPTS, prompts_per_step=2, seed=3)
+    single = list(dm.train_dataloader())
+    dm_workers = PromptDataModule(PROMPTS, prompts_per_step=2, seed=3, num_workers=2)
+    assert list(dm_workers.train_dataloader()) == single
