@@ -24,7 +24,9 @@ Run folder ``--out``:
 * ``state.pt``: the resumable state (weights, EMA, optimizer, step, training seconds, RNG), written
   every ``--checkpoint-minutes`` and at the end; ``--resume`` continues from it.
 * ``snapshots/minNNN/toy_backbone.{safetensors,json}``: EMA weights every ``--snapshot-minutes`` of
-  training time and at the end, with ``eval.json`` (held-out detector and OCR scores).
+  training time (or ``snapshots/stepNNNNN`` every ``--snapshot-steps``) and at the end, with
+  ``eval.json`` (held-out detector and OCR scores). On a busy machine the wall-clock budget buys
+  few steps: ``--max-steps`` bounds the run by steps instead.
 * ``final -> snapshots/minNNN``: the name of the last snapshot in ``final.txt``.
 * the log (stdout): one line per ``--log-every`` steps with the loss and seconds per step.
 """
@@ -210,7 +212,7 @@ def _log(msg: str) -> None:
 
 def save_snapshot(ema: dict[str, torch.Tensor], config: ToyModelConfig, out: Path, minutes: float, args: argparse.Namespace, step: int) -> Path:
     """Write an EMA snapshot (``snapshots/minNNN``) with its held-out eval; returns its folder."""
-    folder = out / "snapshots" / f"min{int(round(minutes)):03d}"
+    folder = out / "snapshots" / (f"step{step:05d}" if args.snapshot_steps else f"min{int(round(minutes)):03d}")
     model = _ema_model(ema, config)
     model.save(folder / ASSET_NAME)
     t0 = time.time()
@@ -262,7 +264,8 @@ def train(args: argparse.Namespace) -> None:
     last_ckpt = time.time()
     window_loss, window_n, window_t = 0.0, 0, time.time()
     budget_s = args.minutes * 60
-    while trained_s < budget_s:
+    max_steps = args.max_steps if args.max_steps is not None else float("inf")
+    while trained_s < budget_s and step < max_steps:
         t_step = time.time()
         rng = np.random.default_rng([args.seed, step])  # data depends only on (seed, step): resumable
         prompts = sample_prompts(args.batch, rng, args.p_uncond)
@@ -294,10 +297,15 @@ def train(args: argparse.Namespace) -> None:
         if time.time() - last_ckpt > args.checkpoint_minutes * 60:
             checkpoint()
             last_ckpt = time.time()
-        if trained_s >= next_snapshot * 60 and trained_s < budget_s:
+        if args.snapshot_steps:
+            due = step % args.snapshot_steps == 0
+        else:
+            due = trained_s >= next_snapshot * 60
+            if due:
+                next_snapshot += args.snapshot_minutes
+        if due and trained_s < budget_s and step < max_steps:
             checkpoint()
             save_snapshot(ema, config, out, trained_s / 60, args, step)
-            next_snapshot += args.snapshot_minutes
             checkpoint()
             window_t = time.time()
     checkpoint()
@@ -338,6 +346,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--checkpoint-minutes", type=float, default=2.0)
     p.add_argument("--snapshot-minutes", type=float, default=10.0)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (as well as --minutes)")
+    p.add_argument("--snapshot-steps", type=int, default=None, help="snapshot every N steps instead of every --snapshot-minutes")
     p.add_argument("--eval-samples", type=int, default=2, help="images per held-out prompt in snapshot evals (0: none)")
     p.add_argument("--export", type=str, help="write the run's snapshot to this folder as toy_backbone.*")
     p.add_argument("--snapshot", type=str, help="snapshot to export (e.g. min010; default: the last)")
