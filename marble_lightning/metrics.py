@@ -59,7 +59,9 @@ class RewardMetric(Metric):
         super().__init__(**kwargs)
         self.reward = reward
         for state in ("total", "total_sq", "count"):
-            self.add_state(state, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state(
+                state, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum"
+            )
 
     def update(
         self,
@@ -73,7 +75,9 @@ class RewardMetric(Metric):
         """
         if values is None:
             if self.reward is None or images is None or prompts is None:
-                raise ValueError("RewardMetric.update needs images and prompts (with a reward) or values")
+                raise ValueError(
+                    "RewardMetric.update needs images and prompts (with a reward) or values"
+                )
             values = self.reward(images, prompts)
             if mask is None and hasattr(self.reward, "applies_to"):
                 mask = self.reward.applies_to(prompts)
@@ -82,10 +86,14 @@ class RewardMetric(Metric):
             mask = torch.ones_like(values, dtype=torch.bool)
         mask = torch.as_tensor(mask).reshape(-1).to(values.device, torch.bool)
         if mask.shape != values.shape:
-            raise ValueError(f"RewardMetric: mask shape {tuple(mask.shape)} != values shape {tuple(values.shape)}")
+            raise ValueError(
+                f"RewardMetric: mask shape {tuple(mask.shape)} != values shape {tuple(values.shape)}"
+            )
         v = values[mask]
         if not torch.isfinite(v).all():
-            raise ValueError(f"RewardMetric: non-finite reward values {v[~torch.isfinite(v)].tolist()[:4]}")
+            raise ValueError(
+                f"RewardMetric: non-finite reward values {v[~torch.isfinite(v)].tolist()[:4]}"
+            )
         self.total += v.sum()
         self.total_sq += (v * v).sum()
         self.count += v.numel()
@@ -136,17 +144,27 @@ class CompositeScore(Metric):
         self.names = list(ranges)
         lows, highs = [], []
         for name, rng in ranges.items():
-            if len(rng) != 2 or not all(math.isfinite(float(x)) for x in rng) or not float(rng[1]) > float(rng[0]):
-                raise ValueError(f"CompositeScore: range of {name!r} must be finite (low, high) with high > low, got {rng!r}")
+            if (
+                len(rng) != 2
+                or not all(math.isfinite(float(x)) for x in rng)
+                or not float(rng[1]) > float(rng[0])
+            ):
+                raise ValueError(
+                    f"CompositeScore: range of {name!r} must be finite (low, high) with high > low, got {rng!r}"
+                )
             lows.append(float(rng[0]))
             highs.append(float(rng[1]))
         weights = dict(weights) if weights is not None else {}
         unknown = sorted(set(weights) - set(self.names))
         if unknown:
-            raise ValueError(f"CompositeScore: weights given for rewards without a range: {unknown}")
+            raise ValueError(
+                f"CompositeScore: weights given for rewards without a range: {unknown}"
+            )
         w = [float(weights.get(n, 1.0)) for n in self.names]
         if any(not math.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
-            raise ValueError(f"CompositeScore: weights must be finite, >= 0 and not all 0, got {dict(zip(self.names, w))}")
+            raise ValueError(
+                f"CompositeScore: weights must be finite, >= 0 and not all 0, got {dict(zip(self.names, w))}"
+            )
         self.register_buffer("low", torch.tensor(lows, dtype=torch.float64), persistent=False)
         self.register_buffer("high", torch.tensor(highs, dtype=torch.float64), persistent=False)
         self.register_buffer("weight", torch.tensor(w, dtype=torch.float64), persistent=False)
@@ -173,7 +191,9 @@ class CompositeScore(Metric):
             values, mask, names = values.values, values.mask, values.names
         values = torch.as_tensor(values).detach().to(self.sums.device, torch.float64)
         if values.ndim != 2:
-            raise ValueError(f"CompositeScore: values must be [B, K], got shape {tuple(values.shape)}")
+            raise ValueError(
+                f"CompositeScore: values must be [B, K], got shape {tuple(values.shape)}"
+            )
         if names is None:
             if values.shape[1] != len(self.names):
                 raise ValueError(
@@ -183,9 +203,15 @@ class CompositeScore(Metric):
         names = list(names)
         if len(names) != values.shape[1]:
             raise ValueError(f"CompositeScore: {len(names)} names for {values.shape[1]} columns")
-        mask = torch.ones_like(values, dtype=torch.bool) if mask is None else torch.as_tensor(mask).to(values.device, torch.bool)
+        mask = (
+            torch.ones_like(values, dtype=torch.bool)
+            if mask is None
+            else torch.as_tensor(mask).to(values.device, torch.bool)
+        )
         if mask.shape != values.shape:
-            raise ValueError(f"CompositeScore: mask shape {tuple(mask.shape)} != values shape {tuple(values.shape)}")
+            raise ValueError(
+                f"CompositeScore: mask shape {tuple(mask.shape)} != values shape {tuple(values.shape)}"
+            )
         for col, name in enumerate(names):
             if name not in self.names:
                 continue
@@ -264,12 +290,16 @@ def clip_score_metric(model: str, processor: str | None = None, **kwargs):
     from marble_lightning.rewards._loading import resolve_source
 
     model_ref, model_local = resolve_source(model, "clip_score_metric")
-    proc_ref, proc_local = resolve_source(processor, "clip_score_metric") if processor else (model_ref, model_local)
+    proc_ref, proc_local = (
+        resolve_source(processor, "clip_score_metric") if processor else (model_ref, model_local)
+    )
 
     def factory():
         from transformers import CLIPModel, CLIPProcessor
 
         clip = CLIPModel.from_pretrained(model_ref, local_files_only=model_local).eval()
-        return _TensorFeatureCLIP(clip), CLIPProcessor.from_pretrained(proc_ref, local_files_only=proc_local)
+        return _TensorFeatureCLIP(clip), CLIPProcessor.from_pretrained(
+            proc_ref, local_files_only=proc_local
+        )
 
     return CLIPScore(model_name_or_path=factory, **kwargs)

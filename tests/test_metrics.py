@@ -55,13 +55,17 @@ def test_reward_metric_precomputed_and_errors() -> None:
         metric.update(values=torch.ones(3), mask=torch.ones(2, dtype=torch.bool))
     with pytest.raises(ValueError, match="non-finite"):
         metric.update(values=torch.tensor([float("nan")]))
-    metric.update(values=torch.tensor([float("nan")]), mask=torch.tensor([False]))  # masked NaN is fine
+    metric.update(
+        values=torch.tensor([float("nan")]), mask=torch.tensor([False])
+    )  # masked NaN is fine
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         RewardMetric(MeanRed()).update(torch.rand(1, 3, 2, 2) * 255, ["red"])
 
 
 def test_composite_formula() -> None:
-    metric = CompositeScore({"ocr": (0, 1), "pick": (18.0, 24.0), "jpeg": (-50.0, 0.0)}, weights={"pick": 2.0})
+    metric = CompositeScore(
+        {"ocr": (0, 1), "pick": (18.0, 24.0), "jpeg": (-50.0, 0.0)}, weights={"pick": 2.0}
+    )
     batch = RewardBatch(
         values=torch.tensor([[0.5, 21.0, -10.0], [0.0, 30.0, -30.0], [0.0, 18.0, -20.0]]),
         mask=torch.tensor([[True, True, True], [False, True, True], [False, True, True]]),
@@ -73,7 +77,9 @@ def test_composite_formula() -> None:
     s_jpeg = (-20.0 + 50.0) / 50.0
     expected = (1 * s_ocr + 2 * s_pick + 1 * s_jpeg) / 4
     assert metric.compute().item() == pytest.approx(expected)
-    torch.testing.assert_close(metric.normalized_means(), torch.tensor([s_ocr, s_pick, s_jpeg], dtype=torch.float64))
+    torch.testing.assert_close(
+        metric.normalized_means(), torch.tensor([s_ocr, s_pick, s_jpeg], dtype=torch.float64)
+    )
     unclipped = CompositeScore({"a": (0, 1)}, clip=False)
     unclipped.update(torch.tensor([[3.0]]))
     assert unclipped.compute().item() == pytest.approx(3.0)
@@ -155,13 +161,17 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
         for chunk in shard.split(2):
             rm.update(values=values[chunk, 0], mask=mask[chunk, 0])
             cs.update(values[chunk], mask[chunk], names=["a", "b"])
-        torch.save({"reward": rm.compute(), "composite": cs.compute()}, os.path.join(out, f"rank{rank}.pt"))
+        torch.save(
+            {"reward": rm.compute(), "composite": cs.compute()}, os.path.join(out, f"rank{rank}.pt")
+        )
     finally:
         dist.destroy_process_group()
 
 
 def test_two_process_gloo_equals_single_process(tmp_path) -> None:
-    mp.start_processes(_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, start_method="fork")
+    mp.start_processes(
+        _worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, start_method="fork"
+    )
     values, mask, _ = _values()
     rm = RewardMetric()
     rm.update(values=values[:, 0], mask=mask[:, 0])

@@ -45,7 +45,9 @@ def clip_dir(tmp_path_factory):
 
 
 # ---------------------------------------------------------------- open_clip
-def open_clip_reference(config_path, ckpt, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+def open_clip_reference(
+    config_path, ckpt, images: torch.Tensor, prompts: list[str]
+) -> torch.Tensor:
     """Independent: open_clip's own model + preprocess transform on PIL images, weights via safetensors."""
     import open_clip
     from safetensors.torch import load_file
@@ -185,5 +187,3 @@ def test_clipscore_bad_images(clip_dir) -> None:
         reward(torch.full((1, 3, 32, 32), 200.0), ["a"])
     with pytest.raises(ValueError, match="shape"):
         reward(torch.rand(3, 32, 32), ["a"])
-
-

@@ -9,7 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from marble_lightning.rewards.image_reward import INSTALL_HINT, ImageRewardReward, import_image_reward
+from marble_lightning.rewards.image_reward import (
+    INSTALL_HINT,
+    ImageRewardReward,
+    import_image_reward,
+)
 
 
 class FakeImageReward(nn.Module):
@@ -57,7 +61,9 @@ def test_broken_package_is_reported(monkeypatch) -> None:
 
     def fake_import(name, *args, **kwargs):
         if name == "ImageReward":
-            raise ImportError("cannot import name 'apply_chunking_to_forward' from 'transformers.modeling_utils'")
+            raise ImportError(
+                "cannot import name 'apply_chunking_to_forward' from 'transformers.modeling_utils'"
+            )
         return real_import(name, *args, **kwargs)
 
     monkeypatch.delitem(sys.modules, "ImageReward", raising=False)

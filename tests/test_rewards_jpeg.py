@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import tempfile
 
@@ -16,7 +15,9 @@ from marble_lightning.rewards.jpeg import JPEGCompressibilityReward
 
 def pil_jpeg_kb(img: torch.Tensor, quality: int) -> float:
     """Independent: write a file through PIL, read its size from the filesystem."""
-    arr = np.clip(np.rint(img.permute(1, 2, 0).numpy().astype(np.float64) * 255), 0, 255).astype(np.uint8)
+    arr = np.clip(np.rint(img.permute(1, 2, 0).numpy().astype(np.float64) * 255), 0, 255).astype(
+        np.uint8
+    )
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "x.jpg")
         Image.fromarray(arr).save(path, quality=quality)

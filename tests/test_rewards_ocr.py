@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
@@ -24,7 +25,13 @@ def render(word: str, size: int = 64, font_size: int = 22) -> torch.Tensor:
     """Black word on white, centred -> float [3, size, size] in [0, 1]."""
     im = Image.new("RGB", (size, size), "white")
     draw = ImageDraw.Draw(im)
-    draw.text((size // 2, size // 2), word, fill="black", font=ImageFont.load_default(size=font_size), anchor="mm")
+    draw.text(
+        (size // 2, size // 2),
+        word,
+        fill="black",
+        font=ImageFont.load_default(size=font_size),
+        anchor="mm",
+    )
     return torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255.0
 
 
@@ -45,9 +52,8 @@ def test_quoted_text() -> None:
 
 def brute_levenshtein(a: str, b: str) -> int:
     """Independent recursive definition (memoised)."""
-    from functools import lru_cache
 
-    @lru_cache(maxsize=None)
+    @functools.cache
     def d(i: int, j: int) -> int:
         if i == 0 or j == 0:
             return i + j

@@ -27,7 +27,9 @@ def test_pixel_values_match_processor(owl_dir) -> None:
     processor = Owlv2Processor.from_pretrained(owl_dir)
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (2, 3, 32, 32), generator=g).float() / 255
-    ref = processor.image_processor(images=[im for im in images * 255], return_tensors="pt")["pixel_values"]
+    ref = processor.image_processor(images=[im for im in images * 255], return_tensors="pt")[
+        "pixel_values"
+    ]
     ours = OwlDetector(str(owl_dir))._pixel_values(images, processor)
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
 
@@ -43,16 +45,24 @@ def test_boxes_and_scores_match_reference_postprocessing(owl_dir) -> None:
 
     model, processor = det.owl("cpu")
     texts = [det.query_template.format(label) for label in labels]
-    tok = processor.tokenizer(texts, padding="max_length", max_length=16, truncation=True, return_tensors="pt")
+    tok = processor.tokenizer(
+        texts, padding="max_length", max_length=16, truncation=True, return_tensors="pt"
+    )
     with torch.no_grad():
         out = model(pixel_values=det._pixel_values(images, processor), **tok)
-    ref = processor.post_process_grounded_object_detection(out, threshold=0.0, target_sizes=[(w, w)])[0]
+    ref = processor.post_process_grounded_object_detection(
+        out, threshold=0.0, target_sizes=[(w, w)]
+    )[0]
     scale = torch.tensor([w, h, w, h], dtype=torch.float32)
     ref_boxes = (ref["boxes"] / scale).clamp(0, 1)
     assert len(ours) == len(ref["scores"]) == out.logits.shape[1]
     ours_sorted = sorted(ours, key=lambda d: (d.box, d.label))
     ref_rows = sorted(
-        zip([tuple(b) for b in ref_boxes.tolist()], [labels[i] for i in ref["labels"].tolist()], ref["scores"].tolist()),
+        zip(
+            [tuple(b) for b in ref_boxes.tolist()],
+            [labels[i] for i in ref["labels"].tolist()],
+            ref["scores"].tolist(),
+        ),
         key=lambda r: (r[0], r[1]),
     )
     for d, (box, label, score) in zip(ours_sorted, ref_rows):
@@ -90,7 +100,10 @@ def test_box_colour_naming() -> None:
     # a loose box around the square: the central half is all red
     assert det.box_color(img, (0.05, 0.15, 0.55, 0.65)) == "red"
     assert name_color(torch.tensor([0.1, 0.2, 0.9]), COLOR_PROTOTYPES) == "blue"
-    assert name_color(torch.tensor([0.5, 0.5, 0.5]), {"grey": (128, 128, 128), "red": (255, 0, 0)}) == "grey"
+    assert (
+        name_color(torch.tensor([0.5, 0.5, 0.5]), {"grey": (128, 128, 128), "red": (255, 0, 0)})
+        == "grey"
+    )
 
 
 def test_composition_with_owl_end_to_end(owl_dir) -> None:

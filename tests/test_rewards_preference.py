@@ -46,7 +46,9 @@ def test_pickscore_is_the_model_logit(clip_dir) -> None:
     expected = out.logits_per_image.diagonal()  # exp(logit_scale) * cosine, PickScore's score
     values = PickScoreReward(str(clip_dir), processor=str(clip_dir))(images, PROMPTS)
     torch.testing.assert_close(values, expected, atol=1e-4, rtol=1e-4)
-    normalized = PickScoreReward(str(clip_dir), processor=str(clip_dir), normalize=26.0)(images, PROMPTS)
+    normalized = PickScoreReward(str(clip_dir), processor=str(clip_dir), normalize=26.0)(
+        images, PROMPTS
+    )
     torch.testing.assert_close(normalized, expected / 26.0, atol=1e-5, rtol=1e-4)
 
 
@@ -63,7 +65,9 @@ def test_pickscore_errors(clip_dir, tmp_path) -> None:
 def test_aesthetic_mlp_structure() -> None:
     keys = set(AestheticMLP(768).state_dict())
     assert keys == {f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias")}
-    shapes = [tuple(AestheticMLP(768).state_dict()[f"layers.{i}.weight"].shape) for i in (0, 2, 4, 6, 7)]
+    shapes = [
+        tuple(AestheticMLP(768).state_dict()[f"layers.{i}.weight"].shape) for i in (0, 2, 4, 6, 7)
+    ]
     assert shapes == [(1024, 768), (128, 1024), (64, 128), (16, 64), (1, 16)]
 
 
@@ -76,7 +80,9 @@ def test_aesthetic_matches_hand_computation(clip_dir, tmp_path, suffix: str) -> 
 
     from marble_lightning.rewards._loading import model_output_features
 
-    pv = CLIPProcessor.from_pretrained(clip_dir)(images=pil(images), return_tensors="pt")["pixel_values"]
+    pv = CLIPProcessor.from_pretrained(clip_dir)(images=pil(images), return_tensors="pt")[
+        "pixel_values"
+    ]
     with torch.no_grad():
         f = model_output_features(model.get_image_features(pixel_values=pv))
     f = f / f.norm(dim=-1, keepdim=True)
@@ -137,7 +143,10 @@ def test_hps_matches_reference_formula(hps_files) -> None:
     model.load_state_dict({k.removeprefix("module."): v for k, v in sd.items()})
     model.eval()
     with torch.no_grad():
-        out = model(torch.stack([preprocess(im) for im in pil(images)]), open_clip.get_tokenizer("tiny-hps")(PROMPTS))
+        out = model(
+            torch.stack([preprocess(im) for im in pil(images)]),
+            open_clip.get_tokenizer("tiny-hps")(PROMPTS),
+        )
     expected = torch.diagonal(out["image_features"] @ out["text_features"].T)
     torch.testing.assert_close(values, expected, atol=1e-5, rtol=1e-5)
 

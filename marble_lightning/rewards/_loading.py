@@ -49,7 +49,9 @@ def resolve_source(ref: str | os.PathLike[str], reward: str) -> tuple[str, bool]
     if isinstance(ref, os.PathLike):
         ref = os.fspath(ref)
     if not isinstance(ref, str) or not ref.strip():
-        raise ValueError(f"reward {reward!r}: model path or hub id must be a non-empty string, got {ref!r}")
+        raise ValueError(
+            f"reward {reward!r}: model path or hub id must be a non-empty string, got {ref!r}"
+        )
     expanded = os.path.expanduser(ref)
     if os.path.exists(expanded):
         return expanded, True
@@ -82,14 +84,20 @@ def load_state_dict_file(path: str | os.PathLike[str], reward: str) -> dict[str,
         state = load_file(str(p), device="cpu")
     else:
         state = torch.load(str(p), map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        if (
+            isinstance(state, dict)
+            and "state_dict" in state
+            and isinstance(state["state_dict"], dict)
+        ):
             state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"reward {reward!r}: {str(p)!r} does not hold a state dict of tensors")
     return state
 
 
-def resize_center_crop(images: Tensor, size: int | tuple[int, int], shortest_edge: int | None = None) -> Tensor:
+def resize_center_crop(
+    images: Tensor, size: int | tuple[int, int], shortest_edge: int | None = None
+) -> Tensor:
     """CLIP-style resize: shortest side to ``shortest_edge`` (bicubic, antialiased), centre crop.
 
     Args:
@@ -105,8 +113,13 @@ def resize_center_crop(images: Tensor, size: int | tuple[int, int], shortest_edg
     h, w = images.shape[-2:]
     if min(h, w) != edge:
         scale = edge / min(h, w)
-        nh, nw = max(edge, int(h * scale)), max(edge, int(w * scale))  # floor, as torchvision/transformers
-        images = F.interpolate(images, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
+        nh, nw = (
+            max(edge, int(h * scale)),
+            max(edge, int(w * scale)),
+        )  # floor, as torchvision/transformers
+        images = F.interpolate(
+            images, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False
+        )
         images = images.clamp(0.0, 1.0)
         h, w = nh, nw
     if (h, w) != (ch, cw):
@@ -165,7 +178,9 @@ def parse_dtype(dtype: str | torch.dtype, reward: str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
-        raise ValueError(f"reward {reward!r}: unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
+        raise ValueError(
+            f"reward {reward!r}: unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}"
+        )
     return _DTYPES[dtype]
 
 
@@ -205,15 +220,23 @@ class LazyModel:
         return self._value
 
 
-def clip_image_settings(image_processor: object) -> tuple[tuple[int, int], int, list[float], list[float]]:
+def clip_image_settings(
+    image_processor: object,
+) -> tuple[tuple[int, int], int, list[float], list[float]]:
     """Read ``(crop (h, w), shortest_edge, mean, std)`` from a transformers CLIP image processor."""
 
     def as_dict(value: object, int_key: str) -> dict:
         if value is None:
             return {}
         if isinstance(value, int):
-            return {int_key: value} if int_key == "shortest_edge" else {"height": value, "width": value}
-        pairs = value.items() if isinstance(value, dict) else dict(value).items()  # SizeDict iterates pairs
+            return (
+                {int_key: value}
+                if int_key == "shortest_edge"
+                else {"height": value, "width": value}
+            )
+        pairs = (
+            value.items() if isinstance(value, dict) else dict(value).items()
+        )  # SizeDict iterates pairs
         return {k: v for k, v in pairs if v is not None}
 
     size = as_dict(getattr(image_processor, "size", None), "shortest_edge")

@@ -13,7 +13,17 @@ import torch
 
 # GPT-2/CLIP byte-level BPE alphabet: printable bytes map to themselves, the rest to 256+.
 _PRINTABLE = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-_MERGES = ("t h", "c a", "a t</w>", "o g</w>", "d og</w>", "c at</w>", "th e</w>", "r e", "re d</w>")
+_MERGES = (
+    "t h",
+    "c a",
+    "a t</w>",
+    "o g</w>",
+    "d og</w>",
+    "c at</w>",
+    "th e</w>",
+    "r e",
+    "re d</w>",
+)
 
 
 def byte_alphabet() -> list[str]:
@@ -50,19 +60,21 @@ def tiny_clip_config(vocab_size: int, projection_dim: int = 16, image_size: int 
     """A transformers ``CLIPConfig`` with 2-layer, width-32 towers."""
     from transformers import CLIPConfig
 
-    text = dict(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=32, bos_token_id=vocab_size - 2,
-        eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
-    )  # fmt: skip
-    vision = dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        image_size=image_size, patch_size=8,
-    )  # fmt: skip
+    text = {
+        "vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "max_position_embeddings": 32, "bos_token_id": vocab_size - 2,
+        "eos_token_id": vocab_size - 1, "pad_token_id": vocab_size - 1,
+    }  # fmt: skip
+    vision = {
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "image_size": image_size, "patch_size": 8,
+    }  # fmt: skip
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
 
 
-def save_tiny_clip(folder: str | Path, projection_dim: int = 16, image_size: int = 32, seed: int = 0) -> Path:
+def save_tiny_clip(
+    folder: str | Path, projection_dim: int = 16, image_size: int = 32, seed: int = 0
+) -> Path:
     """Save a random tiny ``CLIPModel`` + ``CLIPProcessor`` to ``folder`` (``from_pretrained`` format).
 
     The image processor resizes the shortest side to ``image_size`` and centre-crops to it.
@@ -91,7 +103,9 @@ TINY_OPEN_CLIP_CONFIG: dict = {
 """A 2-layer open_clip ViT config; the vocabulary matches open_clip's default BPE tokenizer."""
 
 
-def save_tiny_open_clip(folder: str | Path, name: str = "tiny-open-clip", seed: int = 0) -> tuple[Path, Path]:
+def save_tiny_open_clip(
+    folder: str | Path, name: str = "tiny-open-clip", seed: int = 0
+) -> tuple[Path, Path]:
     """Write ``<name>.json`` (open_clip model config) and ``<name>.safetensors`` (random weights).
 
     Returns:
@@ -152,20 +166,26 @@ def save_tiny_owlv2(folder: str | Path, image_size: int = 32, seed: int = 0) -> 
     vocab, merges = write_clip_tokenizer_files(folder / "_tokenizer_src")
     vocab_size = len(json.loads(vocab.read_text()))
     tokenizer = CLIPTokenizer(vocab=str(vocab), merges=str(merges), model_max_length=16)
-    text = dict(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=16, bos_token_id=vocab_size - 2,
-        eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
-    )  # fmt: skip
-    vision = dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        image_size=image_size, patch_size=8,
-    )  # fmt: skip
+    text = {
+        "vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "max_position_embeddings": 16, "bos_token_id": vocab_size - 2,
+        "eos_token_id": vocab_size - 1, "pad_token_id": vocab_size - 1,
+    }  # fmt: skip
+    vision = {
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "image_size": image_size, "patch_size": 8,
+    }  # fmt: skip
     torch.manual_seed(seed)
     # OWL's class head needs projection_dim == text hidden size (as in the released models)
-    model = Owlv2ForObjectDetection(Owlv2Config(text_config=text, vision_config=vision, projection_dim=32)).eval()
+    model = Owlv2ForObjectDetection(
+        Owlv2Config(text_config=text, vision_config=vision, projection_dim=32)
+    ).eval()
     with torch.no_grad():  # untrained heads saturate; shrink them so scores and boxes stay graded
-        for layer in (model.class_head.logit_scale, model.class_head.logit_shift, model.box_head.dense2):
+        for layer in (
+            model.class_head.logit_scale,
+            model.class_head.logit_shift,
+            model.box_head.dense2,
+        ):
             layer.weight.mul_(0.01)
             layer.bias.zero_()
         model.class_head.logit_scale.bias.fill_(2.0)

@@ -81,7 +81,9 @@ class AestheticReward(TransformersCLIPReward):
         try:
             mlp.load_state_dict(state)
         except RuntimeError as err:
-            raise ValueError(f"reward {self.name!r}: cannot load {str(self.mlp_path)!r}: {err}") from err
+            raise ValueError(
+                f"reward {self.name!r}: cannot load {str(self.mlp_path)!r}: {err}"
+            ) from err
         return mlp
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:

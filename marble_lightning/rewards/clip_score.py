@@ -40,7 +40,9 @@ from marble_lightning.rewards.base import RewardModel
 
 def _check_batch_size(batch_size: int | None, reward: str) -> None:
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"reward {reward!r}: batch_size must be a positive int or None, got {batch_size!r}")
+        raise ValueError(
+            f"reward {reward!r}: batch_size must be a positive int or None, got {batch_size!r}"
+        )
 
 
 class TransformersCLIPReward(RewardModel):
@@ -67,7 +69,9 @@ class TransformersCLIPReward(RewardModel):
         _check_batch_size(batch_size, self.name)
         self.model_ref, self.model_local = resolve_source(model, self.name)
         self.processor_ref, self.processor_local = (
-            resolve_source(processor, self.name) if processor is not None else (self.model_ref, self.model_local)
+            resolve_source(processor, self.name)
+            if processor is not None
+            else (self.model_ref, self.model_local)
         )
         self.batch_size = batch_size
         self.dtype = parse_dtype(dtype, self.name)
@@ -82,7 +86,9 @@ class TransformersCLIPReward(RewardModel):
         from transformers import CLIPModel, CLIPProcessor
 
         model = CLIPModel.from_pretrained(self.model_ref, local_files_only=self.model_local)
-        processor = CLIPProcessor.from_pretrained(self.processor_ref, local_files_only=self.processor_local)
+        processor = CLIPProcessor.from_pretrained(
+            self.processor_ref, local_files_only=self.processor_local
+        )
         return model, processor
 
     def clip(self, device: torch.device | str):
@@ -108,11 +114,16 @@ class TransformersCLIPReward(RewardModel):
         out = []
         for sl in batched(len(prompts), self.batch_size):
             tok = processor.tokenizer(
-                list(prompts[sl]), padding=True, truncation=True, max_length=max_len, return_tensors="pt"
+                list(prompts[sl]),
+                padding=True,
+                truncation=True,
+                max_length=max_len,
+                return_tensors="pt",
             )
             feats = model_output_features(
                 model.get_text_features(
-                    input_ids=tok["input_ids"].to(device), attention_mask=tok["attention_mask"].to(device)
+                    input_ids=tok["input_ids"].to(device),
+                    attention_mask=tok["attention_mask"].to(device),
                 )
             )
             out.append(feats.float())
@@ -121,7 +132,9 @@ class TransformersCLIPReward(RewardModel):
 
     def cosine(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         """``cos(f_img, f_txt)`` per pair, float32 ``[B]``."""
-        return (self.image_embeddings(images) * self.text_embeddings(prompts, images.device)).sum(-1)
+        return (self.image_embeddings(images) * self.text_embeddings(prompts, images.device)).sum(
+            -1
+        )
 
 
 class CLIPScoreReward(TransformersCLIPReward):
@@ -208,18 +221,24 @@ class OpenCLIPScoreReward(RewardModel):
 
     def _register_config(self, model_config: str) -> str:
         if not isinstance(model_config, (str, os.PathLike)) or not str(model_config).strip():
-            raise ValueError(f"reward {self.name!r}: model_config must be a non-empty string, got {model_config!r}")
+            raise ValueError(
+                f"reward {self.name!r}: model_config must be a non-empty string, got {model_config!r}"
+            )
         model_config = os.fspath(model_config)
         if model_config.startswith(("local-dir:", "hf-hub:")):
             if model_config.startswith("local-dir:") and not Path(model_config[10:]).is_dir():
-                raise FileNotFoundError(f"reward {self.name!r}: no such directory: {model_config[10:]!r}")
+                raise FileNotFoundError(
+                    f"reward {self.name!r}: no such directory: {model_config[10:]!r}"
+                )
             return model_config
         if model_config.endswith(".json") or os.sep in model_config:
             path = require_file(model_config, self.name)
             cfg = json.loads(path.read_text())
             missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in cfg]
             if missing:
-                raise ValueError(f"reward {self.name!r}: open_clip model config {str(path)!r} lacks keys {missing}")
+                raise ValueError(
+                    f"reward {self.name!r}: open_clip model config {str(path)!r} lacks keys {missing}"
+                )
             import open_clip
 
             open_clip.add_model_config(path)
@@ -268,7 +287,9 @@ class OpenCLIPScoreReward(RewardModel):
 
     def cosine(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         """``cos(f_img, f_txt)`` per pair, float32 ``[B]``."""
-        return (self.image_embeddings(images) * self.text_embeddings(prompts, images.device)).sum(-1)
+        return (self.image_embeddings(images) * self.text_embeddings(prompts, images.device)).sum(
+            -1
+        )
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         return self.scale * self.cosine(images, prompts)

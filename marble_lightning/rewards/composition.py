@@ -206,7 +206,9 @@ class PromptParser:
         return [second, ObjectRequirement(**{**first.__dict__, "position": (relation, 0)})]
 
 
-def relative_position(a: Detection, b: Detection, threshold: float = 0.1, rule: str = "geneval") -> set[str]:
+def relative_position(
+    a: Detection, b: Detection, threshold: float = 0.1, rule: str = "geneval"
+) -> set[str]:
     """Relations of ``a`` to ``b`` among :data:`RELATIONS` (rules in the module docstring).
 
     Args:
@@ -219,7 +221,9 @@ def relative_position(a: Detection, b: Detection, threshold: float = 0.1, rule: 
     bx0, by0, bx1, by1 = b.box
     offset = ((ax0 + ax1 - bx0 - bx1) / 2, (ay0 + ay1 - by0 - by1) / 2)
     dims = ((ax1 - ax0) + (bx1 - bx0), (ay1 - ay0) + (by1 - by0))
-    revised = [math.copysign(max(abs(o) - threshold * abs(d), 0.0), o) for o, d in zip(offset, dims)]
+    revised = [
+        math.copysign(max(abs(o) - threshold * abs(d), 0.0), o) for o, d in zip(offset, dims)
+    ]
     if all(abs(r) < 1e-3 for r in revised):
         return set()
     if rule == "geneval":
@@ -246,7 +250,9 @@ def _candidates(detections: Sequence[Detection], label: str, threshold: float) -
     return sorted(found, key=lambda d: -d.score)  # stable: ties keep the detector's order
 
 
-def _threshold(specs: Sequence[ObjectRequirement], score_threshold: float, counting_threshold: float) -> float:
+def _threshold(
+    specs: Sequence[ObjectRequirement], score_threshold: float, counting_threshold: float
+) -> float:
     return counting_threshold if any(r.exact and r.count > 1 for r in specs) else score_threshold
 
 
@@ -280,7 +286,9 @@ def strict_score(
             rel, target = req.position
             group = groups[target]
             matched = group is not None and all(
-                rel in relative_position(a, b, position_threshold, position_rule) for a in chosen for b in group
+                rel in relative_position(a, b, position_threshold, position_rule)
+                for a in chosen
+                for b in group
             )
         ok = ok and matched
         groups.append(chosen if matched else None)
@@ -320,7 +328,9 @@ def graded_score(
             rel, target = req.position
             targets = chosen_groups[target]
             hits = sum(
-                rel in relative_position(a, b, position_threshold, position_rule) for a in chosen for b in targets
+                rel in relative_position(a, b, position_threshold, position_rule)
+                for a in chosen
+                for b in targets
             )
             terms.append(hits / (n * specs[target].count))
         credits.append(sum(terms) / len(terms))
@@ -366,8 +376,13 @@ class CompositionReward(RewardModel):
         if mode not in ("graded", "strict"):
             raise ValueError(f"CompositionReward: mode must be 'graded' or 'strict', got {mode!r}")
         if not callable(getattr(detector, "detect", None)):
-            raise ValueError(f"CompositionReward: detector {detector!r} has no detect(images, queries) method")
-        for arg, v in (("score_threshold", score_threshold), ("counting_threshold", counting_threshold)):
+            raise TypeError(
+                f"CompositionReward: detector {detector!r} has no detect(images, queries) method"
+            )
+        for arg, v in (
+            ("score_threshold", score_threshold),
+            ("counting_threshold", counting_threshold),
+        ):
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"CompositionReward: {arg} must lie in [0, 1], got {v!r}")
         self.detector = detector  # registered as a submodule if it is an nn.Module
@@ -377,7 +392,9 @@ class CompositionReward(RewardModel):
         self.counting_threshold = float(counting_threshold)
         self.position_threshold = float(position_threshold)
         if position_rule not in ("geneval", "axis"):
-            raise ValueError(f"CompositionReward: position_rule must be 'geneval' or 'axis', got {position_rule!r}")
+            raise ValueError(
+                f"CompositionReward: position_rule must be 'geneval' or 'axis', got {position_rule!r}"
+            )
         self.position_rule = position_rule
 
     @classmethod
@@ -392,7 +409,9 @@ class CompositionReward(RewardModel):
     def applies_to(self, prompts: Sequence[str]) -> Tensor:
         return torch.tensor([self.parse(p) is not None for p in prompts], dtype=torch.bool)
 
-    def score_detections(self, specs: Sequence[ObjectRequirement], detections: Sequence[Detection]) -> float:
+    def score_detections(
+        self, specs: Sequence[ObjectRequirement], detections: Sequence[Detection]
+    ) -> float:
         """Score one image's detections against its requirements (``mode`` selects the rule)."""
         fn = graded_score if self.mode == "graded" else strict_score
         return fn(

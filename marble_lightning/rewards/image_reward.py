@@ -33,7 +33,7 @@ def import_image_reward():
         ImportError: it is installed but cannot be imported (missing ``clip``, transformers >= 5).
     """
     try:
-        import ImageReward as RM  # noqa: N814
+        import ImageReward as RM
     except ModuleNotFoundError as err:
         if err.name in ("ImageReward", None):
             raise ModuleNotFoundError(
@@ -74,7 +74,9 @@ class ImageRewardReward(RewardModel):
     ) -> None:
         super().__init__(name)
         if not isinstance(model, str) or not model:
-            raise ValueError(f"reward {self.name!r}: model must be a non-empty string, got {model!r}")
+            raise ValueError(
+                f"reward {self.name!r}: model must be a non-empty string, got {model!r}"
+            )
         if os.path.exists(os.path.expanduser(model)) or looks_like_path(model):
             model = str(require_file(model, self.name))
         self.model_ref = model
@@ -89,7 +91,12 @@ class ImageRewardReward(RewardModel):
 
     def _build(self):
         rm = import_image_reward()
-        return rm.load(self.model_ref, device="cpu", download_root=self.download_root, med_config=self.med_config)
+        return rm.load(
+            self.model_ref,
+            device="cpu",
+            download_root=self.download_root,
+            med_config=self.med_config,
+        )
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         model = self._model.get(images.device)

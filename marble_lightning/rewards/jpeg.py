@@ -37,7 +37,9 @@ class JPEGCompressibilityReward(RewardModel):
     def __init__(self, quality: int = 95, name: str | None = None) -> None:
         super().__init__(name)
         if not isinstance(quality, int) or not 1 <= quality <= 100:
-            raise ValueError(f"JPEGCompressibilityReward: quality must be an int in [1, 100], got {quality!r}")
+            raise ValueError(
+                f"JPEGCompressibilityReward: quality must be an int in [1, 100], got {quality!r}"
+            )
         self.quality = quality
 
     @classmethod

@@ -101,7 +101,9 @@ class OCRReward(RewardModel):
         if not upscale > 0:
             raise ValueError(f"OCRReward: upscale must be > 0, got {upscale!r}")
         if not 0.0 <= min_confidence <= 1.0:
-            raise ValueError(f"OCRReward: min_confidence must lie in [0, 1], got {min_confidence!r}")
+            raise ValueError(
+                f"OCRReward: min_confidence must lie in [0, 1], got {min_confidence!r}"
+            )
         self.upscale = float(upscale)
         self.use_det = bool(use_det)
         self.use_cls = bool(use_cls)

@@ -49,7 +49,10 @@ COLOR_PROTOTYPES: dict[str, tuple[int, int, int]] = {
 def name_color(rgb: Tensor, palette: Mapping[str, Sequence[int]]) -> str:
     """Nearest palette name (Euclidean in RGB) of a colour ``[3]`` in ``[0, 1]``."""
     names = list(palette)
-    refs = torch.tensor([list(palette[n]) for n in names], dtype=torch.float32, device=rgb.device) / 255.0
+    refs = (
+        torch.tensor([list(palette[n]) for n in names], dtype=torch.float32, device=rgb.device)
+        / 255.0
+    )
     return names[int(((refs - rgb.float()) ** 2).sum(-1).argmin())]
 
 
@@ -81,13 +84,17 @@ class OwlDetector:
     ) -> None:
         self.model_ref, self.model_local = resolve_source(model, "OwlDetector")
         if not 0.0 <= box_threshold <= 1.0:
-            raise ValueError(f"OwlDetector: box_threshold must lie in [0, 1], got {box_threshold!r}")
+            raise ValueError(
+                f"OwlDetector: box_threshold must lie in [0, 1], got {box_threshold!r}"
+            )
         if not 0.0 < nms_iou <= 1.0:
             raise ValueError(f"OwlDetector: nms_iou must lie in (0, 1], got {nms_iou!r}")
         if max_detections < 1:
             raise ValueError(f"OwlDetector: max_detections must be >= 1, got {max_detections!r}")
         if "{}" not in query_template:
-            raise ValueError(f"OwlDetector: query_template must contain '{{}}', got {query_template!r}")
+            raise ValueError(
+                f"OwlDetector: query_template must contain '{{}}', got {query_template!r}"
+            )
         if not 0.0 < color_crop <= 1.0:
             raise ValueError(f"OwlDetector: color_crop must lie in (0, 1], got {color_crop!r}")
         self.box_threshold = float(box_threshold)
@@ -102,8 +109,12 @@ class OwlDetector:
     def _build(self):
         from transformers import Owlv2ForObjectDetection, Owlv2Processor
 
-        model = Owlv2ForObjectDetection.from_pretrained(self.model_ref, local_files_only=self.model_local)
-        processor = Owlv2Processor.from_pretrained(self.model_ref, local_files_only=self.model_local)
+        model = Owlv2ForObjectDetection.from_pretrained(
+            self.model_ref, local_files_only=self.model_local
+        )
+        processor = Owlv2Processor.from_pretrained(
+            self.model_ref, local_files_only=self.model_local
+        )
         return model, processor
 
     def owl(self, device: torch.device | str):
@@ -119,7 +130,9 @@ class OwlDetector:
         _, _, h, w = images.shape
         side = max(h, w)
         x = F.pad(images.float(), (0, side - w, 0, side - h), value=0.5)
-        x = F.interpolate(x, size=(int(h_out), int(w_out)), mode="bilinear", antialias=True, align_corners=False)
+        x = F.interpolate(
+            x, size=(int(h_out), int(w_out)), mode="bilinear", antialias=True, align_corners=False
+        )
         return normalize(x, ip.image_mean, ip.image_std)
 
     @torch.no_grad()
@@ -138,9 +151,15 @@ class OwlDetector:
             return results
         device = images.device
         model, processor = self.owl(device)
-        texts = [self.query_template.format(q[min(j, len(q) - 1)]) if q else "" for q in queries for j in range(q_max)]
+        texts = [
+            self.query_template.format(q[min(j, len(q) - 1)]) if q else ""
+            for q in queries
+            for j in range(q_max)
+        ]
         max_len = model.config.text_config.max_position_embeddings
-        tok = processor.tokenizer(texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
+        tok = processor.tokenizer(
+            texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt"
+        )
         out = model(
             input_ids=tok["input_ids"].to(device),
             attention_mask=tok["attention_mask"].to(device),
@@ -193,7 +212,7 @@ class OwlDetector:
         m = (1.0 - self.color_crop) / 2
         cx0, cx1 = x0 + m * (x1 - x0), x1 - m * (x1 - x0)
         cy0, cy1 = y0 + m * (y1 - y0), y1 - m * (y1 - y0)
-        c0, c1 = int(cx0 * w), max(int(cx0 * w) + 1, int(round(cx1 * w)))
-        r0, r1 = int(cy0 * h), max(int(cy0 * h) + 1, int(round(cy1 * h)))
+        c0, c1 = int(cx0 * w), max(int(cx0 * w) + 1, round(cx1 * w))
+        r0, r1 = int(cy0 * h), max(int(cy0 * h) + 1, round(cy1 * h))
         patch = image[:, min(r0, h - 1) : min(r1, h), min(c0, w - 1) : min(c1, w)]
         return name_color(patch.float().mean(dim=(1, 2)), self.colors)
