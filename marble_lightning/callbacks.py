@@ -31,7 +31,7 @@ def _check_module(pl_module: LightningModule, who: str, modes: Sequence[str] | N
     from marble_lightning.module import MarbleDiffusionModule
 
     if not isinstance(pl_module, MarbleDiffusionModule):
-        raise ValueError(f"{who} needs a MarbleDiffusionModule, got {type(pl_module).__name__}")
+        raise TypeError(f"{who} needs a MarbleDiffusionModule, got {type(pl_module).__name__}")
     if modes is not None and pl_module.mode not in modes:
         raise ValueError(f"{who} needs the module's mode to be one of {tuple(modes)}, got {pl_module.mode!r}")
 
@@ -187,7 +187,7 @@ class RewardEvalCallback(Callback):
         max_grid: int = 16,
     ) -> None:
         if not isinstance(prompts, (str, list, tuple)):
-            raise ValueError(f"`prompts` should be a path, 'toy:<split>' or a list of prompts, got {prompts!r}")
+            raise TypeError(f"`prompts` should be a path, 'toy:<split>' or a list of prompts, got {prompts!r}")
         if isinstance(prompts, (list, tuple)):
             resolve_prompts(list(prompts), what="prompts")  # validate lists now
         self.source = prompts
@@ -283,7 +283,7 @@ class RewardEvalCallback(Callback):
             return
         from torchvision.utils import make_grid
 
-        grid = make_grid(images, nrow=int(math.ceil(math.sqrt(images.shape[0]))), padding=1)
+        grid = make_grid(images, nrow=math.ceil(math.sqrt(images.shape[0])), padding=1)
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_image"):

@@ -198,7 +198,7 @@ class PromptDataModule(LightningDataModule):
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"`num_workers` should be an integer >= 0, got {num_workers!r}")
         if not isinstance(train_prompts, str) and not isinstance(train_prompts, Sequence):
-            raise ValueError(f"`train_prompts` should be a path, 'toy:<split>' or a list, got {train_prompts!r}")
+            raise TypeError(f"`train_prompts` should be a path, 'toy:<split>' or a list, got {train_prompts!r}")
         self.train_source = train_prompts
         self.heldout_source = heldout_prompts
         self.prompts_per_step = prompts_per_step

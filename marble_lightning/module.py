@@ -61,6 +61,13 @@ from torch import Tensor, nn
 
 from marble_lightning.advantages import PerPromptStatTracker
 from marble_lightning.backbone import Conditioning, FlowBackbone
+from marble_lightning.gram import (
+    ENGINES,
+    PerSampleGradients,
+    UnsupportedModelError,
+    combine_per_sample,
+    per_reward_gradients,
+)
 from marble_lightning.harmonize import Harmonized, harmonize_gram
 from marble_lightning.nft import (
     aggregate_advantages,
@@ -99,6 +106,7 @@ class Rollout:
         scalar_advantages: ``[B]`` advantages of the scalarised reward (weighted_sum mode only).
         scalar_r: ``[B]`` their interpolation coefficients (weighted_sum mode only).
         metrics: scalars to log (reward means/stds over the global batch, timings).
+        cond: the encoded ``prompts`` (reused by the updates).
     """
 
     step: int
@@ -111,6 +119,7 @@ class Rollout:
     scalar_advantages: Tensor | None = None
     scalar_r: Tensor | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    cond: Conditioning | None = None
 
 
 @dataclass
@@ -215,7 +224,12 @@ class MarbleDiffusionModule(LightningModule):
         diagnostics_every: in non-MARBLE modes (and on amortised steps) also compute the ``K``
             per-reward gradients every this many steps and log ``cos/<name>``, ``cos/worst`` of the
             actual direction (``None``: never).
-        gram: Gram-matrix engine; only ``"backward"`` (K local backward passes) exists.
+        gram: per-reward gradient engine (:mod:`marble_lightning.gram`): ``"backward"`` (``K``
+            ``autograd.grad`` calls per timestep), ``"batched"`` (one vectorised call) or
+            ``"per_sample"`` (two backward passes whatever ``K``: exact per-sample gradients of
+            the shared NFT terms, combined with each reward's ``r``; used for refresh and
+            diagnostics steps, falls back to ``"backward"`` with a warning when the denoiser's
+            LoRA layers are unsupported). All give the same ``[K, P]`` matrix.
         seed: seed of the LoRA initialisation and of every noise draw.
 
     Attributes (driven by callbacks):
@@ -271,7 +285,7 @@ class MarbleDiffusionModule(LightningModule):
         self.save_hyperparameters(ignore=["backbone", "rewards"])
         # --- argument validation (names the offending value) ---
         if not isinstance(backbone, FlowBackbone):
-            raise ValueError(
+            raise TypeError(
                 f"`backbone` should implement FlowBackbone (denoiser, sample_shape, "
                 f"lora_target_modules, encode_prompts, velocity, decode); got {type(backbone).__name__}"
             )
@@ -306,8 +320,8 @@ class MarbleDiffusionModule(LightningModule):
             _check_positive_int("diagnostics_every", diagnostics_every)
         if aggregate not in ("r", "advantage"):
             raise ValueError(f"unknown `aggregate` {aggregate!r}; expected 'r' or 'advantage'")
-        if gram != "backward":
-            raise ValueError(f"unknown `gram` engine {gram!r}; available: ['backward']")
+        if gram not in ENGINES:
+            raise ValueError(f"unknown `gram` engine {gram!r}; available: {list(ENGINES)}")
 
         self.backbone = backbone
         self.rewards = MultiReward(list(rewards))
@@ -361,6 +375,14 @@ class MarbleDiffusionModule(LightningModule):
         if not targets:
             raise ValueError("`lora_targets` is empty and the backbone names no lora_target_modules")
         self._attach_adapters(lora_rank, lora_alpha, targets)
+        self.gram = gram
+        self._per_sample: PerSampleGradients | None = None
+        if gram == "per_sample":
+            try:
+                self._per_sample = PerSampleGradients(self.backbone.denoiser, self._policy_params)
+            except UnsupportedModelError as err:
+                warnings.warn(f"gram='per_sample' unsupported for this denoiser ({err}); using 'backward'", stacklevel=2)
+                self.gram = "backward"
 
         # --- advantages ---
         self.tracker = PerPromptStatTracker(
@@ -666,7 +688,11 @@ class MarbleDiffusionModule(LightningModule):
 
         start = time.perf_counter()
         noise = self._noise(prompts, g, "rollout", step)
-        x0 = self.sample_latents(repeated, noise, adapter=OLD)
+        with torch.no_grad():
+            cond = self.backbone.encode_prompts(repeated)
+            uncond = self.backbone.encode_prompts([""] * len(repeated)) if self.cfg_scale != 1.0 else None
+            with self.using_adapter(OLD):
+                x0 = self._euler(noise, cond, uncond, self.sample_steps, self.cfg_scale)
         images = self.backbone.decode(x0).float().clamp(0.0, 1.0)
         self._sync()
         metrics["time/sampling"] = time.perf_counter() - start
@@ -681,7 +707,7 @@ class MarbleDiffusionModule(LightningModule):
             )
             try:
                 new = type(err)(message)
-            except Exception:
+            except Exception:  # noqa: BLE001  (an exception type with a custom constructor)
                 new = RuntimeError(message)
             raise new from err
         values, mask = batch.values.float(), batch.mask.bool()
@@ -694,7 +720,7 @@ class MarbleDiffusionModule(LightningModule):
         metrics["time/rewards"] = time.perf_counter() - start
 
         all_prompts, all_values, all_mask = self._gather_batch(repeated, values, mask)
-        world, rank = self._world()
+        _, rank = self._world()
         local = slice(rank * len(repeated), (rank + 1) * len(repeated))
         adv = self.tracker.update(all_prompts, all_values, all_mask)[local].to(x0.device)
         r = interpolation_coefficient(adv, self.a_max).T.contiguous()
@@ -714,7 +740,7 @@ class MarbleDiffusionModule(LightningModule):
             metrics[f"reward/{name}_coverage"] = float(all_mask[:, k].float().mean())
         return Rollout(
             step=step, prompts=repeated, x0=x0, values=values, mask=mask, advantages=adv, r=r,
-            scalar_advantages=scalar_adv, scalar_r=scalar_r, metrics=metrics,
+            scalar_advantages=scalar_adv, scalar_r=scalar_r, metrics=metrics, cond=cond,
         )
 
     def _sync(self) -> None:
@@ -814,8 +840,14 @@ class MarbleDiffusionModule(LightningModule):
         x0 = rollout.x0
         b = x0.shape[0]
         prompts_unique = rollout.prompts[:: self.group_size]
-        cond = self.backbone.encode_prompts(rollout.prompts)
+        if rollout.cond is not None:
+            cond = rollout.cond
+        else:
+            with torch.no_grad():
+                cond = self.backbone.encode_prompts(rollout.prompts)
         use_kl = self.kl_weight > 0
+        per_sample = self._per_sample if rows.shape[0] > 1 else None
+        pos_acc = neg_acc = None
         n_rows = rows.shape[0] + (1 if use_kl else 0)
         total = None
         loss_sums = torch.zeros(n_rows, dtype=torch.float64)
@@ -837,21 +869,45 @@ class MarbleDiffusionModule(LightningModule):
                 if use_kl:
                     with self.using_adapter(BASE):
                         v_ref = self.backbone.velocity(x_t, tt, cond)
-            v = self.backbone.velocity(x_t, tt, cond)
+            if per_sample is not None:
+                with per_sample.capture():
+                    v = self.backbone.velocity(x_t, tt, cond)
+            else:
+                v = self.backbone.velocity(x_t, tt, cond)
             if v_old is None:
                 v_old = v.detach()
             terms = nft_terms(v, v_old, x_t, x0, tt, self.beta)
             losses = list(nft_objective(terms, rows, self.beta, self.a_max) * scales)
             if use_kl:
                 losses.append(self.kl_weight * kl_loss(v, v_ref))
-            grads = self._flat_grads(losses)
-            total = grads if total is None else total + grads
+            if per_sample is not None:
+                # per-sample gradients of the shared terms: two backward passes for any K
+                pos = per_sample.gradients(terms.positive.sum(), retain_graph=True).float()
+                neg = per_sample.gradients(terms.negative.sum(), retain_graph=use_kl).float()
+                pos_acc = pos if pos_acc is None else pos_acc + pos
+                neg_acc = neg if neg_acc is None else neg_acc + neg
+                grads = self._flat_grads(losses[-1:]) if use_kl else None
+                del pos, neg
+            elif self.gram == "batched":
+                grads = per_reward_gradients(torch.stack(losses), self._policy_params, engine="batched").float()
+            else:
+                grads = self._flat_grads(losses)
+            if grads is not None:
+                total = grads if total is None else total + grads
             loss_sums += torch.stack([loss.detach().double().cpu() for loss in losses])
             pos_sum += float(terms.positive.detach().mean())
             neg_sum += float(terms.negative.detach().mean())
             del v, v_old, v_ref, terms, losses, grads
         n_t = len(timesteps)
-        total = total / n_t
+        if per_sample is not None:
+            assert pos_acc is not None and neg_acc is not None
+            reward_part = combine_per_sample(
+                pos_acc / n_t, neg_acc / n_t, rows, beta=self.beta, a_max=self.a_max, batch_size=b
+            ) * scales[:, None].to(pos_acc.dtype)
+            total = torch.cat([reward_part, total / n_t]) if total is not None else reward_part
+            del pos_acc, neg_acc
+        else:
+            total = total / n_t
         # ONE reduction of every gradient row across ranks (identity on one device).
         total = self._reduce_mean(total)
         self._sync()

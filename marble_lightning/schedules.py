@@ -48,7 +48,7 @@ class OldPolicySchedule:
         if isinstance(config, OldPolicySchedule):
             return config
         if not isinstance(config, dict):
-            raise ValueError(f"old_policy should be a dict or None, got {config!r}")
+            raise TypeError(f"old_policy should be a dict or None, got {config!r}")
         known = {"start", "rate", "max_decay"}
         unknown = sorted(set(config) - known)
         if unknown:

@@ -6,9 +6,13 @@ import math
 
 import pytest
 import torch
-
 from _tiny import ChannelMean, Darkness, fit, make_module
-from marble_lightning.callbacks import EMACoefficientCallback, HarmonizationCallback, RewardEvalCallback
+
+from marble_lightning.callbacks import (
+    EMACoefficientCallback,
+    HarmonizationCallback,
+    RewardEvalCallback,
+)
 
 torch.set_num_threads(1)
 
@@ -25,12 +29,20 @@ torch.set_num_threads(1)
         (lambda: RewardEvalCallback(["a"], every_n_steps=0), "every_n_steps"),
         (lambda: RewardEvalCallback(["a"], images_per_prompt=0), "images_per_prompt"),
         (lambda: RewardEvalCallback([]), "empty"),
-        (lambda: RewardEvalCallback(5), "prompts"),
     ],
 )
 def test_arguments_are_validated(factory, match):
     with pytest.raises(ValueError, match=match):
         factory()
+
+
+def test_wrong_types_raise_type_error():
+    with pytest.raises(TypeError, match="prompts"):
+        RewardEvalCallback(5)
+    with pytest.raises(TypeError, match="MarbleDiffusionModule"):
+        from lightning.pytorch.demos.boring_classes import BoringModel
+
+        fit(BoringModel(), max_steps=1, callbacks=[EMACoefficientCallback()])
 
 
 def test_trainer_checks_in_setup(tmp_path):

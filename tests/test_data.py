@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from marble_lightning.data import PromptBatches, PromptDataModule, resolve_prompts
 

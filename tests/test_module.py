@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-
 from _tiny import (
     PROMPTS,
     ChannelMean,
@@ -21,6 +20,7 @@ from _tiny import (
     make_module,
     tiny_rewards,
 )
+
 from marble_lightning.harmonize import harmonize
 from marble_lightning.module import MODES, MarbleDiffusionModule
 from marble_lightning.nft import interpolation_coefficient
@@ -80,8 +80,10 @@ def _independent_gradients(module: MarbleDiffusionModule, rollout, timesteps, be
     return grads, kl_grad
 
 
-def test_refresh_direction_equals_harmonize_of_independent_gradients():
-    module = make_module("marble", sample_steps=3, beta=0.5, kl_weight=0.2)
+@pytest.mark.parametrize("gram", ["backward", "batched", "per_sample"])
+def test_refresh_direction_equals_harmonize_of_independent_gradients(gram):
+    module = make_module("marble", sample_steps=3, beta=0.5, kl_weight=0.2, gram=gram)
+    assert module.gram == gram
     _perturb(module)
     rollout = module.rollout(PROMPTS[:3], step=0)
     # the masked reward ("green") has r = 1/2 exactly where it does not apply
@@ -116,9 +118,9 @@ def test_train_timestep_subset_and_reuse_of_old_policy():
     torch.testing.assert_close(result.grads.double(), grads, rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("aggregate", ["r", "advantage"])
-def test_amortized_step_with_cached_weights_equals_refresh_direction(aggregate):
-    module = make_module("amortized", sample_steps=2, beta=0.7, aggregate=aggregate)
+@pytest.mark.parametrize(("aggregate", "gram"), [("r", "backward"), ("advantage", "backward"), ("r", "per_sample")])
+def test_amortized_step_with_cached_weights_equals_refresh_direction(aggregate, gram):
+    module = make_module("amortized", sample_steps=2, beta=0.7, aggregate=aggregate, gram=gram)
     _perturb(module, seed=3)
     rollout = module.rollout(PROMPTS[:4], step=0)
     clamp_active = bool(((rollout.advantages.abs() >= module.a_max) & rollout.mask).any())
@@ -246,6 +248,9 @@ def test_sample_is_deterministic_and_adapters_differ():
         (dict(gram="magic"), "magic"),
         (dict(old_policy={"start": 0, "max_decay": 1.0}), "max_decay"),
         (dict(old_policy={"begin": 3}), "begin"),
+        (dict(group_size=0), "group_size"),
+        (dict(kl_weight=-1.0), "kl_weight"),
+        (dict(diagnostics_every=0), "diagnostics_every"),
     ],
 )
 def test_bad_arguments_raise_naming_the_value(kwargs, match):
@@ -257,7 +262,7 @@ def test_bad_arguments_raise_naming_the_value(kwargs, match):
 def test_duplicate_reward_names_and_bad_backbone():
     with pytest.raises(ValueError, match="duplicates"):
         make_module("marble", rewards=[Darkness("x"), Darkness("x")])
-    with pytest.raises(ValueError, match="FlowBackbone"):
+    with pytest.raises(TypeError, match="FlowBackbone"):
         MarbleDiffusionModule(torch.nn.Linear(2, 2), tiny_rewards())
 
 

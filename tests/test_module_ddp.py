@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny import PROMPTS, make_module
 from lightning.pytorch import Callback, Trainer
 
-from _tiny import PROMPTS, make_module
 from marble_lightning.callbacks import EMACoefficientCallback, HarmonizationCallback
 from marble_lightning.data import PromptDataModule
 

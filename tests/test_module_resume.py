@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny import fit, make_module
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from _tiny import fit, make_module
 from marble_lightning.callbacks import EMACoefficientCallback, HarmonizationCallback
 
 torch.set_num_threads(1)
