@@ -232,7 +232,9 @@ def train(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "state.pt"
-    config = ToyModelConfig()
+    config = ToyModelConfig.from_dict(json.loads(args.model_config)) if args.model_config else ToyModelConfig()
+    if args.resume and state_path.is_file():
+        config = ToyModelConfig.from_dict(torch.load(state_path, map_location="cpu", weights_only=False)["config"])
     model = ToyBackbone.from_config(config, freeze_text_encoder=False, seed=args.seed)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
@@ -242,7 +244,6 @@ def train(args: argparse.Namespace) -> None:
         if not state_path.is_file():
             raise FileNotFoundError(f"--resume given but no state at {state_path}")
         st = torch.load(state_path, map_location="cpu", weights_only=False)
-        config = ToyModelConfig.from_dict(st["config"])
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         ema = st["ema"]
@@ -349,6 +350,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (as well as --minutes)")
     p.add_argument("--snapshot-steps", type=int, default=None, help="snapshot every N steps instead of every --snapshot-minutes")
     p.add_argument("--eval-samples", type=int, default=2, help="images per held-out prompt in snapshot evals (0: none)")
+    p.add_argument("--model-config", type=str, help='JSON overrides of ToyModelConfig, e.g. \'{"block_out_channels": [8, 16, 32]}\'')
     p.add_argument("--export", type=str, help="write the run's snapshot to this folder as toy_backbone.*")
     p.add_argument("--snapshot", type=str, help="snapshot to export (e.g. min010; default: the last)")
     p.add_argument("--eval", type=str, help="evaluate this checkpoint (.safetensors or folder) and exit")
