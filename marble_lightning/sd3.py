@@ -286,6 +286,41 @@ class SD3Backbone(nn.Module):
         images = vae.decode(latents, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0.0, 1.0)
 
+    def time_grid(self, steps: int) -> Tensor:
+        """The pipeline scheduler's sampling times for ``steps`` Euler steps (SD3's shifted grid).
+
+        SD3's ``FlowMatchEulerDiscreteScheduler`` spaces ``t`` uniformly and then shifts it,
+        ``t' = s t / (1 + (s - 1) t)`` (``s = 3`` for SD3/SD3.5), spending more steps at high noise;
+        with ``use_dynamic_shifting`` the shift depends on the image size as in the pipeline.
+        A sampler that wants diffusers' default SD3 schedule integrates over this grid.
+
+        Args:
+            steps: number of Euler steps (``>= 1``).
+
+        Returns:
+            float64 ``[steps + 1]`` from ``1`` down to ``0`` (CPU).
+        """
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"SD3Backbone.time_grid: steps={steps!r} must be a positive int")
+        template = self.pipeline.scheduler
+        scheduler = type(template).from_config(template.config)
+        kwargs: dict[str, Any] = {}
+        if scheduler.config.get("use_dynamic_shifting", False):
+            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+            patch = self.denoiser.config.patch_size
+            seq_len = (self.sample_shape[1] // patch) * (self.sample_shape[2] // patch)
+            config = scheduler.config
+            kwargs["mu"] = calculate_shift(
+                seq_len,
+                config.get("base_image_seq_len", 256),
+                config.get("max_image_seq_len", 4096),
+                config.get("base_shift", 0.5),
+                config.get("max_shift", 1.16),
+            )
+        scheduler.set_timesteps(steps, device="cpu", **kwargs)
+        return scheduler.sigmas.detach().to(torch.float64).cpu()
+
     def extra_repr(self) -> str:
         return (
             f"pretrained={self.pretrained!r}, resolution={self.resolution}, sample_shape={self.sample_shape}, "

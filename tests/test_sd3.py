@@ -123,6 +123,15 @@ def test_euler_sampling_matches_diffusers_pipeline(backbone: SD3Backbone) -> Non
 
     sigmas = pipe.scheduler.sigmas.clone()  # set by the call above; shift 3, ends at 0
     assert len(sigmas) == steps + 1 and sigmas[0] == 1.0 and sigmas[-1] == 0.0
+    torch.testing.assert_close(backbone.time_grid(steps), sigmas.double())
+    # closed form: shift s=3 applied to a uniform grid from 1 to shift(1/1000) (diffusers' sigma_min),
+    # then a final step to 0
+    def shift(u):
+        return 3 * u / (1 + 2 * u)
+
+    uniform = torch.linspace(1.0, float(shift(torch.tensor(1e-3, dtype=torch.float64))), steps, dtype=torch.float64)
+    expected = torch.cat([shift(uniform), torch.zeros(1, dtype=torch.float64)])
+    torch.testing.assert_close(backbone.time_grid(steps), expected, atol=1e-6, rtol=1e-6)
     cond = backbone.encode_prompts(prompts)
     x = x_init.clone()
     with torch.no_grad():
@@ -164,6 +173,8 @@ def test_bad_inputs(tmp_path, tiny_dir: str, backbone: SD3Backbone) -> None:
         backbone.velocity(torch.randn(16, 16, 16), torch.tensor([0.5]), backbone.encode_prompts(["a"]))
     with pytest.raises(ValueError, match="list of str"):
         backbone.encode_prompts("a single string")
+    with pytest.raises(ValueError, match="steps=0"):
+        backbone.time_grid(0)
 
 
 def test_lora_targets_exist_in_transformer(backbone: SD3Backbone) -> None:
