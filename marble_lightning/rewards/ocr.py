@@ -80,10 +80,13 @@ class OCRReward(RewardModel):
         use_det: run RapidOCR's text detector first (default ``False``: recognition only).
         use_cls: run the text-direction classifier (default ``False``).
         min_confidence: recognised strings with a lower confidence are treated as empty.
-        num_threads: ONNX Runtime intra-op threads (``None``: its default).
+        num_threads: ONNX Runtime intra-op threads (default 1; ``None``: ONNX Runtime's default,
+            all cores, which was 2.5x slower on a busy 2-core machine).
         name: reward name in logs.
 
-    Measured (this machine, CPU, recognition only): ~15 ms per 64 x 64 image.
+    Measured (2-core CPU shared with other jobs, load ~5, recognition only, one thread, after
+    warm-up): 23 ms per 32 x 32 toy-world render, 27 ms per 64 x 64 render, 28-32 ms with
+    ``upscale=2``; about 13-15 ms on an idle core. Ground-truth renders score 1.0.
     """
 
     name = "ocr"
@@ -94,7 +97,7 @@ class OCRReward(RewardModel):
         use_det: bool = False,
         use_cls: bool = False,
         min_confidence: float = 0.0,
-        num_threads: int | None = None,
+        num_threads: int | None = 1,
         name: str | None = None,
     ) -> None:
         super().__init__(name)
@@ -108,6 +111,10 @@ class OCRReward(RewardModel):
         self.use_det = bool(use_det)
         self.use_cls = bool(use_cls)
         self.min_confidence = float(min_confidence)
+        if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
+            raise ValueError(
+                f"OCRReward: num_threads must be a positive int or None, got {num_threads!r}"
+            )
         self.num_threads = num_threads
         self._engine = None
 
