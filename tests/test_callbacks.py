@@ -118,7 +118,11 @@ def test_reward_eval_callback(tmp_path):
     events.Reload()
     assert "eval/images" in events.Tags()["images"] and "eval/images_base" in events.Tags()["images"]
     assert "eval/red" in events.Tags()["scalars"] and "eval/red_base" in events.Tags()["scalars"]
-    assert "reward/red_mean" in events.Tags()["scalars"] and "alpha/red" in events.Tags()["scalars"]
+    logged = set(events.Tags()["scalars"])
+    expected_keys = {"reward/red_mean", "reward/green_std", "alpha/red", "alpha/dark", "loss/nft", "loss/kl"}
+    expected_keys |= {"time/sampling", "time/rewards", "time/backward", "time/qp", "grad/norm"}
+    expected_keys |= {"norm/red", "cos/red", "cos/worst", "gram/red_dark", "gram/dark_dark"}
+    assert expected_keys <= logged, expected_keys - logged
 
     restored = RewardEvalCallback(prompts)
     restored.load_state_dict(callback.state_dict())

@@ -132,6 +132,44 @@ def test_amortized_step_with_cached_weights_equals_refresh_direction(aggregate, 
         torch.testing.assert_close(amortized.direction, refresh.direction, rtol=2e-4, atol=1e-7)
 
 
+def test_fixed_mode_direction_is_the_fixed_combination_with_diagnostics():
+    """fixed: one backward on W l(r_bar) equals sum_k alpha_k g_k; diagnostics give the g_k."""
+    module = make_module("fixed", fixed_alpha=[0.2, 0.5, 0.3], beta=0.8)
+    _perturb(module, seed=7)
+    rollout = module.rollout(PROMPTS[:4], step=0)
+    grads, _ = _independent_gradients(module, rollout, [0, 1], beta=0.8, a_max=5.0, kl_weight=0.0)
+    result = module.compute_update(rollout, diagnostics=True)
+    torch.testing.assert_close(result.grads.double(), grads, rtol=1e-4, atol=1e-7)
+    combo = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64) @ grads
+    torch.testing.assert_close(result.direction.double(), combo, rtol=1e-4, atol=1e-7)
+    cos = (grads @ combo) / (grads.norm(dim=1) * combo.norm())
+    torch.testing.assert_close(result.cosines, cos, rtol=1e-4, atol=1e-6)
+    assert result.metrics["cos/worst"] == pytest.approx(float(cos.min()), rel=1e-4, abs=1e-6)
+
+
+def test_cfg_sampling_matches_the_guidance_formula():
+    module = make_module("marble", cfg_scale=3.0)
+    _perturb(module)
+    prompts = ["a red cat", "small box"]
+    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    x = module.sample_latents(prompts, noise, steps=1)
+    with torch.no_grad():
+        t = torch.ones(2)
+        v_c = module.backbone.velocity(noise, t, module.backbone.encode_prompts(prompts))
+        v_u = module.backbone.velocity(noise, t, module.backbone.encode_prompts(["", ""]))
+    torch.testing.assert_close(x, noise - (v_u + 3.0 * (v_c - v_u)), rtol=1e-5, atol=1e-6)
+    plain = module.sample_latents(prompts, noise, steps=1, cfg_scale=1.0)
+    torch.testing.assert_close(plain, noise - v_c, rtol=1e-5, atol=1e-6)
+
+
+def test_several_updates_per_rollout():
+    module = make_module("amortized", updates_per_rollout=2)
+    trainer = fit(module, max_steps=4)
+    assert trainer.global_step == 4 and module.step_index == 2  # 2 optimizer steps per rollout
+    assert [r["refresh"] for r in module.history] == [True, False]
+    assert [r["global_step"] for r in module.history] == [2, 4]
+
+
 def test_weights_from_matches_harmonized_weights():
     g = torch.randn(4, 50, dtype=torch.float64)
     g[2] *= 10
