@@ -29,16 +29,22 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.cli import LightningCLI
+
 __all__ = ["FIT_MARKER", "MarbleCLI", "allocator_hint", "main"]
 
 FIT_MARKER = "marble: fit finished, checkpoints in"
 """Prefix of the line printed on global rank 0 after a successful ``fit``."""
 
-_ALLOCATOR_ENV = "MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=100000000000 MALLOC_TOP_PAD_=1073741824"
-_EXTRA_COMMANDS = ("export-lora", "make-tiny-sd3")
+_ALLOCATOR_ENV = (
+    "MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=100000000000 MALLOC_TOP_PAD_=1073741824"
+)
 
 
-def allocator_hint(environ: dict[str, str] | None = None, platform: str | None = None) -> str | None:
+def allocator_hint(
+    environ: dict[str, str] | None = None, platform: str | None = None
+) -> str | None:
     """One-line advice on glibc's allocator for CPU training, or ``None`` when not needed.
 
     On Linux, glibc returning large tensor buffers to the OS after every step can make CPU
@@ -67,35 +73,24 @@ def allocator_hint(environ: dict[str, str] | None = None, platform: str | None =
     )
 
 
-def _lightning_cli_class():
-    from lightning.pytorch.cli import LightningCLI
+class MarbleCLI(LightningCLI):
+    """LightningCLI that advises on the CPU allocator and reports where ``fit`` left its checkpoints."""
 
-    class MarbleCLI(LightningCLI):
-        """LightningCLI that reports where a finished ``fit`` left its checkpoints."""
+    def before_fit(self) -> None:
+        trainer = self.trainer
+        if trainer.is_global_zero and isinstance(trainer.accelerator, CPUAccelerator):
+            hint = allocator_hint()
+            if hint:
+                print(hint, file=sys.stderr, flush=True)
 
-        def before_fit(self) -> None:
-            trainer = self.trainer
-            if trainer.is_global_zero and trainer.accelerator.__class__.__name__ == "CPUAccelerator":
-                hint = allocator_hint()
-                if hint:
-                    print(hint, file=sys.stderr, flush=True)
-
-        def after_fit(self) -> None:
-            trainer = self.trainer
-            callback = trainer.checkpoint_callback
-            directory = getattr(callback, "dirpath", None) if callback is not None else None
-            if directory is None:
-                directory = trainer.log_dir or trainer.default_root_dir
-            if trainer.is_global_zero:
-                print(f"{FIT_MARKER} {os.path.abspath(directory)}", flush=True)
-
-    return MarbleCLI
-
-
-def __getattr__(name: str):  # MarbleCLI without importing Lightning at module import time
-    if name == "MarbleCLI":
-        return _lightning_cli_class()
-    raise AttributeError(name)
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        callback = trainer.checkpoint_callback
+        directory = getattr(callback, "dirpath", None) if callback is not None else None
+        if directory is None:
+            directory = trainer.log_dir or trainer.default_root_dir
+        if trainer.is_global_zero:
+            print(f"{FIT_MARKER} {os.path.abspath(directory)}", flush=True)
 
 
 def _export_lora_command(argv: Sequence[str]) -> int:
@@ -104,10 +99,14 @@ def _export_lora_command(argv: Sequence[str]) -> int:
         description="Export a trained LoRA adapter from a marble checkpoint: diffusers' SD3 LoRA file "
         "(pipeline.load_lora_weights) for SD3 backbones, a peft adapter directory otherwise.",
     )
-    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt) written by `marble fit`")
+    parser.add_argument(
+        "--ckpt", required=True, help="Lightning checkpoint (.ckpt) written by `marble fit`"
+    )
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument(
-        "--config", default=None, help="the run's config.yaml (default: found next to the checkpoints folder)"
+        "--config",
+        default=None,
+        help="the run's config.yaml (default: found next to the checkpoints folder)",
     )
     parser.add_argument("--adapter", default="policy", help="adapter to export (default: policy)")
     parser.add_argument("--format", default="auto", choices=["auto", "diffusers", "peft"])
@@ -145,6 +144,9 @@ def _make_tiny_sd3_command(argv: Sequence[str]) -> int:
     return 0
 
 
+_EXTRA_COMMANDS = {"export-lora": _export_lora_command, "make-tiny-sd3": _make_tiny_sd3_command}
+
+
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of the ``marble`` console script and ``python -m marble_lightning``.
 
@@ -152,16 +154,13 @@ def main(args: Sequence[str] | None = None) -> None:
         args: command-line arguments without the program name (default ``sys.argv[1:]``).
     """
     argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] == "export-lora":
-        sys.exit(_export_lora_command(argv[1:]))
-    if argv and argv[0] == "make-tiny-sd3":
-        sys.exit(_make_tiny_sd3_command(argv[1:]))
+    if argv and argv[0] in _EXTRA_COMMANDS:
+        sys.exit(_EXTRA_COMMANDS[argv[0]](argv[1:]))
 
     from marble_lightning.data import PromptDataModule
     from marble_lightning.module import MarbleDiffusionModule
 
-    cli_class = _lightning_cli_class()
-    cli_class(
+    MarbleCLI(
         MarbleDiffusionModule,
         PromptDataModule,
         save_config_kwargs={"overwrite": True},

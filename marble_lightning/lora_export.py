@@ -31,7 +31,13 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-__all__ = ["DIFFUSERS_LORA_FILE", "PEFT_LORA_FILE", "export_lora", "lora_config_dict", "lora_state_from_model"]
+__all__ = [
+    "DIFFUSERS_LORA_FILE",
+    "PEFT_LORA_FILE",
+    "export_lora",
+    "lora_config_dict",
+    "lora_state_from_model",
+]
 
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 """File name diffusers' ``load_lora_weights(directory)`` looks for."""
@@ -42,7 +48,10 @@ _FORMATS = ("auto", "diffusers", "peft")
 
 
 def lora_config_dict(
-    rank: int, alpha: float, target_modules: list[str], rank_pattern: Mapping[str, int] | None = None
+    rank: int,
+    alpha: float,
+    target_modules: list[str],
+    rank_pattern: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """The ``LoraConfig`` keyword arguments that describe an exported adapter.
 
@@ -116,9 +125,7 @@ def lora_state_from_model(
     if not state:
         raise ValueError(f"export_lora: adapter {adapter_name!r} has no LoRA weights")
     targets = sorted({k.rsplit(".lora_", 1)[0] for k in state})
-    rank_pattern = {
-        k: int(v) for k, v in (getattr(peft_cfg, "rank_pattern", None) or {}).items()
-    }
+    rank_pattern = {k: int(v) for k, v in (getattr(peft_cfg, "rank_pattern", None) or {}).items()}
     config = lora_config_dict(peft_cfg.r, peft_cfg.lora_alpha, targets, rank_pattern)
     return state, config
 
@@ -140,8 +147,7 @@ def _lora_state_from_checkpoint(
         if "denoiser." not in module:
             continue
         module = module.split("denoiser.", 1)[1]
-        if module.startswith("base_model.model."):
-            module = module[len("base_model.model.") :]
+        module = module.removeprefix("base_model.model.")
         state[f"{module}.lora_{match['ab']}.weight"] = value.detach().to("cpu").contiguous()
         if match["ab"] == "A":
             ranks[module] = int(value.shape[0])
@@ -153,7 +159,9 @@ def _lora_state_from_checkpoint(
         )
     missing = sorted(m for m in ranks if f"{m}.lora_B.weight" not in state)
     if missing or len(ranks) * 2 != len(state):
-        raise ValueError(f"export_lora: checkpoint {str(path)!r} has unpaired LoRA A/B weights (e.g. {missing[:3]})")
+        raise ValueError(
+            f"export_lora: checkpoint {str(path)!r} has unpaired LoRA A/B weights (e.g. {missing[:3]})"
+        )
     return state, ranks
 
 
@@ -227,9 +235,9 @@ def export_lora(
     if isinstance(source, nn.Module):
         state, lora_cfg = lora_state_from_model(source, adapter_name)
         backbone = getattr(source, "backbone", source)
-        is_sd3 = type(backbone).__name__ == "SD3Backbone" or type(_unwrap_denoiser(source)).__name__ == (
-            "SD3Transformer2DModel"
-        )
+        is_sd3 = type(backbone).__name__ == "SD3Backbone" or type(
+            _unwrap_denoiser(source)
+        ).__name__ == ("SD3Transformer2DModel")
     else:
         path = Path(source)
         if not path.is_file():
@@ -274,6 +282,13 @@ def export_lora(
         return out_dir / DIFFUSERS_LORA_FILE
     weights = {f"base_model.model.{k}": v for k, v in state.items()}
     save_file(weights, str(out_dir / PEFT_LORA_FILE), metadata={"format": "pt"})
-    adapter_config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, **lora_cfg}
-    (out_dir / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        **lora_cfg,
+    }
+    (out_dir / "adapter_config.json").write_text(
+        json.dumps(adapter_config, indent=2, sort_keys=True)
+    )
     return out_dir / PEFT_LORA_FILE

@@ -80,7 +80,9 @@ def _load_pipeline(pretrained: str, torch_dtype: torch.dtype, variant: str | Non
         has_t5 = entries.get("text_encoder_3", [None, None])[0] is not None
         source = str(path)
     elif _looks_local(pretrained):
-        raise FileNotFoundError(f"SD3Backbone: pretrained pipeline directory {pretrained!r} does not exist")
+        raise FileNotFoundError(
+            f"SD3Backbone: pretrained pipeline directory {pretrained!r} does not exist"
+        )
     else:
         has_t5 = True  # hub checkpoints of SD3/SD3.5 ship T5
         source = pretrained
@@ -92,7 +94,9 @@ def _load_pipeline(pretrained: str, torch_dtype: torch.dtype, variant: str | Non
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
             return StableDiffusion3Pipeline.from_pretrained(source, **kwargs)
     except Exception as err:  # re-raise with the offending path/id in the message
-        raise OSError(f"SD3Backbone: could not load a StableDiffusion3Pipeline from {pretrained!r}: {err}") from err
+        raise OSError(
+            f"SD3Backbone: could not load a StableDiffusion3Pipeline from {pretrained!r}: {err}"
+        ) from err
 
 
 class SD3Backbone(nn.Module):
@@ -136,13 +140,17 @@ class SD3Backbone(nn.Module):
     ) -> None:
         super().__init__()
         if torch_dtype not in _DTYPES:
-            raise ValueError(f"SD3Backbone: torch_dtype={torch_dtype!r}; expected one of {sorted(_DTYPES)}")
+            raise ValueError(
+                f"SD3Backbone: torch_dtype={torch_dtype!r}; expected one of {sorted(_DTYPES)}"
+            )
         pipeline = _load_pipeline(str(pretrained), _DTYPES[torch_dtype], variant, use_t5)
         self._setup(pipeline, resolution=resolution, max_sequence_length=max_sequence_length)
         self.pretrained = str(pretrained)
 
     @classmethod
-    def from_pipeline(cls, pipeline: Any, *, resolution: int = 512, max_sequence_length: int = 128) -> SD3Backbone:
+    def from_pipeline(
+        cls, pipeline: Any, *, resolution: int = 512, max_sequence_length: int = 128
+    ) -> SD3Backbone:
         """Wrap an already constructed ``StableDiffusion3Pipeline`` (its modules are shared, not copied)."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
@@ -162,7 +170,9 @@ class SD3Backbone(nn.Module):
                 f"(VAE factor {vae_factor} x patch size {transformer.config.patch_size})"
             )
         if not isinstance(max_sequence_length, int) or max_sequence_length < 1:
-            raise ValueError(f"SD3Backbone: max_sequence_length={max_sequence_length!r} must be a positive int")
+            raise ValueError(
+                f"SD3Backbone: max_sequence_length={max_sequence_length!r} must be a positive int"
+            )
         self.pipeline = pipeline
         self.resolution = resolution
         self.max_sequence_length = max_sequence_length
@@ -191,7 +201,7 @@ class SD3Backbone(nn.Module):
         """The frozen, unregistered components (VAE and text encoders) by pipeline name."""
         return dict(self._frozen)
 
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - torch's private signature
+    def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
         if recurse:
             for module in self._frozen.values():
@@ -253,13 +263,17 @@ class SD3Backbone(nn.Module):
             ``[B, C, H, W]`` velocity in ``x``'s dtype.
         """
         if x.ndim != 4:
-            raise ValueError(f"SD3Backbone.velocity: x must be [B, C, H, W], got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"SD3Backbone.velocity: x must be [B, C, H, W], got shape {tuple(x.shape)}"
+            )
         batch = x.shape[0]
         t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
         if t.numel() == 1:
             t = t.reshape(1).expand(batch)
         if t.shape != (batch,):
-            raise ValueError(f"SD3Backbone.velocity: t must be [B]={batch} or a scalar, got shape {tuple(t.shape)}")
+            raise ValueError(
+                f"SD3Backbone.velocity: t must be [B]={batch} or a scalar, got shape {tuple(t.shape)}"
+            )
         dtype = self.denoiser.dtype
         out = self.denoiser(
             hidden_states=x.to(dtype),
@@ -306,7 +320,9 @@ class SD3Backbone(nn.Module):
         scheduler = type(template).from_config(template.config)
         kwargs: dict[str, Any] = {}
         if scheduler.config.get("use_dynamic_shifting", False):
-            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
+                calculate_shift,
+            )
 
             patch = self.denoiser.config.patch_size
             seq_len = (self.sample_shape[1] // patch) * (self.sample_shape[2] // patch)

@@ -57,7 +57,9 @@ class BrightnessReward(RewardModel):
 
     name = "brightness"
 
-    def __init__(self, target: float = 1.0, keyword: str | None = None, name: str | None = None) -> None:
+    def __init__(
+        self, target: float = 1.0, keyword: str | None = None, name: str | None = None
+    ) -> None:
         super().__init__(name)
         if not 0.0 <= float(target) <= 1.0:
             raise ValueError(f"BrightnessReward: target must lie in [0, 1], got {target!r}")
@@ -176,7 +178,9 @@ def _tiny_clip_text_encoder(seed: int, vocab_size: int):
     return CLIPTextModelWithProjection(config).eval()
 
 
-def build_tiny_sd3_pipeline(directory: str | Path, *, seed: int = 0, latent_channels: int = 16) -> str:
+def build_tiny_sd3_pipeline(
+    directory: str | Path, *, seed: int = 0, latent_channels: int = 16
+) -> str:
     """Build a tiny random ``StableDiffusion3Pipeline`` and save it to ``directory``.
 
     Components (all randomly initialised from ``seed``):
@@ -264,7 +268,7 @@ def build_tiny_sd3_pipeline(directory: str | Path, *, seed: int = 0, latent_chan
 def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    resolved = getattr(torch, str(dtype), None)
-    if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"Unknown torch dtype name {dtype!r}; expected e.g. 'float32' or 'bfloat16'.")
-    return resolved
+    known = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in known:
+        raise ValueError(f"Unknown torch dtype name {dtype!r}; expected one of {sorted(known)}.")
+    return known[dtype]

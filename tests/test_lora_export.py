@@ -27,7 +27,12 @@ def _adapted_backbone(tiny_dir: str) -> SD3Backbone:
     backbone = SD3Backbone(tiny_dir, resolution=TINY_SD3_RESOLUTION, max_sequence_length=4)
     torch.manual_seed(0)
     for name in ("policy", "old"):  # random non-zero A and B for both adapters
-        config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=SD3_LORA_TARGET_MODULES, init_lora_weights=False)
+        config = LoraConfig(
+            r=RANK,
+            lora_alpha=ALPHA,
+            target_modules=SD3_LORA_TARGET_MODULES,
+            init_lora_weights=False,
+        )
         backbone.denoiser.add_adapter(config, adapter_name=name)
     backbone.denoiser.set_adapter("policy")
     return backbone
@@ -46,7 +51,9 @@ def _transformer_out(transformer: nn.Module, x: torch.Tensor, cond: dict) -> tor
 def _check_diffusers_round_trip(tiny_dir: str, out_dir, expected: torch.Tensor, x, cond) -> None:
     from diffusers import StableDiffusion3Pipeline
 
-    fresh = StableDiffusion3Pipeline.from_pretrained(tiny_dir, text_encoder_3=None, tokenizer_3=None)
+    fresh = StableDiffusion3Pipeline.from_pretrained(
+        tiny_dir, text_encoder_3=None, tokenizer_3=None
+    )
     base = _transformer_out(fresh.transformer, x, cond)
     fresh.load_lora_weights(str(out_dir))
     loaded = _transformer_out(fresh.transformer, x, cond)
@@ -127,7 +134,9 @@ def test_peft_round_trip_for_other_backbones(tmp_path, from_checkpoint: bool) ->
     torch.manual_seed(0)
     net = _TinyNet()
     base_state = {k: v.clone() for k, v in net.state_dict().items()}
-    config = LoraConfig(r=2, lora_alpha=6, target_modules=["proj_in", "mid.0", "mid.2"], init_lora_weights=False)
+    config = LoraConfig(
+        r=2, lora_alpha=6, target_modules=["proj_in", "mid.0", "mid.2"], init_lora_weights=False
+    )
     inject_adapter_in_model(config, net, adapter_name="policy")
     holder = nn.Module()
     holder.backbone = nn.Module()
@@ -164,7 +173,9 @@ def test_bad_sources(tmp_path) -> None:
 def test_export_from_marble_module_and_its_checkpoint(tiny_dir: str, tmp_path) -> None:
     """A trained MarbleDiffusionModule's policy, exported from the live module and from the
     checkpoint Lightning writes, reproduces the policy's velocity in a fresh diffusers pipeline."""
-    module_lib = pytest.importorskip("marble_lightning.module", reason="module.py (engineer 4a) not present")
+    module_lib = pytest.importorskip(
+        "marble_lightning.module", reason="module.py (engineer 4a) not present"
+    )
     from lightning.pytorch import Trainer
     from torch.utils.data import DataLoader
 
@@ -173,12 +184,25 @@ def test_export_from_marble_module_and_its_checkpoint(tiny_dir: str, tmp_path) -
     backbone = SD3Backbone(tiny_dir, resolution=TINY_SD3_RESOLUTION, max_sequence_length=4)
     module = module_lib.MarbleDiffusionModule(
         backbone,
-        [BrightnessReward(1.0, name="bright"), BrightnessReward(0.5, keyword="red", name="grey_red")],
-        mode="marble", group_size=2, sample_steps=2, lora_rank=2, lora_alpha=6, lr=5e-2,
+        [
+            BrightnessReward(1.0, name="bright"),
+            BrightnessReward(0.5, keyword="red", name="grey_red"),
+        ],
+        mode="marble",
+        group_size=2,
+        sample_steps=2,
+        lora_rank=2,
+        lora_alpha=6,
+        lr=5e-2,
     )
     trainer = Trainer(
-        max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
     )
     trainer.fit(module, train_dataloaders=DataLoader(["a", "b red"], batch_size=2, collate_fn=list))
     ckpt = tmp_path / "trained.ckpt"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import itertools
 
 import pytest
 import torch
@@ -110,32 +111,35 @@ def test_euler_sampling_matches_diffusers_pipeline(backbone: SD3Backbone) -> Non
     prompts = ["a red circle", "three words here"]
     steps = 4
     x_init = torch.randn(2, *backbone.sample_shape, generator=torch.Generator().manual_seed(1))
-    kwargs = dict(
-        height=TINY_SD3_RESOLUTION,
-        width=TINY_SD3_RESOLUTION,
-        num_inference_steps=steps,
-        guidance_scale=1.0,
-        max_sequence_length=SEQ,
-        latents=x_init.clone(),
-    )
+    kwargs = {
+        "height": TINY_SD3_RESOLUTION,
+        "width": TINY_SD3_RESOLUTION,
+        "num_inference_steps": steps,
+        "guidance_scale": 1.0,
+        "max_sequence_length": SEQ,
+        "latents": x_init.clone(),
+    }
     ref_latents = pipe(prompts, output_type="latent", **kwargs).images
     ref_images = pipe(prompts, output_type="pt", **kwargs).images
 
     sigmas = pipe.scheduler.sigmas.clone()  # set by the call above; shift 3, ends at 0
     assert len(sigmas) == steps + 1 and sigmas[0] == 1.0 and sigmas[-1] == 0.0
     torch.testing.assert_close(backbone.time_grid(steps), sigmas.double())
+
     # closed form: shift s=3 applied to a uniform grid from 1 to shift(1/1000) (diffusers' sigma_min),
     # then a final step to 0
     def shift(u):
         return 3 * u / (1 + 2 * u)
 
-    uniform = torch.linspace(1.0, float(shift(torch.tensor(1e-3, dtype=torch.float64))), steps, dtype=torch.float64)
+    uniform = torch.linspace(
+        1.0, float(shift(torch.tensor(1e-3, dtype=torch.float64))), steps, dtype=torch.float64
+    )
     expected = torch.cat([shift(uniform), torch.zeros(1, dtype=torch.float64)])
     torch.testing.assert_close(backbone.time_grid(steps), expected, atol=1e-6, rtol=1e-6)
     cond = backbone.encode_prompts(prompts)
     x = x_init.clone()
     with torch.no_grad():
-        for t, t_next in zip(sigmas[:-1], sigmas[1:]):
+        for t, t_next in itertools.pairwise(sigmas):
             x = x + (t_next - t) * backbone.velocity(x, t.expand(2), cond)
         images = backbone.decode(x)
     torch.testing.assert_close(x, ref_latents, atol=1e-5, rtol=1e-5)
@@ -143,7 +147,9 @@ def test_euler_sampling_matches_diffusers_pipeline(backbone: SD3Backbone) -> Non
 
 
 def test_bfloat16_weights_float32_io(tiny_dir: str) -> None:
-    bb = SD3Backbone(tiny_dir, resolution=TINY_SD3_RESOLUTION, torch_dtype="bfloat16", max_sequence_length=SEQ)
+    bb = SD3Backbone(
+        tiny_dir, resolution=TINY_SD3_RESOLUTION, torch_dtype="bfloat16", max_sequence_length=SEQ
+    )
     assert bb.denoiser.dtype == torch.bfloat16 and bb.vae.dtype == torch.bfloat16
     cond = bb.encode_prompts(["a"])
     x = torch.randn(1, *bb.sample_shape)
@@ -170,7 +176,9 @@ def test_bad_inputs(tmp_path, tiny_dir: str, backbone: SD3Backbone) -> None:
     with pytest.raises(OSError, match="broken"):
         SD3Backbone(str(broken))
     with pytest.raises(ValueError, match="shape"):
-        backbone.velocity(torch.randn(16, 16, 16), torch.tensor([0.5]), backbone.encode_prompts(["a"]))
+        backbone.velocity(
+            torch.randn(16, 16, 16), torch.tensor([0.5]), backbone.encode_prompts(["a"])
+        )
     with pytest.raises(ValueError, match="list of str"):
         backbone.encode_prompts("a single string")
     with pytest.raises(ValueError, match="steps=0"):
@@ -211,7 +219,9 @@ MODE_KWARGS = {
 
 @pytest.mark.parametrize("mode", sorted(MODE_KWARGS))
 def test_module_trains_on_tiny_sd3_in_every_mode(tiny_dir: str, mode: str) -> None:
-    module_lib = pytest.importorskip("marble_lightning.module", reason="module.py (engineer 4a) not present")
+    module_lib = pytest.importorskip(
+        "marble_lightning.module", reason="module.py (engineer 4a) not present"
+    )
     from lightning.pytorch import Trainer
     from torch.utils.data import DataLoader
 
@@ -222,29 +232,47 @@ def test_module_trains_on_tiny_sd3_in_every_mode(tiny_dir: str, mode: str) -> No
     rewards = [
         BrightnessReward(target=1.0, name="bright"),
         BrightnessReward(target=0.0, name="dark"),
-        BrightnessReward(target=0.5, keyword="red", name="grey_red"),  # masked on prompts without "red"
+        BrightnessReward(
+            target=0.5, keyword="red", name="grey_red"
+        ),  # masked on prompts without "red"
     ]
     module = module_lib.MarbleDiffusionModule(
-        backbone, rewards, mode=mode, group_size=2, sample_steps=2, lora_rank=2, lora_alpha=4, lr=1e-2,
+        backbone,
+        rewards,
+        mode=mode,
+        group_size=2,
+        sample_steps=2,
+        lora_rank=2,
+        lora_alpha=4,
+        lr=1e-2,
         **MODE_KWARGS[mode],
     )
     lora = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     assert lora and all(".lora_" in n and ".policy." in n for n in lora)
-    base = {n: p.detach().clone() for n, p in backbone.denoiser.named_parameters() if ".lora_" not in n}
+    base = {
+        n: p.detach().clone() for n, p in backbone.denoiser.named_parameters() if ".lora_" not in n
+    }
     frozen = {k: next(m.parameters()).detach().clone() for k, m in backbone.frozen_modules.items()}
 
     prompts = ["a red circle", "a blue square", "two green dots", "a red word"]
     loader = DataLoader(prompts, batch_size=2, shuffle=False, collate_fn=list)
     trainer = Trainer(
-        max_steps=3, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        max_steps=3,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(module, train_dataloaders=loader)
 
     losses = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("loss")}
     assert losses and all(torch.isfinite(torch.tensor(v)) for v in losses.values()), losses
     assert module.step_index == 3
-    changed = [n for n, p in module.named_parameters() if p.requires_grad and not torch.equal(p, lora[n])]
+    changed = [
+        n for n, p in module.named_parameters() if p.requires_grad and not torch.equal(p, lora[n])
+    ]
     assert changed, "no LoRA parameter changed"
     for n, p in backbone.denoiser.named_parameters():
         if ".lora_" not in n:
