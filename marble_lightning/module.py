@@ -245,6 +245,9 @@ class MarbleDiffusionModule(LightningModule):
         history: one dict per step: ``step``, ``alpha`` (list), ``reward/<name>_mean``, ``refresh``,
             ``cos/worst`` when known. Saved in checkpoints.
         step_index: rollouts done so far.
+        last_update: the :class:`UpdateResult` of the last optimizer step (its gradient buffers
+            are dropped unless ``keep_debug``).
+        keep_debug: keep the last :class:`Rollout` (``last_rollout``) and the full last update.
     """
 
     automatic_optimization = False
@@ -1069,9 +1072,12 @@ class MarbleDiffusionModule(LightningModule):
             metrics.update(result.metrics)
             metrics.update(self.apply_update(result))
             refreshed = refreshed or result.refreshed
-            self.last_update = result
             if self.keep_debug:
                 self.last_rollout = rollout
+            else:  # do not keep [K, P] / [P] gradient buffers alive between steps
+                result.grads = None
+                result.direction = result.kl_grad = result.direction.new_zeros(0)
+            self.last_update = result
         eta = self.update_old_policy(step)
         if self.mode == "amortized" and not refreshed:
             self._steps_since_refresh += 1
