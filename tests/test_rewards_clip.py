@@ -187,3 +187,19 @@ def test_clipscore_bad_images(clip_dir) -> None:
         reward(torch.full((1, 3, 32, 32), 200.0), ["a"])
     with pytest.raises(ValueError, match="shape"):
         reward(torch.rand(3, 32, 32), ["a"])
+
+
+def test_bfloat16_close_to_float32(clip_dir, open_clip_files) -> None:
+    images = smooth_images(2, 40, 40, seed=6)
+    config_path, ckpt = open_clip_files
+    pairs = [
+        (CLIPScoreReward(str(clip_dir)), CLIPScoreReward(str(clip_dir), dtype="bfloat16")),
+        (
+            OpenCLIPScoreReward(str(config_path), str(ckpt)),
+            OpenCLIPScoreReward(str(config_path), str(ckpt), dtype="bf16"),
+        ),
+    ]
+    for full, half in pairs:
+        a, b = full(images, PROMPTS[:2]), half(images, PROMPTS[:2])
+        assert b.dtype == torch.float32
+        torch.testing.assert_close(b, a, atol=0.02, rtol=0.0)
