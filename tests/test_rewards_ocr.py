@@ -132,3 +132,14 @@ def test_time_per_image(reward: OCRReward) -> None:
     ms = (time.perf_counter() - t0) / len(prompts) * 1000
     print(f"OCRReward: {ms:.1f} ms/image at 64x64")
     assert ms < 500
+
+
+def test_detection_mode_reads_a_wide_sign() -> None:
+    im = Image.new("RGB", (256, 128), "white")
+    ImageDraw.Draw(im).text(
+        (128, 64), "hello world", fill="black", font=ImageFont.load_default(size=28), anchor="mm"
+    )
+    sign = torch.from_numpy(np.array(im)).permute(2, 0, 1).float()[None] / 255
+    r = OCRReward(use_det=True, use_cls=True)
+    assert r(sign, ['a sign that says "Hello World"']).item() == 1.0
+    assert r(torch.ones(1, 3, 64, 64), ['"cat"']).item() == 0.0  # nothing detected -> empty text
