@@ -148,6 +148,7 @@ class ToyBackbone(nn.Module):
         freeze_text_encoder: bool = True,
     ) -> None:
         super().__init__()
+        self.lora_target_modules = list(type(self).lora_target_modules)
         state = None
         if config is None:
             if checkpoint is None:
