@@ -322,3 +322,27 @@ def test_bad_batch_is_rejected():
     module = make_module("marble")
     with pytest.raises(ValueError, match="list of prompt strings"):
         module.rollout([1, 2])
+
+
+def test_unet_denoiser_with_conv_lora_and_per_sample_engine():
+    """The toy world's UNet2DConditionModel (LoRA on convolutions too) trains, and the
+    per-sample Gram engine gives the backward engine's direction."""
+    from marble_lightning.toy.backbone import ToyBackbone, ToyModelConfig
+
+    config = ToyModelConfig(block_out_channels=(8, 16, 16), text_width=16, text_layers=1, text_heads=2, norm_num_groups=4)
+    directions = []
+    for gram in ("backward", "per_sample"):
+        module = MarbleDiffusionModule(
+            ToyBackbone.from_config(config, seed=0), tiny_rewards(), mode="marble", gram=gram,
+            group_size=2, sample_steps=2, lora_rank=2, lora_alpha=4,
+        )
+        assert module.gram == gram
+        assert any("conv1" in name for name in module._policy_names)
+        _perturb(module, seed=2)
+        rollout = module.rollout(PROMPTS[:2], step=0)
+        directions.append(module.compute_update(rollout, refresh=True).direction)
+    assert directions[0].norm() > 0
+    torch.testing.assert_close(directions[1], directions[0], rtol=1e-4, atol=1e-7)
+    base = base_state(module)
+    fit(module, max_steps=1)
+    assert all(torch.equal(p, base[n]) for n, p in module.named_parameters() if ".lora_" not in n)
