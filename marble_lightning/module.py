@@ -191,7 +191,8 @@ class MarbleDiffusionModule(LightningModule):
             (only ``single_reward``) or ``"sequential"`` (one reward per stage of ``stages``).
         group_size: ``G``, images per prompt.
         sample_steps: Euler steps of the rollout sampler; the training timesteps are its grid
-            ``t_j = 1 - j / sample_steps``, ``j = 0..sample_steps-1``.
+            points ``t_0 = 1 > t_1 > ... > t_{T-1}`` (uniform ``1 - j / T``, or the backbone's
+            ``time_grid(T)`` when it defines one, see :meth:`time_grid`).
         train_timesteps: how many grid timesteps to train on per update (a random subset, the
             same on every rank); ``None``: all.
         cfg_scale: classifier-free guidance scale of the rollout (1.0: no guidance).
@@ -564,9 +565,31 @@ class MarbleDiffusionModule(LightningModule):
         return next(self.backbone.denoiser.parameters()).dtype
 
     def time_grid(self, steps: int | None = None) -> Tensor:
-        """``[steps + 1]`` sampler times from 1 to 0 (float64, CPU)."""
+        """``[steps + 1]`` sampler times from 1 down to 0 (float64, CPU).
+
+        The backbone's own ``time_grid(steps)`` when it has one (e.g. SD3's shifted schedule of
+        :class:`~marble_lightning.sd3.SD3Backbone`), else uniform ``1 - j / steps``. The training
+        timesteps are the first ``steps`` points of this grid.
+
+        Raises:
+            ValueError: if the backbone's grid is not ``[steps + 1]``, decreasing from 1 to 0.
+        """
         steps = self.sample_steps if steps is None else steps
-        return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+        custom = getattr(self.backbone, "time_grid", None)
+        if custom is None:
+            return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+        grid = torch.as_tensor(custom(steps), dtype=torch.float64).cpu()
+        if (
+            grid.shape != (steps + 1,)
+            or abs(float(grid[0]) - 1.0) > 1e-6
+            or abs(float(grid[-1])) > 1e-6
+            or bool((grid[1:] >= grid[:-1]).any())
+        ):
+            raise ValueError(
+                f"backbone.time_grid({steps}) should decrease from 1 to 0 with {steps + 1} points, "
+                f"got {grid.tolist()}"
+            )
+        return grid
 
     @torch.no_grad()
     def _euler(self, noise: Tensor, cond: Conditioning, uncond: Conditioning | None, steps: int, cfg: float) -> Tensor:

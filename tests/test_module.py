@@ -10,9 +10,11 @@ import pytest
 import torch
 from _tiny import (
     PROMPTS,
+    TINY,
     ChannelMean,
     Darkness,
     NaNReward,
+    TinySD3Backbone,
     WrongShapeReward,
     base_state,
     fit,
@@ -51,7 +53,7 @@ def _independent_gradients(module: MarbleDiffusionModule, rollout, timesteps, be
     grads = torch.zeros(k, sum(p.numel() for p in params), dtype=torch.float64)
     kl_grad = torch.zeros(grads.shape[1], dtype=torch.float64)
     for j in timesteps:
-        t = 1.0 - j / twin.sample_steps
+        t = float(twin.time_grid()[j])
         eps = module._noise(rollout.prompts[:: twin.group_size], twin.group_size, "train", rollout.step, 0, j)
         x_t = (1 - t) * x0 + t * eps
         tt = torch.full((b,), t)
@@ -346,3 +348,39 @@ def test_unet_denoiser_with_conv_lora_and_per_sample_engine():
     base = base_state(module)
     fit(module, max_steps=1)
     assert all(torch.equal(p, base[n]) for n, p in module.named_parameters() if ".lora_" not in n)
+
+
+class _ShiftedBackbone(TinySD3Backbone):
+    """Tiny backbone with SD3's shifted time grid t' = 3 t / (1 + 2 t)."""
+
+    def time_grid(self, steps: int) -> torch.Tensor:
+        t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+        return 3 * t / (1 + 2 * t)
+
+
+def test_backbone_time_grid_is_used_by_sampler_and_training():
+    module = MarbleDiffusionModule(_ShiftedBackbone(), tiny_rewards(), mode="marble", **TINY)
+    grid = module.time_grid()
+    torch.testing.assert_close(grid, torch.tensor([1.0, 0.75, 0.0], dtype=torch.float64))
+    _perturb(module)
+    prompts = ["a red cat", "small box"]
+    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    x = noise
+    cond = module.backbone.encode_prompts(prompts)
+    with torch.no_grad():
+        for t, t_next in ((1.0, 0.75), (0.75, 0.0)):
+            x = x + (t_next - t) * module.backbone.velocity(x, torch.full((2,), t), cond)
+    torch.testing.assert_close(module.sample_latents(prompts, noise), x, rtol=1e-5, atol=1e-6)
+    rollout = module.rollout(PROMPTS[:2], step=0)
+    grads, _ = _independent_gradients(module, rollout, [0, 1], 1.0, 5.0, 0.0)  # t = 1 and 0.75
+    torch.testing.assert_close(module.compute_update(rollout, refresh=True).grads.double(), grads, rtol=1e-4, atol=1e-7)
+
+
+def test_bad_backbone_time_grid_is_rejected():
+    class Bad(TinySD3Backbone):
+        def time_grid(self, steps: int) -> torch.Tensor:
+            return torch.linspace(0.0, 1.0, steps + 1)
+
+    module = MarbleDiffusionModule(Bad(), tiny_rewards(), mode="marble", **TINY)
+    with pytest.raises(ValueError, match="decrease from 1 to 0"):
+        module.sample(["a"], seed=0)
