@@ -172,7 +172,11 @@ class RewardEvalCallback(Callback):
 
     Attributes:
         history: one dict per evaluation: ``step`` (rollouts done), ``global_step``, ``adapter``,
-            ``eval/<name>`` and ``eval/mean``.
+            ``eval/<name>``, ``eval/<name>_sem`` (standard error over the images) and ``eval/mean``.
+        samples: per evaluation, this rank's per-image scores ``[N, K]`` (NaN where a reward does
+            not apply), in the order of the prompts and seeds: paired comparisons between
+            evaluations (base vs final) use them.
+        first_images / last_images: grids of the first (base) and latest evaluation.
     """
 
     def __init__(
@@ -200,6 +204,8 @@ class RewardEvalCallback(Callback):
         self.rewards = None if rewards is None else MultiReward(rewards)
         self.prompts: list[str] = []
         self.history: list[dict[str, Any]] = []
+        self.samples: list[Tensor] = []
+        self.first_images: Tensor | None = None
         self.last_images: Tensor | None = None
 
     @property
@@ -245,7 +251,9 @@ class RewardEvalCallback(Callback):
         mine = everything[rank::world]
         device = pl_module.device
         sums = torch.zeros(len(names), dtype=torch.float64, device=device)
+        squares = torch.zeros(len(names), dtype=torch.float64, device=device)
         counts = torch.zeros(len(names), dtype=torch.float64, device=device)
+        per_sample: list[Tensor] = []
         grid: list[Tensor] = []
         for start in range(0, len(mine), self.batch_size):
             chunk = [p for p, _ in mine[start : start + self.batch_size]]
@@ -253,14 +261,21 @@ class RewardEvalCallback(Callback):
             images = pl_module.sample(chunk, seed=seeds, adapter=adapter)
             scored = rewards(images, chunk)
             mask = scored.mask.to(device)
-            sums += (scored.values.to(device).double() * mask).sum(dim=0)
+            values = scored.values.to(device).double()
+            sums += (values * mask).sum(dim=0)
+            squares += (values.square() * mask).sum(dim=0)
             counts += mask.double().sum(dim=0)
+            per_sample.append(torch.where(mask, values, torch.full_like(values, float("nan"))).cpu())
             if len(grid) * images.shape[0] < self.max_grid:
                 grid.append(images.detach().cpu())
         if world > 1:
             sums = trainer.strategy.reduce(sums, reduce_op="sum")
+            squares = trainer.strategy.reduce(squares, reduce_op="sum")
             counts = trainer.strategy.reduce(counts, reduce_op="sum")
         means = torch.where(counts > 0, sums / counts.clamp_min(1), torch.full_like(sums, float("nan")))
+        # standard error of the mean over the evaluated images (unbiased variance)
+        var = (squares - counts * means.square()).clamp_min(0) / (counts - 1).clamp_min(1)
+        sems = torch.where(counts > 1, (var / counts.clamp_min(1)).sqrt(), torch.full_like(sums, float("nan")))
         metrics = {f"eval/{name}": float(means[i]) for i, name in enumerate(names)}
         finite = [v for v in metrics.values() if math.isfinite(v)]
         metrics["eval/mean"] = sum(finite) / len(finite) if finite else float("nan")
@@ -268,13 +283,20 @@ class RewardEvalCallback(Callback):
         to_log = {key + suffix: value for key, value in metrics.items() if math.isfinite(value)}
         for logger in trainer.loggers:
             logger.log_metrics(to_log, step=trainer.global_step)
-        if grid and self.log_images and self.max_grid > 0:
+        if grid and self.max_grid > 0:
             images = torch.cat(grid)[: self.max_grid]
+            if self.first_images is None:
+                self.first_images = images
             self.last_images = images
-            self._log_grid(trainer, images, f"eval/images{suffix}")
+            if self.log_images:
+                self._log_grid(trainer, images, f"eval/images{suffix}")
+        sem_metrics = {f"eval/{name}_sem": float(sems[i]) for i, name in enumerate(names)}
         self.history.append(
-            {"step": pl_module.step_index, "global_step": trainer.global_step, "adapter": adapter, **metrics}
+            {"step": pl_module.step_index, "global_step": trainer.global_step, "adapter": adapter,
+             **metrics, **sem_metrics}
         )
+        # rank-local per-image scores ([N, K], NaN where a reward does not apply), in prompt order
+        self.samples.append(torch.cat(per_sample) if per_sample else torch.zeros(0, len(names)))
         return metrics
 
     @staticmethod
@@ -291,8 +313,9 @@ class RewardEvalCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"history": list(self.history)}
+        return {"history": list(self.history), "samples": [s.clone() for s in self.samples]}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
+        self.samples = [torch.as_tensor(s) for s in state_dict.get("samples", [])]

@@ -138,4 +138,9 @@ def test_reward_eval_with_its_own_rewards_and_no_applicable_samples():
     assert set(entry) >= {"eval/dark2", "eval/blue", "eval/mean"}
     assert math.isnan(entry["eval/blue"])  # applies to no held-out sample
     assert entry["eval/mean"] == pytest.approx(entry["eval/dark2"])
-    assert callback.last_images is None
+    # images are kept for the run report even when not logged; per-image scores are recorded
+    assert callback.last_images is not None and callback.last_images.shape[0] == 1
+    scores = callback.samples[-1]
+    assert scores.shape == (1, 2) and math.isnan(float(scores[0, 1]))
+    assert float(scores[0, 0]) == pytest.approx(entry["eval/dark2"])
+    assert math.isnan(entry["eval/dark2_sem"])  # one image: no standard error
