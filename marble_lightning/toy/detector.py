@@ -4,8 +4,10 @@ Every pixel is classified to the nearest reference colour among the background, 
 colours and the text colour (Euclidean distance in RGB). Pixels of one palette colour that touch
 (4-connectivity) form one object; components smaller than ``min_area`` pixels are dropped as
 specks. The shape comes from the fill ratio ``area / bounding-box area``: a filled square fills its
-box (ratio 1), a filled disc about ``pi / 4 = 0.785`` of it; ratios below ``square_threshold``
-are read as circles.
+box (ratio 1), a filled disc about ``pi / 4 = 0.785`` of it (0.75-0.81 for the rendered diameters
+of 8-11 px); ratios below ``square_threshold`` (0.85) are read as circles. Generated squares with
+rounded corners (fill 0.7-0.93 after 750 pretraining steps) are often read as circles: the judge
+asks for crisp corners.
 
 On ground-truth renders (:func:`marble_lightning.toy.world.render_scene`) the readout is exact; on
 generated images it is what a strict but fair judge sees (merged blobs count as one object,
@@ -74,7 +76,7 @@ class ToyDetector:
 
     labels: tuple[str, ...] = SHAPES
 
-    def __init__(self, min_area: int = 12, square_threshold: float = 0.9) -> None:
+    def __init__(self, min_area: int = 12, square_threshold: float = 0.85) -> None:
         if min_area < 1:
             raise ValueError(f"min_area must be >= 1, got {min_area}")
         if not 0.0 < square_threshold <= 1.0:
