@@ -188,3 +188,10 @@ def test_ocr_reads_ground_truth_words():
     read = ocr_read(images)
     acc = np.mean([r == w for r, w in zip(read, words)])
     assert acc >= 0.95, list(zip(read, words))
+
+
+def test_asset_path_names_missing_files():
+    from marble_lightning.toy import asset_path
+
+    with pytest.raises(FileNotFoundError, match="no_such_asset.bin"):
+        asset_path("no_such_asset.bin")
