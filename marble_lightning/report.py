@@ -134,8 +134,9 @@ class RunReportCallback(Callback):
 
     Files: ``alpha.png``, ``rewards.png``, ``grid_base.png`` / ``grid_final.png`` (held-out
     prompts, fixed seeds, from the :class:`~marble_lightning.callbacks.RewardEvalCallback`),
-    ``summary.md`` (base vs final held-out rewards) and ``history.json``. The summary is also
-    printed.
+    ``summary.md`` (base vs final held-out rewards) and ``history.json`` (training and evaluation
+    records, and the per-image held-out scores of every evaluation, NaN where a reward does not
+    apply, for paired comparisons). The summary is also printed.
 
     Args:
         out_dir: where to write; default ``<trainer.log_dir>/report``.
@@ -185,7 +186,9 @@ class RunReportCallback(Callback):
                 if images is not None:
                     save_grid(images, out / f"grid_{tag}.png")
         (out / "summary.md").write_text(text + "\n")
-        (out / "history.json").write_text(json.dumps({"train": history, "eval": eval_history}, indent=1, default=float))
+        samples = [s.tolist() for s in getattr(eval_cb, "samples", [])] if eval_cb is not None else []
+        record = {"names": names, "train": history, "eval": eval_history, "eval_samples": samples}
+        (out / "history.json").write_text(json.dumps(record, indent=1, default=float))
         if text:
             print(text)
         print(f"marble: report written to {out}")

@@ -1,0 +1,77 @@
+"""The toy world's five rewards, preconfigured (the K = 5 of ``configs/marble.yaml``).
+
+=============== ================================================== ====================
+name            what it measures                                   applies to
+=============== ================================================== ====================
+``composition`` GenEval-style graded credit for counts, colours,   count / relation
+                shapes and left/right, read by the exact toy       prompts
+                detector (:class:`~.detector.ToyDetector`)
+``ocr``         RapidOCR reading of the quoted word,               text prompts
+                ``1 - min(edit distance, len) / len``
+``quality``     no-reference quality: sharpness, contrast,         all
+                colourfulness, clean background (:mod:`.quality`)
+``jpeg``        JPEG compressibility, ``-kB`` at quality 95        all
+``clip``        cosine of a tiny open_clip model trained on toy    all
+                image-caption pairs (shipped in ``assets/``)
+=============== ================================================== ====================
+
+``composition`` and ``ocr`` are specialists: each is masked on the other's prompts, which is the
+specialist-sample situation MARBLE is designed for.
+"""
+
+from __future__ import annotations
+
+from marble_lightning.rewards.base import RewardModel
+from marble_lightning.rewards.clip_score import OpenCLIPScoreReward
+from marble_lightning.rewards.composition import CompositionReward
+from marble_lightning.rewards.jpeg import JPEGCompressibilityReward
+from marble_lightning.rewards.ocr import OCRReward
+from marble_lightning.toy import asset_path
+from marble_lightning.toy.detector import ToyDetector
+from marble_lightning.toy.prompts import COLORS
+from marble_lightning.toy.quality import QualityReward
+from marble_lightning.toy.world import SHAPES
+
+__all__ = ["ToyCLIPReward", "ToyCompositionReward", "ToyOCRReward", "default_rewards"]
+
+
+class ToyCompositionReward(CompositionReward):
+    """:class:`CompositionReward` with the exact toy detector and the toy world's vocabulary.
+
+    Exact counts (an extra object costs credit) and the axis position rule (the toy layout only
+    fixes x), as measured to give 1.0 on every ground-truth render.
+    """
+
+    def __init__(self, mode: str = "graded", name: str = "composition") -> None:
+        super().__init__(
+            ToyDetector(), mode=mode, count_mode="exact", position_rule="axis",
+            colors=list(COLORS), classes=list(SHAPES), name=name,
+        )
+
+
+class ToyOCRReward(OCRReward):
+    """:class:`OCRReward` (RapidOCR, recognition only) named ``ocr``."""
+
+    def __init__(self, upscale: float = 1.0, name: str = "ocr") -> None:
+        super().__init__(upscale=upscale, name=name)
+
+
+class ToyCLIPReward(OpenCLIPScoreReward):
+    """CLIP score from the tiny open_clip model shipped in ``marble_lightning/toy/assets``."""
+
+    def __init__(self, scale: float = 1.0, name: str = "clip") -> None:
+        super().__init__(
+            model_config=str(asset_path("toy_clip.json")),
+            checkpoint=str(asset_path("toy_clip.safetensors")), scale=scale, name=name,
+        )
+
+
+def default_rewards() -> list[RewardModel]:
+    """The five toy rewards in the order of ``configs/marble.yaml``."""
+    return [
+        ToyCompositionReward(),
+        ToyOCRReward(),
+        QualityReward(name="quality"),
+        JPEGCompressibilityReward(name="jpeg"),
+        ToyCLIPReward(),
+    ]
