@@ -1,0 +1,119 @@
+"""Run the default config (configs/marble.yaml) for several seeds and test every reward's gain.
+
+Each seed is a separate ``marble fit`` process (the README's command, with the seed changed and
+the output under ``--out``). The held-out evaluation uses fixed evaluation seeds, so the base and
+final scores of every held-out image are paired. Reported per reward: base and final means, the
+mean gain over runs with its standard error across runs, and the pooled paired per-image gain
+with its standard error; a reward passes when its gain exceeds 2 standard errors (both ways).
+
+    python benchmarks/default_run.py --seeds 0 1 2              # the acceptance run (~30 min)
+    python benchmarks/default_run.py --seeds 0 --max-steps 2    # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ALLOCATOR_VARS, environment_markdown  # noqa: E402
+
+ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "100000000000",
+             "MALLOC_TOP_PAD_": "1073741824"}
+
+
+def run_seed(config: dict, seed: int, out: Path, max_steps: int | None) -> tuple[Path, float]:
+    cfg = json.loads(json.dumps(config))
+    root = out / f"seed{seed}"
+    cfg["seed_everything"] = seed
+    cfg["model"]["seed"] = seed
+    cfg["data"]["seed"] = seed
+    cfg["trainer"]["default_root_dir"] = str(root)
+    for logger in cfg["trainer"].get("logger", []):
+        logger.setdefault("init_args", {})["save_dir"] = str(root)
+    if max_steps is not None:
+        cfg["trainer"]["max_steps"] = max_steps
+    root.mkdir(parents=True, exist_ok=True)
+    cfg_path = root / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    env = dict(os.environ, **{k: os.environ.get(k, v) for k, v in ALLOCATOR.items()})
+    start = time.perf_counter()
+    with open(root / "fit.log", "w") as log:
+        proc = subprocess.run([sys.executable, "-m", "marble_lightning", "fit", "--config", str(cfg_path)],
+                              stdout=log, stderr=subprocess.STDOUT, env=env)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"seed {seed} failed with exit code {proc.returncode}; see {root / 'fit.log'}")
+    reports = sorted(root.glob("lightning_logs/version_*/report/history.json"), key=lambda p: p.stat().st_mtime)
+    if not reports:
+        raise RuntimeError(f"seed {seed}: no report/history.json under {root}")
+    return reports[-1], elapsed
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    m = sum(values) / n
+    if n < 2:
+        return m, float("nan")
+    var = sum((v - m) ** 2 for v in values) / (n - 1)
+    return m, math.sqrt(var / n)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/marble.yaml")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--out", default="runs/default_run")
+    args = parser.parse_args(argv)
+    config = yaml.safe_load(Path(args.config).read_text())
+    out = Path(args.out)
+    runs = []
+    for seed in args.seeds:
+        path, elapsed = run_seed(config, seed, out, args.max_steps)
+        runs.append((seed, json.loads(path.read_text()), elapsed))
+        print(f"seed {seed}: {elapsed / 60:.1f} min, report {path.parent}", flush=True)
+
+    names = runs[0][1]["names"]
+    lines = [environment_markdown(), "",
+             f"`{args.config}`, seeds {args.seeds}, fit wall time per run: "
+             + ", ".join(f"{e / 60:.1f} min" for _, _, e in runs), "",
+             "| reward | base | final | gain over runs (SE) | paired per-image gain (SE, n) | > 2 SE |",
+             "|---|---|---|---|---|---|"]
+    verdict = {}
+    for k, name in enumerate(names):
+        bases, finals, gains, paired = [], [], [], []
+        for _, rec, _ in runs:
+            first, last = rec["eval_samples"][0], rec["eval_samples"][-1]
+            pairs = [(a[k], b[k]) for a, b in zip(first, last) if not (math.isnan(a[k]) or math.isnan(b[k]))]
+            if not pairs:
+                continue
+            b = sum(p[0] for p in pairs) / len(pairs)
+            f = sum(p[1] for p in pairs) / len(pairs)
+            bases.append(b), finals.append(f), gains.append(f - b)
+            paired += [p[1] - p[0] for p in pairs]
+        if not gains:
+            continue
+        g, g_se = mean_se(gains)
+        pg, pg_se = mean_se(paired)
+        ok = g > 2 * g_se if len(gains) > 1 else pg > 2 * pg_se
+        ok = ok and pg > 2 * pg_se
+        verdict[name] = ok
+        lines.append(f"| {name} | {sum(bases) / len(bases):.4f} | {sum(finals) / len(finals):.4f} | "
+                     f"{g:+.4f} ({g_se:.4f}) | {pg:+.4f} ({pg_se:.4f}, {len(paired)}) | {'yes' if ok else 'NO'} |")
+    table = "\n".join(lines)
+    print(table)
+    (out / "summary.md").write_text(table + "\n")
+    print("every reward improved by > 2 SE:", all(verdict.values()))
+
+
+if __name__ == "__main__":
+    main()
