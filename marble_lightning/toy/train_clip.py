@@ -91,10 +91,15 @@ def build(config_path: Path):
 
 @torch.no_grad()
 def retrieval_accuracy(model, tokenizer, samples_per_prompt: int = 2, seed: int = 99) -> dict[str, float]:
-    """Top-1 text retrieval (among all toy prompts) for fresh renders, per family and overall."""
+    """Top-1 text retrieval among all toy prompts for fresh renders, per family and overall.
+
+    A hit is a retrieved prompt with the same :class:`SceneSpec` (the three phrasings of a text
+    prompt describe the same image, so any of them counts).
+    """
     model.eval()
     prompts = all_prompts()
     rng = np.random.default_rng(seed)
+    specs = [parse_prompt(p) for p in prompts]
     txt = F.normalize(model.encode_text(tokenizer(prompts)), dim=-1)
     hits: dict[str, list[float]] = {t: [] for t in TEMPLATES}
     for _ in range(samples_per_prompt):
@@ -102,7 +107,7 @@ def retrieval_accuracy(model, tokenizer, samples_per_prompt: int = 2, seed: int 
         img = F.normalize(model.encode_image(normalize(imgs)), dim=-1)
         pred = (img @ txt.T).argmax(-1)
         for i, p in enumerate(prompts):
-            hits[prompt_family(p)].append(float(pred[i].item() == i))
+            hits[prompt_family(p)].append(float(specs[int(pred[i])] == specs[i]))
     res = {t: round(float(np.mean(v)), 4) for t, v in hits.items()}
     res["all"] = round(float(np.mean([x for v in hits.values() for x in v])), 4)
     return res
