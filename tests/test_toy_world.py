@@ -66,6 +66,7 @@ def test_detector_reads_every_rendered_scene_exactly():
             (db,) = [d for d in dets if d.color == b.color]
             assert (da.label, db.label) == (a.shape, b.shape)
             assert (da.center[0] < db.center[0]) == (spec.relation == "left of")
+            assert abs(da.center[1] - db.center[1]) <= abs(da.center[0] - db.center[0])  # within 45 deg
         else:
             assert dets == []
 
