@@ -161,6 +161,7 @@ class PerSampleGradients:
             if module not in self._layers:
                 self._layers.append(module)
             self._slots.append((module, slot))
+        self._wanted = set(self._slots)
         self._captures: dict[nn.Module, _Capture] = {}
 
     @contextmanager
@@ -180,8 +181,16 @@ class PerSampleGradients:
             cap.inputs.append(args[0].detach())
             cap.outputs.append(output)
 
-    def gradients(self, total: Tensor, *, retain_graph: bool = False) -> Tensor:
-        """Per-sample gradients ``[B, P]`` of the summands of ``total = sum_i L_i``."""
+    def gradients(self, total: Tensor, *, retain_graph: bool = False, project: Tensor | None = None) -> Tensor:
+        """Per-sample gradients ``[B, P]`` of the summands of ``total = sum_i L_i``.
+
+        Args:
+            total: ``sum_i L_i`` over the captured batch.
+            retain_graph: keep the graph (for a second pass over the same forward).
+            project: optional ``[R, B]`` matrix; returns ``project @ per_sample`` (``[R, P]``)
+                computed layer by layer, so the full ``[B, P]`` matrix is never held (peak extra
+                memory ``R x P`` plus one layer's ``B x P_layer``).
+        """
         layers = [m for m in self._layers for _ in self._captures[m].outputs]
         outputs = [o for m in self._layers for o in self._captures[m].outputs]
         if not outputs:
@@ -198,9 +207,13 @@ class PerSampleGradients:
             weight, bias = self._layer_gradients(layer, x, delta)
             for slot, value in (("weight", weight), ("bias", bias)):
                 key = (layer, slot)
+                if key not in self._wanted:
+                    continue
+                value = value.reshape(value.shape[0], -1)
+                if project is not None:
+                    value = project.to(value.dtype) @ value
                 per_layer[key] = per_layer[key] + value if key in per_layer else value
-        batch = next(iter(per_layer.values())).shape[0]
-        return torch.cat([per_layer[slot].reshape(batch, -1) for slot in self._slots], dim=1)
+        return torch.cat([per_layer[slot] for slot in self._slots], dim=1)
 
     @staticmethod
     def _layer_gradients(layer: nn.Module, x: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:

@@ -65,7 +65,6 @@ from marble_lightning.gram import (
     ENGINES,
     PerSampleGradients,
     UnsupportedModelError,
-    combine_per_sample,
     per_reward_gradients,
 )
 from marble_lightning.harmonize import Harmonized, harmonize_gram
@@ -908,8 +907,10 @@ class MarbleDiffusionModule(LightningModule):
                 losses.append(self.kl_weight * kl_loss(v, v_ref))
             if per_sample is not None:
                 # per-sample gradients of the shared terms: two backward passes for any K
-                pos = per_sample.gradients(terms.positive.sum(), retain_graph=True).float()
-                neg = per_sample.gradients(terms.negative.sum(), retain_graph=use_kl).float()
+                # projected on r / (1 - r) layer by layer: [R, P] is held, never [B, P]
+                r_rows = rows.detach()
+                pos = per_sample.gradients(terms.positive.sum(), retain_graph=True, project=r_rows).float()
+                neg = per_sample.gradients(terms.negative.sum(), retain_graph=use_kl, project=1.0 - r_rows).float()
                 pos_acc = pos if pos_acc is None else pos_acc + pos
                 neg_acc = neg if neg_acc is None else neg_acc + neg
                 grads = self._flat_grads(losses[-1:]) if use_kl else None
@@ -927,9 +928,9 @@ class MarbleDiffusionModule(LightningModule):
         n_t = len(timesteps)
         if per_sample is not None:
             assert pos_acc is not None and neg_acc is not None
-            reward_part = combine_per_sample(
-                pos_acc / n_t, neg_acc / n_t, rows, beta=self.beta, a_max=self.a_max, batch_size=b
-            ) * scales[:, None].to(pos_acc.dtype)
+            # (a_max / (beta B)) * (r @ P + (1 - r) @ N), the projections done per timestep
+            reward_part = (self.a_max / (self.beta * b)) * (pos_acc + neg_acc) / n_t
+            reward_part = reward_part * scales[:, None].to(pos_acc.dtype)
             total = torch.cat([reward_part, total / n_t]) if total is not None else reward_part
             del pos_acc, neg_acc
         else:

@@ -121,3 +121,18 @@ def test_unsupported_layers_are_reported() -> None:
         PerSampleGradients(model, [model.up.weight])
     with pytest.raises(ValueError, match="engine"):
         per_reward_gradients(torch.zeros(2, requires_grad=True), [], engine="magic")
+
+
+def test_projected_gradients_equal_projection_of_per_sample_rows() -> None:
+    model, params = lora_model(seed=5)
+    x = torch.randn(6, 3, 8, 8, dtype=torch.float64)
+    t = torch.rand(6, dtype=torch.float64)
+    project = torch.rand(3, 6, dtype=torch.float64)
+    engine = PerSampleGradients(model, params)
+    with engine.capture():
+        out = model(x, t)
+    loss = out.square().flatten(1).mean(1).sum()
+    full = engine.gradients(loss, retain_graph=True)
+    projected = engine.gradients(loss, project=project)
+    assert projected.shape == (3, full.shape[1])
+    torch.testing.assert_close(projected, project @ full, rtol=1e-10, atol=1e-12)
