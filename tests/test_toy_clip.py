@@ -34,7 +34,9 @@ def test_tiny_run_writes_open_clip_files(tmp_path):
     for k, v in saved.items():
         torch.testing.assert_close(model.state_dict()[k], v.float())
     with pytest.raises(ValueError, match="batch 1000"):
-        train_clip.train(tmp_path / "x", minutes=1, max_steps=1, batch=1000, lr=1e-3, seed=0, threads=1)
+        train_clip.train(
+            tmp_path / "x", minutes=1, max_steps=1, batch=1000, lr=1e-3, seed=0, threads=1
+        )
 
 
 def test_degrade_changes_only_a_fraction():
@@ -48,11 +50,16 @@ def _asset(name: str):
     return importlib.resources.files("marble_lightning.toy") / "assets" / name
 
 
-@pytest.mark.skipif(not _asset("toy_clip.safetensors").is_file(), reason="toy_clip not trained/shipped yet")
+@pytest.mark.skipif(
+    not _asset("toy_clip.safetensors").is_file(), reason="toy_clip not trained/shipped yet"
+)
 def test_shipped_clip_prefers_the_right_caption():
     from marble_lightning.rewards.clip_score import OpenCLIPScoreReward
 
-    with importlib.resources.as_file(_asset("toy_clip.json")) as cfg, importlib.resources.as_file(_asset("toy_clip.safetensors")) as w:
+    with (
+        importlib.resources.as_file(_asset("toy_clip.json")) as cfg,
+        importlib.resources.as_file(_asset("toy_clip.safetensors")) as w,
+    ):
         reward = OpenCLIPScoreReward(model_config=str(cfg), checkpoint=str(w), name="clip")
         rng = np.random.default_rng(0)
         prompts = heldout_prompts()

@@ -45,7 +45,10 @@ def test_score_scene_on_ground_truth_is_perfect_and_on_wrong_images_is_not():
     # the mirror image swaps left and right: every relation fails
     rel = [i for i, p in enumerate(prompts) if parse_prompt(p).family == "relation"]
     mirrored = ToyDetector().detect(imgs[rel].flip(-1), [["circle", "square"]] * len(rel))
-    assert all(pretrain.score_scene(parse_prompt(prompts[i]), d, None)["relation"] == 0.0 for i, d in zip(rel, mirrored))
+    assert all(
+        pretrain.score_scene(parse_prompt(prompts[i]), d, None)["relation"] == 0.0
+        for i, d in zip(rel, mirrored)
+    )
     # a blank image finds nothing: graded count 0
     spec = parse_prompt("three blue squares")
     assert pretrain.score_scene(spec, [], None)["count_graded"] == 0.0
@@ -55,7 +58,20 @@ def test_score_scene_on_ground_truth_is_perfect_and_on_wrong_images_is_not():
 
 def test_tiny_run_resumes_and_exports(tmp_path, capsys):
     out, dest = tmp_path / "run", tmp_path / "assets"
-    common = ["--out", str(out), "--batch", "4", "--model-config", TINY, "--eval-samples", "0", "--threads", "1", "--log-every", "1"]
+    common = [
+        "--out",
+        str(out),
+        "--batch",
+        "4",
+        "--model-config",
+        TINY,
+        "--eval-samples",
+        "0",
+        "--threads",
+        "1",
+        "--log-every",
+        "1",
+    ]
     pretrain.main([*common, "--max-steps", "2"])
     state = torch.load(out / "state.pt", weights_only=False)
     assert state["step"] == 2
@@ -77,6 +93,12 @@ def test_tiny_run_resumes_and_exports(tmp_path, capsys):
 
 def test_evaluate_runs_on_a_tiny_model():
     m = ToyBackbone.from_config(json.loads(TINY), seed=0).eval()
-    res = pretrain.evaluate(m, samples_per_prompt=1, cfgs=(1.0,), steps=2, prompts=["two red circles", "a red circle left of a blue square"])
+    res = pretrain.evaluate(
+        m,
+        samples_per_prompt=1,
+        cfgs=(1.0,),
+        steps=2,
+        prompts=["two red circles", "a red circle left of a blue square"],
+    )
     assert set(res) == {"cfg1.0"}
     assert {"count_exact", "count_graded", "relation", "relation_exact"} <= set(res["cfg1.0"])

@@ -34,7 +34,7 @@ def test_sharpness_of_a_ramp_edge_is_one_over_width(width):
 def test_colorfulness_matches_numpy_formula():
     x = torch.rand(3, 3, 8, 8)
     for i in range(3):
-        r, g, b = (x[i].numpy().astype(np.float64) * 255)
+        r, g, b = x[i].numpy().astype(np.float64) * 255
         rg, yb = r - g, 0.5 * (r + g) - b
         m = np.sqrt(rg.std() ** 2 + yb.std() ** 2) + 0.3 * np.sqrt(rg.mean() ** 2 + yb.mean() ** 2)
         assert colorfulness(x[i : i + 1]).item() == pytest.approx(min(m / 100, 1.0), rel=1e-4)
@@ -43,7 +43,13 @@ def test_colorfulness_matches_numpy_formula():
 
 def test_contrast_matches_quantiles():
     x = torch.rand(2, 3, 10, 10) * 0.5
-    expect = [max(np.quantile(x[i, c].numpy(), 0.99) - np.quantile(x[i, c].numpy(), 0.01) for c in range(3)) for i in range(2)]
+    expect = [
+        max(
+            np.quantile(x[i, c].numpy(), 0.99) - np.quantile(x[i, c].numpy(), 0.01)
+            for c in range(3)
+        )
+        for i in range(2)
+    ]
     np.testing.assert_allclose(contrast(x).numpy(), expect, rtol=1e-5)
 
 

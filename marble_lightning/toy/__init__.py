@@ -25,5 +25,7 @@ def asset_path(name: str) -> _Path:
     """
     path = _Path(__file__).resolve().parent / "assets" / name
     if not path.is_file():
-        raise FileNotFoundError(f"toy asset not found: {path} (shipped assets: {', '.join(ASSET_FILES)})")
+        raise FileNotFoundError(
+            f"toy asset not found: {path} (shipped assets: {', '.join(ASSET_FILES)})"
+        )
     return path

@@ -36,6 +36,21 @@ ASSET_NAME = "toy_backbone"
 TIMESTEP_SCALE = 1000.0
 """The UNet is called with ``timestep = TIMESTEP_SCALE * t``."""
 
+LORA_TARGET_MODULES: tuple[str, ...] = (
+    "conv1",
+    "conv2",
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+)
+"""Default LoRA targets on the UNet: ResNet convolutions, attention projections (self- and
+cross-attention), transformer in/out projections and feed-forward layers."""
+
 
 @dataclass
 class ToyModelConfig:
@@ -109,7 +124,9 @@ def _resolve_checkpoint(checkpoint: str | Path) -> tuple[Path, Path]:
     config = path.with_suffix(".json")
     for p in (path, config):
         if not p.is_file():
-            raise FileNotFoundError(f"ToyBackbone checkpoint file not found: {p} (from {checkpoint!r})")
+            raise FileNotFoundError(
+                f"ToyBackbone checkpoint file not found: {p} (from {checkpoint!r})"
+            )
     return path, config
 
 
@@ -135,10 +152,7 @@ class ToyBackbone(nn.Module):
     """
 
     sample_shape: tuple[int, int, int] = (3, IMAGE_SIZE, IMAGE_SIZE)
-    lora_target_modules: list[str] = [
-        "conv1", "conv2", "to_q", "to_k", "to_v", "to_out.0",
-        "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-    ]
+    lora_target_modules: list[str]
 
     def __init__(
         self,
@@ -148,7 +162,7 @@ class ToyBackbone(nn.Module):
         freeze_text_encoder: bool = True,
     ) -> None:
         super().__init__()
-        self.lora_target_modules = list(type(self).lora_target_modules)
+        self.lora_target_modules = list(LORA_TARGET_MODULES)
         state = None
         if config is None:
             if checkpoint is None:
@@ -171,7 +185,11 @@ class ToyBackbone(nn.Module):
         self.tokenizer = WordTokenizer(config.vocabulary, config.max_length)
         self.denoiser = build_unet(config)
         self.text_encoder = ToyTextEncoder(
-            len(config.vocabulary), config.text_width, config.text_layers, config.text_heads, config.max_length
+            len(config.vocabulary),
+            config.text_width,
+            config.text_layers,
+            config.text_heads,
+            config.max_length,
         )
         if state is not None:
             own = self.state_dict()
@@ -186,7 +204,13 @@ class ToyBackbone(nn.Module):
             self.text_encoder.requires_grad_(False)
 
     @classmethod
-    def from_config(cls, config: ToyModelConfig | dict[str, Any] | None = None, *, freeze_text_encoder: bool = True, seed: int | None = None) -> ToyBackbone:
+    def from_config(
+        cls,
+        config: ToyModelConfig | dict[str, Any] | None = None,
+        *,
+        freeze_text_encoder: bool = True,
+        seed: int | None = None,
+    ) -> ToyBackbone:
         """A randomly initialised model (``config`` default: the shipped architecture)."""
         if config is None:
             config = ToyModelConfig()
@@ -202,7 +226,9 @@ class ToyBackbone(nn.Module):
         if path.suffix != ".safetensors":
             path = path.with_suffix(".safetensors")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.state_dict().items()}
+        tensors = {
+            k: v.detach().to("cpu", dtype).contiguous() for k, v in self.state_dict().items()
+        }
         save_file(tensors, str(path))
         path.with_suffix(".json").write_text(json.dumps(self.config.to_dict(), indent=1) + "\n")
         return path
@@ -224,17 +250,26 @@ class ToyBackbone(nn.Module):
     def velocity(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         """Predicted velocity ``[B, 3, 32, 32]`` for ``x`` ``[B, 3, 32, 32]`` at ``t`` ``[B]`` in ``[0, 1]``."""
         if x.ndim != 4 or tuple(x.shape[1:]) != self.sample_shape:
-            raise ValueError(f"ToyBackbone.velocity: expected x of shape [B, {self.sample_shape}], got {tuple(x.shape)}")
+            raise ValueError(
+                f"ToyBackbone.velocity: expected x of shape [B, {self.sample_shape}], got {tuple(x.shape)}"
+            )
         t = torch.as_tensor(t, device=x.device, dtype=x.dtype)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         if t.shape != (x.shape[0],):
-            raise ValueError(f"ToyBackbone.velocity: t must have shape [{x.shape[0]}], got {tuple(t.shape)}")
+            raise ValueError(
+                f"ToyBackbone.velocity: t must have shape [{x.shape[0]}], got {tuple(t.shape)}"
+            )
         hidden, mask = cond["hidden"], cond["mask"]
         if hidden.shape[0] != x.shape[0]:
-            raise ValueError(f"ToyBackbone.velocity: {x.shape[0]} samples but conditioning for {hidden.shape[0]}")
+            raise ValueError(
+                f"ToyBackbone.velocity: {x.shape[0]} samples but conditioning for {hidden.shape[0]}"
+            )
         return self.denoiser(
-            x, t * TIMESTEP_SCALE, encoder_hidden_states=hidden.to(x.dtype), encoder_attention_mask=mask.to(x.dtype)
+            x,
+            t * TIMESTEP_SCALE,
+            encoder_hidden_states=hidden.to(x.dtype),
+            encoder_attention_mask=mask.to(x.dtype),
         ).sample
 
     def decode(self, x: Tensor) -> Tensor:
@@ -273,7 +308,11 @@ def sample(
         raise ValueError(f"steps must be >= 1, got {steps}")
     b = len(prompts)
     device = backbone.device
-    x = noise.to(device) if noise is not None else torch.randn(b, *backbone.sample_shape, generator=generator).to(device)
+    x = (
+        noise.to(device)
+        if noise is not None
+        else torch.randn(b, *backbone.sample_shape, generator=generator).to(device)
+    )
     cond = backbone.encode_prompts(list(prompts))
     if cfg != 1.0:
         uncond = backbone.encode_prompts([""] * b)
@@ -282,7 +321,9 @@ def sample(
     for i in range(steps):
         t, t_next = float(grid[i]), float(grid[i + 1])
         if cfg != 1.0:
-            v_u, v_c = backbone.velocity(torch.cat([x, x]), torch.full((2 * b,), t, device=device), both).chunk(2)
+            v_u, v_c = backbone.velocity(
+                torch.cat([x, x]), torch.full((2 * b,), t, device=device), both
+            ).chunk(2)
             v = v_u + cfg * (v_c - v_u)
         else:
             v = backbone.velocity(x, torch.full((b,), t, device=device), cond)

@@ -98,7 +98,9 @@ class ToyDetector:
                 fill = len(comp) / float((y1 - y0) * (x1 - x0))
                 label = "square" if fill >= self.square_threshold else "circle"
                 box = (x0 / w, y0 / h, x1 / w, y1 / h)
-                out.append(Detection(label=label, box=tuple(float(v) for v in box), score=1.0, color=color))
+                out.append(
+                    Detection(label=label, box=tuple(float(v) for v in box), score=1.0, color=color)
+                )
         out.sort(key=lambda d: (d.center[0], d.center[1]))
         return out
 
@@ -115,12 +117,16 @@ class ToyDetector:
         """
         check_images(images, "ToyDetector")
         if len(queries) != images.shape[0]:
-            raise ValueError(f"ToyDetector: got {images.shape[0]} images but {len(queries)} query lists")
+            raise ValueError(
+                f"ToyDetector: got {images.shape[0]} images but {len(queries)} query lists"
+            )
         arr = images.detach().to("cpu", torch.float32).permute(0, 2, 3, 1).numpy()
         results = []
         for img, wanted in zip(arr, queries):
             if isinstance(wanted, str):
-                raise ValueError(f"ToyDetector: queries[b] must be a list of labels, got the string {wanted!r}")
+                raise TypeError(
+                    f"ToyDetector: queries[b] must be a list of labels, got the string {wanted!r}"
+                )
             wanted_set = set(wanted)
             results.append([d for d in self.read(img) if d.label in wanted_set])
         return results

@@ -132,7 +132,9 @@ def score_scene(spec: SceneSpec, detections: list, ocr_text: str | None) -> dict
     else:
         assert spec.text is not None and ocr_text is not None
         s["ocr_exact"] = float(ocr_text == spec.text)
-        s["ocr_graded"] = 1.0 - min(_edit_distance(ocr_text, spec.text), len(spec.text)) / len(spec.text)
+        s["ocr_graded"] = 1.0 - min(_edit_distance(ocr_text, spec.text), len(spec.text)) / len(
+            spec.text
+        )
     return s
 
 
@@ -164,10 +166,14 @@ def evaluate(
     for cfg in cfgs:
         gen = torch.Generator().manual_seed(seed)
         noise = torch.randn(len(expanded), *backbone.sample_shape, generator=gen)
-        images = torch.cat([
-            sample(backbone, expanded[i : i + 64], steps=steps, cfg=cfg, noise=noise[i : i + 64])
-            for i in range(0, len(expanded), 64)
-        ])
+        images = torch.cat(
+            [
+                sample(
+                    backbone, expanded[i : i + 64], steps=steps, cfg=cfg, noise=noise[i : i + 64]
+                )
+                for i in range(0, len(expanded), 64)
+            ]
+        )
         text_idx = [i for i, s in enumerate(specs) if s is not None and s.family == "text"]
         texts = dict(zip(text_idx, ocr_read(images[text_idx]))) if text_idx else {}
         dets = detector.detect(images, [["circle", "square"]] * len(expanded))
@@ -210,9 +216,20 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def save_snapshot(ema: dict[str, torch.Tensor], config: ToyModelConfig, out: Path, minutes: float, args: argparse.Namespace, step: int) -> Path:
+def save_snapshot(
+    ema: dict[str, torch.Tensor],
+    config: ToyModelConfig,
+    out: Path,
+    minutes: float,
+    args: argparse.Namespace,
+    step: int,
+) -> Path:
     """Write an EMA snapshot (``snapshots/minNNN``) with its held-out eval; returns its folder."""
-    folder = out / "snapshots" / (f"step{step:05d}" if args.snapshot_steps else f"min{int(round(minutes)):03d}")
+    folder = (
+        out
+        / "snapshots"
+        / (f"step{step:05d}" if args.snapshot_steps else f"min{round(minutes):03d}")
+    )
     model = _ema_model(ema, config)
     model.save(folder / ASSET_NAME)
     t0 = time.time()
@@ -232,12 +249,20 @@ def train(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "state.pt"
-    config = ToyModelConfig.from_dict(json.loads(args.model_config)) if args.model_config else ToyModelConfig()
+    config = (
+        ToyModelConfig.from_dict(json.loads(args.model_config))
+        if args.model_config
+        else ToyModelConfig()
+    )
     if args.resume and state_path.is_file():
-        config = ToyModelConfig.from_dict(torch.load(state_path, map_location="cpu", weights_only=False)["config"])
+        config = ToyModelConfig.from_dict(
+            torch.load(state_path, map_location="cpu", weights_only=False)["config"]
+        )
     model = ToyBackbone.from_config(config, freeze_text_encoder=False, seed=args.seed)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99)
+    )
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     step, trained_s, next_snapshot = 0, 0.0, args.snapshot_minutes
     if args.resume:
@@ -251,16 +276,29 @@ def train(args: argparse.Namespace) -> None:
         torch.set_rng_state(st["torch_rng"])
         _log(f"resumed from {state_path} at step {step}, {trained_s / 60:.1f} min trained")
     elif state_path.exists():
-        raise FileExistsError(f"{state_path} exists: pass --resume to continue or choose another --out")
+        raise FileExistsError(
+            f"{state_path} exists: pass --resume to continue or choose another --out"
+        )
     n_params = sum(p.numel() for p in model.parameters())
-    _log(f"training {n_params / 1e6:.2f}M params, batch {args.batch}, lr {args.lr}, target {args.minutes} min, out {out}")
+    _log(
+        f"training {n_params / 1e6:.2f}M params, batch {args.batch}, lr {args.lr}, target {args.minutes} min, out {out}"
+    )
 
     def checkpoint() -> None:
-        _atomic_save({
-            "config": config.to_dict(), "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "ema": ema, "step": step, "trained_s": trained_s, "next_snapshot": next_snapshot,
-            "torch_rng": torch.get_rng_state(), "args": vars(args),
-        }, state_path)
+        _atomic_save(
+            {
+                "config": config.to_dict(),
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "ema": ema,
+                "step": step,
+                "trained_s": trained_s,
+                "next_snapshot": next_snapshot,
+                "torch_rng": torch.get_rng_state(),
+                "args": vars(args),
+            },
+            state_path,
+        )
 
     last_ckpt = time.time()
     window_loss, window_n, window_t = 0.0, 0, time.time()
@@ -268,7 +306,9 @@ def train(args: argparse.Namespace) -> None:
     max_steps = args.max_steps if args.max_steps is not None else float("inf")
     while trained_s < budget_s and step < max_steps:
         t_step = time.time()
-        rng = np.random.default_rng([args.seed, step])  # data depends only on (seed, step): resumable
+        rng = np.random.default_rng(
+            [args.seed, step]
+        )  # data depends only on (seed, step): resumable
         prompts = sample_prompts(args.batch, rng, args.p_uncond)
         x0 = model.encode_images(render_batch(prompts, rng))
         t = torch.rand(args.batch)
@@ -293,7 +333,9 @@ def train(args: argparse.Namespace) -> None:
             raise FloatingPointError(f"loss is {loss.item()} at step {step}")
         if step % args.log_every == 0:
             dt = (time.time() - window_t) / window_n
-            _log(f"step {step} loss {window_loss / window_n:.4f} s/step {dt:.3f} trained {trained_s / 60:.1f} min lr {lr:.2e}")
+            _log(
+                f"step {step} loss {window_loss / window_n:.4f} s/step {dt:.3f} trained {trained_s / 60:.1f} min lr {lr:.2e}"
+            )
             window_loss, window_n, window_t = 0.0, 0, time.time()
         if time.time() - last_ckpt > args.checkpoint_minutes * 60:
             checkpoint()
@@ -332,9 +374,13 @@ def export(run: Path, dest: Path, snapshot: str | None) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m marble_lightning.toy.pretrain", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m marble_lightning.toy.pretrain", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--out", type=str, help="run folder (pretrain_runs/base)")
-    p.add_argument("--minutes", type=float, default=40.0, help="training time budget (excludes evaluation)")
+    p.add_argument(
+        "--minutes", type=float, default=40.0, help="training time budget (excludes evaluation)"
+    )
     p.add_argument("--resume", action="store_true")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=6e-4)
@@ -347,13 +393,38 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--checkpoint-minutes", type=float, default=2.0)
     p.add_argument("--snapshot-minutes", type=float, default=10.0)
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (as well as --minutes)")
-    p.add_argument("--snapshot-steps", type=int, default=None, help="snapshot every N steps instead of every --snapshot-minutes")
-    p.add_argument("--eval-samples", type=int, default=2, help="images per held-out prompt in snapshot evals (0: none)")
-    p.add_argument("--model-config", type=str, help='JSON overrides of ToyModelConfig, e.g. \'{"block_out_channels": [8, 16, 32]}\'')
-    p.add_argument("--export", type=str, help="write the run's snapshot to this folder as toy_backbone.*")
-    p.add_argument("--snapshot", type=str, help="snapshot to export (e.g. min010; default: the last)")
-    p.add_argument("--eval", type=str, help="evaluate this checkpoint (.safetensors or folder) and exit")
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="stop after this many steps (as well as --minutes)",
+    )
+    p.add_argument(
+        "--snapshot-steps",
+        type=int,
+        default=None,
+        help="snapshot every N steps instead of every --snapshot-minutes",
+    )
+    p.add_argument(
+        "--eval-samples",
+        type=int,
+        default=2,
+        help="images per held-out prompt in snapshot evals (0: none)",
+    )
+    p.add_argument(
+        "--model-config",
+        type=str,
+        help="JSON overrides of ToyModelConfig, e.g. '{\"block_out_channels\": [8, 16, 32]}'",
+    )
+    p.add_argument(
+        "--export", type=str, help="write the run's snapshot to this folder as toy_backbone.*"
+    )
+    p.add_argument(
+        "--snapshot", type=str, help="snapshot to export (e.g. min010; default: the last)"
+    )
+    p.add_argument(
+        "--eval", type=str, help="evaluate this checkpoint (.safetensors or folder) and exit"
+    )
     args = p.parse_args(argv)
     if args.eval:
         torch.set_num_threads(args.threads)

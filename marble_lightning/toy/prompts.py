@@ -25,7 +25,15 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
-from marble_lightning.toy.world import COUNTS, PALETTE, RELATIONS, SHAPES, WORDS, ObjectSpec, SceneSpec
+from marble_lightning.toy.world import (
+    COUNTS,
+    PALETTE,
+    RELATIONS,
+    SHAPES,
+    WORDS,
+    ObjectSpec,
+    SceneSpec,
+)
 
 TEMPLATES: tuple[str, ...] = ("count", "relation", "text")
 """Template (prompt family) names."""
@@ -38,7 +46,10 @@ _COLOR = "|".join(COLORS)
 _SHAPE = "|".join(SHAPES)
 _COUNT_RE = re.compile(rf"^(a|two|three) ({_COLOR}) ({_SHAPE})(s?)$")
 _REL_RE = re.compile(rf"^a ({_COLOR}) ({_SHAPE}) (left of|right of) a ({_COLOR}) ({_SHAPE})$")
-_TEXT_RES = tuple(re.compile("^" + re.escape(p).replace(re.escape("{}"), "([a-z]+)") + "$") for p in TEXT_PHRASINGS)
+_TEXT_RES = tuple(
+    re.compile("^" + re.escape(p).replace(re.escape("{}"), "([a-z]+)") + "$")
+    for p in TEXT_PHRASINGS
+)
 
 
 def check_templates(templates: Iterable[str] | None) -> tuple[str, ...]:
@@ -66,7 +77,9 @@ def make_prompt(spec: SceneSpec, phrasing: int = 0) -> str:
         a, b = spec.objects
         return f"a {a.color} {a.shape} {spec.relation} a {b.color} {b.shape}"
     if not 0 <= phrasing < len(TEXT_PHRASINGS):
-        raise ValueError(f"text phrasing index must be in [0, {len(TEXT_PHRASINGS)}), got {phrasing}")
+        raise ValueError(
+            f"text phrasing index must be in [0, {len(TEXT_PHRASINGS)}), got {phrasing}"
+        )
     return TEXT_PHRASINGS[phrasing].format(spec.text)
 
 
@@ -114,7 +127,9 @@ def _all_prompts(template: str) -> list[tuple[str, bool]]:
                 for s1i, s1 in enumerate(SHAPES):
                     for s2i, s2 in enumerate(SHAPES):
                         for ri, rel in enumerate(RELATIONS):
-                            spec = SceneSpec("relation", (ObjectSpec(s1, c1), ObjectSpec(s2, c2)), rel)
+                            spec = SceneSpec(
+                                "relation", (ObjectSpec(s1, c1), ObjectSpec(s2, c2)), rel
+                            )
                             held = (c1i + 2 * c2i + s1i + s2i + ri) % 4 == 0
                             out.append((make_prompt(spec), held))
     elif template == "text":

@@ -31,7 +31,12 @@ from torch import Tensor
 from marble_lightning.rewards.base import RewardModel
 from marble_lightning.toy.world import BACKGROUND, PALETTE, TEXT_COLOR
 
-DEFAULT_WEIGHTS: dict[str, float] = {"clean": 0.35, "sharpness": 0.25, "contrast": 0.2, "colorfulness": 0.2}
+DEFAULT_WEIGHTS: dict[str, float] = {
+    "clean": 0.35,
+    "sharpness": 0.25,
+    "contrast": 0.2,
+    "colorfulness": 0.2,
+}
 
 
 def clean_fraction(images: Tensor, references: Tensor, tol: float = 0.12) -> Tensor:
@@ -42,7 +47,10 @@ def clean_fraction(images: Tensor, references: Tensor, tol: float = 0.12) -> Ten
         references: ``[R, 3]`` colours in ``[0, 1]``.
         tol: RGB Euclidean distance threshold.
     """
-    d = torch.cdist(images.permute(0, 2, 3, 1).reshape(images.shape[0], -1, 3), references[None].expand(images.shape[0], -1, -1))
+    d = torch.cdist(
+        images.permute(0, 2, 3, 1).reshape(images.shape[0], -1, 3),
+        references[None].expand(images.shape[0], -1, -1),
+    )
     return (d.min(-1).values <= tol).float().mean(-1)
 
 
@@ -59,7 +67,9 @@ def sharpness(images: Tensor, eps: float = 1e-6) -> Tensor:
 def contrast(images: Tensor, low: float = 0.01, high: float = 0.99) -> Tensor:
     """Largest per-channel spread between the ``low`` and ``high`` quantiles, ``[B]`` in ``[0, 1]``."""
     flat = images.flatten(2)  # [B, 3, N]
-    q = torch.quantile(flat, torch.tensor([low, high], dtype=flat.dtype, device=flat.device), dim=-1)
+    q = torch.quantile(
+        flat, torch.tensor([low, high], dtype=flat.dtype, device=flat.device), dim=-1
+    )
     return (q[1] - q[0]).amax(-1).clamp(0, 1)
 
 
@@ -98,7 +108,9 @@ class QualityReward(RewardModel):
         weights = dict(DEFAULT_WEIGHTS if weights is None else weights)
         unknown = sorted(set(weights) - set(DEFAULT_WEIGHTS))
         if unknown:
-            raise ValueError(f"unknown quality terms {unknown}; expected some of {sorted(DEFAULT_WEIGHTS)}")
+            raise ValueError(
+                f"unknown quality terms {unknown}; expected some of {sorted(DEFAULT_WEIGHTS)}"
+            )
         if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
             raise ValueError(f"quality weights must be >= 0 with a positive sum, got {weights}")
         if not 0 < max_dirty <= 1:
@@ -109,7 +121,9 @@ class QualityReward(RewardModel):
         self.weights = {k: weights.get(k, 0.0) / total for k in DEFAULT_WEIGHTS}
         self.tol = tol
         self.max_dirty = max_dirty
-        refs = torch.tensor([BACKGROUND, *PALETTE.values(), TEXT_COLOR], dtype=torch.float32) / 255.0
+        refs = (
+            torch.tensor([BACKGROUND, *PALETTE.values(), TEXT_COLOR], dtype=torch.float32) / 255.0
+        )
         self.register_buffer("references", refs, persistent=False)
 
     def terms(self, images: Tensor) -> dict[str, Tensor]:

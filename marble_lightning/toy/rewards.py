@@ -44,8 +44,13 @@ class ToyCompositionReward(CompositionReward):
 
     def __init__(self, mode: str = "graded", name: str = "composition") -> None:
         super().__init__(
-            ToyDetector(), mode=mode, count_mode="exact", position_rule="axis",
-            colors=list(COLORS), classes=list(SHAPES), name=name,
+            ToyDetector(),
+            mode=mode,
+            count_mode="exact",
+            position_rule="axis",
+            colors=list(COLORS),
+            classes=list(SHAPES),
+            name=name,
         )
 
 
@@ -62,7 +67,9 @@ class ToyCLIPReward(OpenCLIPScoreReward):
     def __init__(self, scale: float = 1.0, name: str = "clip") -> None:
         super().__init__(
             model_config=str(asset_path("toy_clip.json")),
-            checkpoint=str(asset_path("toy_clip.safetensors")), scale=scale, name=name,
+            checkpoint=str(asset_path("toy_clip.safetensors")),
+            scale=scale,
+            name=name,
         )
 
 

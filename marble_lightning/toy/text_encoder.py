@@ -72,13 +72,13 @@ class WordTokenizer:
     def __call__(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Token ids ``[B, L]`` (long) and the validity mask ``[B, L]`` (bool), ``L = max_length``."""
         if isinstance(prompts, str):
-            raise ValueError("WordTokenizer expects a list of prompts, got a single string")
+            raise TypeError("WordTokenizer expects a list of prompts, got a single string")
         ids = torch.zeros(len(prompts), self.max_length, dtype=torch.long)
         mask = torch.zeros(len(prompts), self.max_length, dtype=torch.bool)
         unk = self.index[UNK]
         for i, prompt in enumerate(prompts):
             if not isinstance(prompt, str):
-                raise ValueError(f"prompt {i} is not a string: {prompt!r}")
+                raise TypeError(f"prompt {i} is not a string: {prompt!r}")
             toks = [self.index[BOS]] + [self.index.get(t, unk) for t in self.tokens(prompt)]
             if len(toks) > self.max_length:
                 raise ValueError(
@@ -100,15 +100,27 @@ class ToyTextEncoder(nn.Module):
         max_length: number of position embeddings.
     """
 
-    def __init__(self, vocab_size: int, width: int = 128, layers: int = 2, heads: int = 4, max_length: int = 16) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        width: int = 128,
+        layers: int = 2,
+        heads: int = 4,
+        max_length: int = 16,
+    ) -> None:
         super().__init__()
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.position_embedding = nn.Parameter(torch.zeros(max_length, width))
         nn.init.normal_(self.position_embedding, std=0.02)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         layer = nn.TransformerEncoderLayer(
-            d_model=width, nhead=heads, dim_feedforward=2 * width, dropout=0.0,
-            activation="gelu", batch_first=True, norm_first=True,
+            d_model=width,
+            nhead=heads,
+            dim_feedforward=2 * width,
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
         )
         self.encoder = nn.TransformerEncoder(layer, num_layers=layers, enable_nested_tensor=False)
         self.final_norm = nn.LayerNorm(width)

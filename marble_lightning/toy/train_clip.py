@@ -36,7 +36,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from marble_lightning.toy.prompts import TEMPLATES, heldout_prompts, parse_prompt, prompt_family, train_prompts
+from marble_lightning.toy.prompts import (
+    TEMPLATES,
+    heldout_prompts,
+    parse_prompt,
+    prompt_family,
+    train_prompts,
+)
 from marble_lightning.toy.world import IMAGE_SIZE, render_scene, to_tensor_images
 
 MODEL_NAME = "toy_clip"
@@ -45,8 +51,22 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 TOY_CLIP_CONFIG: dict = {
     "embed_dim": 64,
-    "vision_cfg": {"image_size": IMAGE_SIZE, "layers": 2, "width": 64, "head_width": 32, "patch_size": 4, "mlp_ratio": 2.0},
-    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2, "mlp_ratio": 2.0},
+    "vision_cfg": {
+        "image_size": IMAGE_SIZE,
+        "layers": 2,
+        "width": 64,
+        "head_width": 32,
+        "patch_size": 4,
+        "mlp_ratio": 2.0,
+    },
+    "text_cfg": {
+        "context_length": 24,
+        "vocab_size": 49408,
+        "width": 64,
+        "heads": 2,
+        "layers": 2,
+        "mlp_ratio": 2.0,
+    },
 }
 """The open_clip model config written to ``toy_clip.json``."""
 
@@ -56,7 +76,9 @@ def all_prompts() -> list[str]:
     return train_prompts() + heldout_prompts()
 
 
-def degrade(images: torch.Tensor, rng: np.random.Generator, fraction: float = 1 / 3) -> torch.Tensor:
+def degrade(
+    images: torch.Tensor, rng: np.random.Generator, fraction: float = 1 / 3
+) -> torch.Tensor:
     """Blur, add noise to, or tint a random ``fraction`` of images ``[B, 3, H, W]`` (in place copy)."""
     out = images.clone()
     for i in range(images.shape[0]):
@@ -90,7 +112,9 @@ def build(config_path: Path):
 
 
 @torch.no_grad()
-def retrieval_accuracy(model, tokenizer, samples_per_prompt: int = 2, seed: int = 99) -> dict[str, float]:
+def retrieval_accuracy(
+    model, tokenizer, samples_per_prompt: int = 2, seed: int = 99
+) -> dict[str, float]:
     """Top-1 text retrieval among all toy prompts for fresh renders, per family and overall.
 
     A hit is a retrieved prompt with the same :class:`SceneSpec` (the three phrasings of a text
@@ -113,7 +137,9 @@ def retrieval_accuracy(model, tokenizer, samples_per_prompt: int = 2, seed: int 
     return res
 
 
-def train(out: Path, minutes: float, max_steps: int | None, batch: int, lr: float, seed: int, threads: int) -> dict:
+def train(
+    out: Path, minutes: float, max_steps: int | None, batch: int, lr: float, seed: int, threads: int
+) -> dict:
     """Train and write ``toy_clip.{json,safetensors}`` and ``toy_clip_eval.json`` to ``out``."""
     from safetensors.torch import save_file
 
@@ -125,7 +151,9 @@ def train(out: Path, minutes: float, max_steps: int | None, batch: int, lr: floa
     model, tokenizer = build(config_path)
     prompts = all_prompts()
     if batch > len(prompts):
-        raise ValueError(f"batch {batch} exceeds the number of distinct toy prompts ({len(prompts)})")
+        raise ValueError(
+            f"batch {batch} exceeds the number of distinct toy prompts ({len(prompts)})"
+        )
     tokens = tokenizer(prompts)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     rng = np.random.default_rng(seed)
@@ -150,13 +178,18 @@ def train(out: Path, minutes: float, max_steps: int | None, batch: int, lr: floa
         step += 1
         losses.append(loss.item())
         if step % 50 == 0:
-            print(f"[{time.strftime('%H:%M:%S')}] step {step} loss {np.mean(losses[-50:]):.4f} "
-                  f"{(time.time() - t0) / step:.3f} s/step", flush=True)
+            print(
+                f"[{time.strftime('%H:%M:%S')}] step {step} loss {np.mean(losses[-50:]):.4f} "
+                f"{(time.time() - t0) / step:.3f} s/step",
+                flush=True,
+            )
     model.eval()
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / f"{MODEL_NAME}.safetensors"))
     result = {
-        "steps": step, "minutes": round((time.time() - t0) / 60, 2), "batch": batch,
+        "steps": step,
+        "minutes": round((time.time() - t0) / 60, 2),
+        "batch": batch,
         "final_loss": round(float(np.mean(losses[-50:])), 4) if losses else None,
         "retrieval_top1": retrieval_accuracy(model, tokenizer),
     }
@@ -166,7 +199,9 @@ def train(out: Path, minutes: float, max_steps: int | None, batch: int, lr: floa
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m marble_lightning.toy.train_clip", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m marble_lightning.toy.train_clip", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--out", required=True, help="folder for toy_clip.json / toy_clip.safetensors")
     p.add_argument("--minutes", type=float, default=5.0)
     p.add_argument("--max-steps", type=int, default=None)

@@ -47,9 +47,30 @@ RELATIONS: tuple[str, ...] = ("left of", "right of")
 """Spatial relations between the two objects of a ``relation`` prompt."""
 
 WORDS: tuple[str, ...] = (
-    "cat", "dog", "sun", "car", "box", "hat", "pen", "cup",
-    "bus", "fox", "owl", "bee", "map", "key", "egg", "ant",
-    "bat", "cow", "pig", "jam", "net", "toy", "web", "ink",
+    "cat",
+    "dog",
+    "sun",
+    "car",
+    "box",
+    "hat",
+    "pen",
+    "cup",
+    "bus",
+    "fox",
+    "owl",
+    "bee",
+    "map",
+    "key",
+    "egg",
+    "ant",
+    "bat",
+    "cow",
+    "pig",
+    "jam",
+    "net",
+    "toy",
+    "web",
+    "ink",
 )
 """The 24 three-letter words of the text family (none is a colour, shape or number word)."""
 
@@ -125,7 +146,9 @@ class SceneSpec:
             if self.objects or self.text not in WORDS:
                 raise ValueError(f"a text scene needs a word from WORDS and no objects, got {self}")
         else:
-            raise ValueError(f"unknown scene family {self.family!r}; expected count, relation or text")
+            raise ValueError(
+                f"unknown scene family {self.family!r}; expected count, relation or text"
+            )
 
 
 @dataclass(frozen=True)
@@ -154,7 +177,7 @@ def word_font() -> ImageFont.FreeTypeFont:
     """Pillow's bundled TrueType font at :data:`FONT_SIZE` (no system font needed)."""
     font = ImageFont.load_default(size=FONT_SIZE)
     if not isinstance(font, ImageFont.FreeTypeFont):  # Pillow built without FreeType
-        raise RuntimeError("the toy world needs Pillow with FreeType support to draw words")
+        raise TypeError("the toy world needs Pillow with FreeType support to draw words")
     return font
 
 
@@ -166,7 +189,9 @@ def _boxes_clear(box: tuple[int, int, int, int], others: list[tuple[int, int, in
     return True
 
 
-def _random_box(rng: np.random.Generator, x_range: tuple[int, int] | None = None) -> tuple[int, int, int, int]:
+def _random_box(
+    rng: np.random.Generator, x_range: tuple[int, int] | None = None
+) -> tuple[int, int, int, int]:
     s = int(rng.choice(OBJECT_SIZES))
     lo, hi = x_range if x_range is not None else (1, IMAGE_SIZE - 1 - s)
     x0 = int(rng.integers(lo, max(lo, hi) + 1))
@@ -197,7 +222,11 @@ def layout_scene(spec: SceneSpec, rng: np.random.Generator) -> list[PlacedObject
             box_a, box_b = _random_box(rng), _random_box(rng)
             pa = PlacedObject(a.shape, a.color, box_a)
             pb = PlacedObject(b.shape, b.color, box_b)
-            dx = pb.center_x - pa.center_x if spec.relation == "left of" else pa.center_x - pb.center_x
+            dx = (
+                pb.center_x - pa.center_x
+                if spec.relation == "left of"
+                else pa.center_x - pb.center_x
+            )
             dy = abs((box_a[1] + box_a[3]) - (box_b[1] + box_b[3])) / 2
             if dx >= MIN_RELATION_DX and dy <= dx and _boxes_clear(box_a, [box_b]):
                 placed = [pa, pb]
