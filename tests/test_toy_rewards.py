@@ -59,3 +59,18 @@ def test_default_rewards_names() -> None:
     from marble_lightning.toy.rewards import default_rewards
 
     assert [r.name for r in default_rewards()] == ["composition", "ocr", "quality", "jpeg", "clip"]
+
+
+def test_jpeg_cap_stops_rewarding_erased_content(scenes) -> None:
+    from marble_lightning.rewards.jpeg import JPEGCompressibilityReward
+    from marble_lightning.toy.rewards import JPEG_CAP, ToyJPEGReward
+
+    prompts, images = scenes
+    blank = torch.ones_like(images[:2])
+    uncapped = JPEGCompressibilityReward(quality=95)
+    assert float(uncapped(blank, prompts[:2]).min()) > JPEG_CAP  # a blank image compresses best...
+    assert torch.equal(ToyJPEGReward()(blank, prompts[:2]), torch.full((2,), JPEG_CAP))  # ...but earns only the cap
+    raw = uncapped(images, prompts)
+    torch.testing.assert_close(ToyJPEGReward()(images, prompts), raw.clamp(max=JPEG_CAP))
+    with pytest.raises(ValueError, match="max_score"):
+        JPEGCompressibilityReward(max_score=1.0)

@@ -2,6 +2,10 @@
 
 ``score = -(size of the image encoded as JPEG at quality q, in kB)`` with 1 kB = 1000 bytes,
 quality 95 by default, PIL's encoder, the image quantised to uint8 by rounding. Always negative.
+
+Optionally ``max_score`` caps the reward (``min(score, max_score)``): past the size of a clean
+image there is nothing left to gain, which stops a policy from erasing content to compress
+better (the toy world caps at the size of its ground-truth renders).
 """
 
 from __future__ import annotations
@@ -29,13 +33,17 @@ class JPEGCompressibilityReward(RewardModel):
 
     Args:
         quality: JPEG quality, 1..95 (PIL's useful range; DDPO uses 95).
+        max_score: optional cap on the score (in -kB), ``None`` for none.
         name: reward name in logs.
     """
 
     name = "jpeg"
 
-    def __init__(self, quality: int = 95, name: str | None = None) -> None:
+    def __init__(self, quality: int = 95, max_score: float | None = None, name: str | None = None) -> None:
         super().__init__(name)
+        if max_score is not None and not (isinstance(max_score, (int, float)) and max_score < 0):
+            raise ValueError(f"JPEGCompressibilityReward: max_score must be a negative number (-kB), got {max_score!r}")
+        self.max_score = None if max_score is None else float(max_score)
         if not isinstance(quality, int) or not 1 <= quality <= 100:
             raise ValueError(
                 f"JPEGCompressibilityReward: quality must be an int in [1, 100], got {quality!r}"
@@ -49,4 +57,5 @@ class JPEGCompressibilityReward(RewardModel):
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         sizes = [jpeg_size_kb(a, self.quality) for a in to_uint8_hwc(images)]
-        return -torch.tensor(sizes, dtype=torch.float32, device=images.device)
+        score = -torch.tensor(sizes, dtype=torch.float32, device=images.device)
+        return score if self.max_score is None else score.clamp(max=self.max_score)
