@@ -30,7 +30,7 @@ ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "10
              "MALLOC_TOP_PAD_": "1073741824"}
 
 
-def run_seed(config: dict, seed: int, out: Path, max_steps: int | None) -> tuple[Path, float]:
+def run_seed(config: dict, seed: int, out: Path, max_steps: int | None, threads: int | None = None) -> tuple[Path, float]:
     cfg = json.loads(json.dumps(config))
     root = out / f"seed{seed}"
     cfg["seed_everything"] = seed
@@ -45,6 +45,8 @@ def run_seed(config: dict, seed: int, out: Path, max_steps: int | None) -> tuple
     cfg_path = root / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     env = dict(os.environ, **{k: os.environ.get(k, v) for k, v in ALLOCATOR.items()})
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     start = time.perf_counter()
     with open(root / "fit.log", "w") as log:
         proc = subprocess.run([sys.executable, "-m", "marble_lightning", "fit", "--config", str(cfg_path)],
@@ -73,14 +75,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--out", default="runs/default_run")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="seeds run concurrently (each with OMP_NUM_THREADS = cores // jobs); wall times "
+                             "are then not those of a lone run")
+    parser.add_argument("--collect", action="store_true", help="only summarise the runs already under --out")
     args = parser.parse_args(argv)
     config = yaml.safe_load(Path(args.config).read_text())
     out = Path(args.out)
     runs = []
-    for seed in args.seeds:
-        path, elapsed = run_seed(config, seed, out, args.max_steps)
-        runs.append((seed, json.loads(path.read_text()), elapsed))
-        print(f"seed {seed}: {elapsed / 60:.1f} min, report {path.parent}", flush=True)
+    if args.collect:
+        for seed in args.seeds:
+            reports = sorted((out / f"seed{seed}").glob("lightning_logs/version_*/report/history.json"),
+                             key=lambda p: p.stat().st_mtime)
+            runs.append((seed, json.loads(reports[-1].read_text()), float("nan")))
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        threads = max(1, (os.cpu_count() or 2) // args.jobs) if args.jobs > 1 else None
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = {seed: pool.submit(run_seed, config, seed, out, args.max_steps, threads) for seed in args.seeds}
+            for seed, future in futures.items():
+                path, elapsed = future.result()
+                runs.append((seed, json.loads(path.read_text()), elapsed))
+                print(f"seed {seed}: {elapsed / 60:.1f} min, report {path.parent}", flush=True)
 
     names = runs[0][1]["names"]
     lines = [environment_markdown(), "",
