@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts-per-step", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--sample-steps", type=int, default=10)
-    parser.add_argument("--train-timesteps", type=int, default=2)
+    parser.add_argument("--train-timesteps", type=int, default=3)
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--backbone", choices=["toy"], default="toy")
     parser.add_argument("--out", default="benchmarks/results/step_time")
