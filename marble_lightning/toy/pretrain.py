@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from marble_lightning.rewards.ocr import edit_distance
 from marble_lightning.toy.backbone import ASSET_NAME, ToyBackbone, ToyModelConfig, sample
 from marble_lightning.toy.detector import ToyDetector
 from marble_lightning.toy.prompts import TEMPLATES, heldout_prompts, parse_prompt, train_prompts
@@ -97,16 +98,6 @@ def ocr_read(images: torch.Tensor) -> list[str]:
     return out
 
 
-def _edit_distance(a: str, b: str) -> int:
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
-
-
 def score_scene(spec: SceneSpec, detections: list, ocr_text: str | None) -> dict[str, float]:
     """Exact and graded scores of one image against its spec (see :func:`evaluate`)."""
     s: dict[str, float] = {}
@@ -132,7 +123,7 @@ def score_scene(spec: SceneSpec, detections: list, ocr_text: str | None) -> dict
     else:
         assert spec.text is not None and ocr_text is not None
         s["ocr_exact"] = float(ocr_text == spec.text)
-        s["ocr_graded"] = 1.0 - min(_edit_distance(ocr_text, spec.text), len(spec.text)) / len(
+        s["ocr_graded"] = 1.0 - min(edit_distance(ocr_text, spec.text), len(spec.text)) / len(
             spec.text
         )
     return s
