@@ -49,6 +49,7 @@ def run_once(backbone_factory, k: int, config: dict, args: argparse.Namespace) -
     from marble_lightning.data import PromptDataModule
 
     module = build_module(backbone_factory, k, config, args)
+    module.rewards(torch.rand(2, 3, 32, 32), ["a red circle", 'the word "cat"'])  # load reward models now
     timer = StepTimer()
     trainer = Trainer(
         accelerator="cpu", devices=1, max_steps=args.steps, logger=False, enable_checkpointing=False,
