@@ -544,16 +544,18 @@ class MarbleDiffusionModule(LightningModule):
         return kept / kept.sum() if kept.sum() > 0 else kept
 
     # ------------------------------------------------------------------ sampling
-    def _noise(self, prompts: Sequence[str], count: int, *tag: object) -> Tensor:
+    def _noise(self, prompts: Sequence[str], count: int, *tag: object, module_seed: bool = True) -> Tensor:
         """``[len(prompts) * count, C, H, W]`` standard normal noise keyed by (seed, tag, prompt,
-        occurrence): rank- and order-independent."""
+        occurrence): rank- and order-independent. ``module_seed=False`` leaves the module's
+        ``seed`` out of the key (evaluation noise that is the same for every training run)."""
         shape = tuple(self.backbone.sample_shape)
         seen: dict[str, int] = {}
         chunks = []
         for prompt in prompts:
             occurrence = seen.get(prompt, 0)
             seen[prompt] = occurrence + 1
-            gen = torch.Generator().manual_seed(_seed_from(self.seed, *tag, occurrence, prompt))
+            key = (self.seed, *tag) if module_seed else tuple(tag)
+            gen = torch.Generator().manual_seed(_seed_from(*key, occurrence, prompt))
             chunks.append(torch.randn((count, *shape), generator=gen))
         return torch.cat(chunks).to(device=self._param_device(), dtype=self._param_dtype())
 
@@ -639,7 +641,8 @@ class MarbleDiffusionModule(LightningModule):
                 prompts[i] so far in the list)``; or ``B`` ints: image ``i`` gets the noise of
                 ``(seed[i], prompts[i])``, independent of the rest of the list (use this to split
                 an evaluation set into chunks or across ranks). The same seed and prompt give
-                the same noise for every adapter.
+                the same noise for every adapter and for every training run (the module's
+                ``seed`` is not part of the key, so evaluations of different runs are paired).
             adapter: ``"policy"``, ``"old"`` or ``"base"`` (adapters disabled).
             steps: Euler steps (default: ``sample_steps``).
             cfg_scale: guidance scale (default: ``cfg_scale``).
@@ -647,12 +650,12 @@ class MarbleDiffusionModule(LightningModule):
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"`prompts` should be a list of strings, got {prompts!r}")
         if isinstance(seed, int):
-            noise = self._noise(prompts, 1, "sample", seed)
+            noise = self._noise(prompts, 1, "sample", seed, module_seed=False)
         else:
             seeds = [int(x) for x in seed]
             if len(seeds) != len(prompts):
                 raise ValueError(f"`seed` should be an int or one int per prompt ({len(prompts)}), got {len(seeds)}")
-            noise = torch.cat([self._noise([p], 1, "sample", x) for p, x in zip(prompts, seeds)])
+            noise = torch.cat([self._noise([p], 1, "sample", x, module_seed=False) for p, x in zip(prompts, seeds)])
         x0 = self.sample_latents(list(prompts), noise, adapter=adapter, steps=steps, cfg_scale=cfg_scale)
         return self.backbone.decode(x0).float().clamp(0.0, 1.0)
 

@@ -384,3 +384,11 @@ def test_bad_backbone_time_grid_is_rejected():
     module = MarbleDiffusionModule(Bad(), tiny_rewards(), mode="marble", **TINY)
     with pytest.raises(ValueError, match="decrease from 1 to 0"):
         module.sample(["a"], seed=0)
+
+
+def test_sample_noise_is_independent_of_the_training_seed():
+    a = make_module("marble", seed=0)
+    b = make_module("marble", seed=7)
+    prompts = ["a green dog", "red house"]
+    torch.testing.assert_close(a.sample(prompts, seed=3, adapter="base"), b.sample(prompts, seed=3, adapter="base"))
+    assert not torch.equal(a.sample(prompts, seed=3, adapter="base"), a.sample(prompts, seed=4, adapter="base"))
