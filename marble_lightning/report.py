@@ -130,7 +130,10 @@ def summary_table(base: dict[str, float], final: dict[str, float], names: Sequen
 
 
 class RunReportCallback(Callback):
-    """Write the run's report under ``<log_dir>/report`` when training ends.
+    """Write the run's report under ``<log_dir>/report`` when ``fit`` ends.
+
+    Place it after the :class:`~marble_lightning.callbacks.RewardEvalCallback` in the callback
+    list: that callback's final evaluation also runs at fit end, and callbacks run in list order.
 
     Files: ``alpha.png``, ``rewards.png``, ``grid_base.png`` / ``grid_final.png`` (held-out
     prompts, fixed seeds, from the :class:`~marble_lightning.callbacks.RewardEvalCallback`),
@@ -161,7 +164,7 @@ class RunReportCallback(Callback):
 
     @override
     @rank_zero_only
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         out = Path(self.out_dir or Path(trainer.log_dir or trainer.default_root_dir) / "report")
         out.mkdir(parents=True, exist_ok=True)
         names = list(pl_module.reward_names)
