@@ -47,6 +47,7 @@ weights come from the backbone's own configuration.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import time
 import warnings
@@ -89,6 +90,8 @@ OLD = "old"
 BASE = "base"
 _ADAPTERS = (POLICY, OLD, BASE)
 
+
+log = logging.getLogger(__name__)
 
 @dataclass
 class Rollout:
@@ -229,7 +232,8 @@ class MarbleDiffusionModule(LightningModule):
             ``"per_sample"`` (two backward passes whatever ``K``: exact per-sample gradients of
             the shared NFT terms, combined with each reward's ``r``; used for refresh and
             diagnostics steps, falls back to ``"backward"`` with a warning when the denoiser's
-            LoRA layers are unsupported). All give the same ``[K, P]`` matrix.
+            LoRA layers are unsupported). All give the same ``[K, P]`` matrix. ``"auto"`` (default):
+            ``"per_sample"`` when it applies, else ``"backward"`` (the reason is logged).
         seed: seed of the LoRA initialisation and of every noise draw.
 
     Attributes (driven by callbacks):
@@ -281,7 +285,7 @@ class MarbleDiffusionModule(LightningModule):
         weight_decay: float = 1e-4,
         grad_clip: float | None = 1.0,
         diagnostics_every: int | None = None,
-        gram: str = "backward",
+        gram: str = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -323,8 +327,8 @@ class MarbleDiffusionModule(LightningModule):
             _check_positive_int("diagnostics_every", diagnostics_every)
         if aggregate not in ("r", "advantage"):
             raise ValueError(f"unknown `aggregate` {aggregate!r}; expected 'r' or 'advantage'")
-        if gram not in ENGINES:
-            raise ValueError(f"unknown `gram` engine {gram!r}; available: {list(ENGINES)}")
+        if gram not in (*ENGINES, "auto"):
+            raise ValueError(f"unknown `gram` engine {gram!r}; available: {['auto', *ENGINES]}")
 
         self.backbone = backbone
         self.rewards = MultiReward(list(rewards))
@@ -380,11 +384,16 @@ class MarbleDiffusionModule(LightningModule):
         self._attach_adapters(lora_rank, lora_alpha, targets)
         self.gram = gram
         self._per_sample: PerSampleGradients | None = None
-        if gram == "per_sample":
+        if gram in ("per_sample", "auto"):
             try:
                 self._per_sample = PerSampleGradients(self.backbone.denoiser, self._policy_params)
+                self.gram = "per_sample"
             except UnsupportedModelError as err:
-                warnings.warn(f"gram='per_sample' unsupported for this denoiser ({err}); using 'backward'", stacklevel=2)
+                message = f"gram={gram!r}: the exact per-sample engine does not apply ({err}); using 'backward'"
+                if gram == "per_sample":
+                    warnings.warn(message, stacklevel=2)
+                else:
+                    log.info(message)
                 self.gram = "backward"
 
         # --- advantages ---

@@ -145,8 +145,9 @@ def test_fixed_mode_direction_is_the_fixed_combination_with_diagnostics():
     combo = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64) @ grads
     torch.testing.assert_close(result.direction.double(), combo, rtol=1e-4, atol=1e-7)
     cos = (grads @ combo) / (grads.norm(dim=1) * combo.norm())
-    torch.testing.assert_close(result.cosines, cos, rtol=1e-4, atol=1e-6)
-    assert result.metrics["cos/worst"] == pytest.approx(float(cos.min()), rel=1e-4, abs=1e-6)
+    # float32 gradients (per-sample engine by default): a near-zero cosine carries ~1e-6 abs error
+    torch.testing.assert_close(result.cosines, cos, rtol=1e-4, atol=1e-5)
+    assert result.metrics["cos/worst"] == pytest.approx(float(cos.min()), rel=1e-4, abs=1e-5)
 
 
 def test_cfg_sampling_matches_the_guidance_formula():
