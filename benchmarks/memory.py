@@ -52,7 +52,9 @@ def child(config_name: str, k: int, args: argparse.Namespace) -> dict:
         warnings.simplefilter("ignore")
         rollout = module.rollout(train_prompts()[: args.prompts], step=0)
         if config_name.startswith("amortized"):
-            module.compute_update(rollout, refresh=True)  # fills the cache; measure the next step
+            # fills the cache; NOTE ru_maxrss is a process-lifetime peak, so the amortised step's
+            # own peak is only visible when it exceeds this refresh's (reported as 0 otherwise)
+            module.compute_update(rollout, refresh=True)
     p = sum(q.numel() for q in module.trainable_parameters)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -68,11 +70,9 @@ def child(config_name: str, k: int, args: argparse.Namespace) -> dict:
         "grad_rows": 0 if result.grads is None else int(result.grads.shape[0]),
         "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
     }
-    b = rollout.x0.shape[0]
-    if refresh:
-        out["grad_buffer_in_P"] = (2 * b + k) if CONFIGS[config_name]["gram"] == "per_sample" else k
-    else:
-        out["grad_buffer_in_P"] = 1
+    # gradient rows held across the step ([K, P] on a refresh; the per-sample engine contracts
+    # per-sample gradients layer by layer, so it also holds K rows plus one layer's [B, P_layer])
+    out["grad_buffer_in_P"] = k if refresh else 1
     return out
 
 
