@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +48,11 @@ class RewardModel(nn.Module):
             if not isinstance(name, str) or not name:
                 raise ValueError(f"reward name must be a non-empty string, got {name!r}")
             self.name = name
+
+    @classmethod
+    def from_config(cls, *args: Any, **kwargs: Any) -> RewardModel:
+        """Build from the constructor's arguments (the hook configs and the CLI use)."""
+        return cls(*args, **kwargs)
 
     def applies_to(self, prompts: Sequence[str]) -> Tensor:
         """Bool ``[B]`` (CPU): True where this reward scores the prompt. Default: every prompt."""

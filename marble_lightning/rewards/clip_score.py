@@ -77,10 +77,6 @@ class TransformersCLIPReward(RewardModel):
         self.dtype = parse_dtype(dtype, self.name)
         self._clip = LazyModel(self._build)
 
-    @classmethod
-    def from_config(cls, **kwargs):
-        """Build from keyword arguments (same as the constructor)."""
-        return cls(**kwargs)
 
     def _build(self):
         from transformers import CLIPModel, CLIPProcessor
@@ -214,10 +210,6 @@ class OpenCLIPScoreReward(RewardModel):
         self.dtype = parse_dtype(dtype, self.name)
         self._clip = LazyModel(self._build)
 
-    @classmethod
-    def from_config(cls, **kwargs):
-        """Build from keyword arguments (same as the constructor)."""
-        return cls(**kwargs)
 
     def _register_config(self, model_config: str) -> str:
         if not isinstance(model_config, (str, os.PathLike)) or not str(model_config).strip():

@@ -397,10 +397,6 @@ class CompositionReward(RewardModel):
             )
         self.position_rule = position_rule
 
-    @classmethod
-    def from_config(cls, detector: Detector, **kwargs) -> CompositionReward:
-        """Build from a detector and keyword arguments (same as the constructor)."""
-        return cls(detector, **kwargs)
 
     def parse(self, prompt: str) -> list[ObjectRequirement] | None:
         """The prompt's object requirements, or ``None`` if it has no object spec."""

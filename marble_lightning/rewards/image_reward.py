@@ -84,10 +84,6 @@ class ImageRewardReward(RewardModel):
         self.download_root = download_root
         self._model = LazyModel(self._build)
 
-    @classmethod
-    def from_config(cls, **kwargs) -> ImageRewardReward:
-        """Build from keyword arguments (same as the constructor)."""
-        return cls(**kwargs)
 
     def _build(self):
         rm = import_image_reward()

@@ -50,10 +50,6 @@ class JPEGCompressibilityReward(RewardModel):
             )
         self.quality = quality
 
-    @classmethod
-    def from_config(cls, **kwargs) -> JPEGCompressibilityReward:
-        """Build from keyword arguments (same as the constructor)."""
-        return cls(**kwargs)
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         sizes = [jpeg_size_kb(a, self.quality) for a in to_uint8_hwc(images)]

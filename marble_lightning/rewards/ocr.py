@@ -118,10 +118,6 @@ class OCRReward(RewardModel):
         self.num_threads = num_threads
         self._engine = None
 
-    @classmethod
-    def from_config(cls, **kwargs) -> OCRReward:
-        """Build from keyword arguments (same as the constructor)."""
-        return cls(**kwargs)
 
     @property
     def engine(self):
