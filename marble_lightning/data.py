@@ -16,7 +16,7 @@ batches an uninterrupted one would.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,12 +82,55 @@ def _identity(batch: Any) -> Any:
     return batch
 
 
+def _strata(
+    prompts: Sequence[str] | Mapping[str, Sequence[str]], prompts_per_step: int | Mapping[str, int]
+) -> list[tuple[str, list[str], int]]:
+    """``[(name, prompts, P_s), ...]``: one unnamed stratum, or one per key of a mapping."""
+    if isinstance(prompts, Mapping):
+        if not isinstance(prompts_per_step, Mapping):
+            raise ValueError(
+                f"with prompt strata {list(prompts)}, `prompts_per_step` should be a mapping of each stratum to a "
+                f"count, got {prompts_per_step!r}"
+            )
+        if set(prompts) != set(prompts_per_step):
+            raise ValueError(
+                f"`prompts_per_step` keys {sorted(prompts_per_step)} should equal the prompt strata "
+                f"{sorted(prompts)}"
+            )
+        if not prompts:
+            raise ValueError("`train_prompts` is an empty mapping (no stratum)")
+        out = []
+        for name, group in prompts.items():
+            count = prompts_per_step[name]
+            _check_count(f"prompts_per_step[{name!r}]", count)
+            out.append((str(name), list(group), int(count)))
+        return out
+    if isinstance(prompts_per_step, Mapping):
+        raise ValueError(
+            f"`prompts_per_step` is a mapping {dict(prompts_per_step)!r} but `train_prompts` is a "
+            "single list; give `train_prompts` as a mapping of the same strata"
+        )
+    _check_count("prompts_per_step", prompts_per_step)
+    return [("", list(prompts), int(prompts_per_step))]
+
+
+def _check_count(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` should be an integer >= 1, got {value!r}")
+
+
 class PromptBatches(IterableDataset):
     """The batches of one rank: a deterministic, epoch-shuffled stream of prompt lists.
 
+    With strata (``prompts`` and ``prompts_per_step`` given as mappings of the same keys), every
+    batch holds exactly ``P_s`` prompts of stratum ``s``, concatenated in the mapping's order:
+    each stratum is shuffled on its own and an epoch lasts as long as its shortest stratum. Use
+    this so that a reward that applies to one prompt family only (OCR on text prompts) sees the
+    same number of samples at every step instead of none at some.
+
     Args:
-        prompts: all training prompts (``N``).
-        prompts_per_step: ``P``, prompts per batch per rank.
+        prompts: all training prompts (``N``), or a mapping stratum name -> prompts.
+        prompts_per_step: ``P``, prompts per batch per rank, or a mapping stratum name -> ``P_s``.
         seed: shuffle seed.
         rank: this rank's index.
         world_size: number of ranks.
@@ -95,18 +138,28 @@ class PromptBatches(IterableDataset):
     Attributes:
         epoch: the epoch whose permutation :meth:`__iter__` uses.
         skip: number of batches of ``epoch`` to skip (set when resuming mid-epoch).
+        strata: ``[(name, prompts, P_s), ...]`` (one entry named ``""`` without strata).
     """
 
-    def __init__(self, prompts: list[str], prompts_per_step: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        prompts: Sequence[str] | Mapping[str, Sequence[str]],
+        prompts_per_step: int | Mapping[str, int],
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         super().__init__()
-        global_batch = prompts_per_step * world_size
-        if len(prompts) < global_batch:
-            raise ValueError(
-                f"{len(prompts)} prompts cannot fill one global batch of prompts_per_step={prompts_per_step} "
-                f"x world_size={world_size} = {global_batch}; lower prompts_per_step or add prompts"
-            )
-        self.prompts = list(prompts)
-        self.prompts_per_step = prompts_per_step
+        self.strata = _strata(prompts, prompts_per_step)
+        for name, group, count in self.strata:
+            global_batch = count * world_size
+            if len(group) < global_batch:
+                where = f"stratum {name!r}: " if name else ""
+                raise ValueError(
+                    f"{where}{len(group)} prompts cannot fill one global batch of prompts_per_step={count} "
+                    f"x world_size={world_size} = {global_batch}; lower prompts_per_step or add prompts"
+                )
+        self.prompts_per_step = sum(count for _, _, count in self.strata)
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
@@ -114,32 +167,39 @@ class PromptBatches(IterableDataset):
         self.skip = 0
 
     def __len__(self) -> int:
-        return len(self.prompts) // (self.prompts_per_step * self.world_size)
+        return min(len(group) // (count * self.world_size) for _, group, count in self.strata)
+
+    def _orders(self, epoch: int) -> list[list[int]]:
+        orders = []
+        for index, (_, group, _) in enumerate(self.strata):
+            gen = torch.Generator().manual_seed(hash_seed(self.seed, epoch, index))
+            orders.append(torch.randperm(len(group), generator=gen).tolist())
+        return orders
+
+    def _batch(self, orders: list[list[int]], index: int) -> list[str]:
+        out: list[str] = []
+        for (_, group, count), order in zip(self.strata, orders):
+            start = index * count * self.world_size + self.rank * count
+            out.extend(group[i] for i in order[start : start + count])
+        return out
 
     def batch(self, epoch: int, index: int) -> list[str]:
         """Batch ``index`` of ``epoch`` for this rank."""
-        gen = torch.Generator().manual_seed(hash_seed(self.seed, epoch))
-        order = torch.randperm(len(self.prompts), generator=gen).tolist()
-        p = self.prompts_per_step
-        start = index * p * self.world_size + self.rank * p
-        return [self.prompts[i] for i in order[start : start + p]]
+        return self._batch(self._orders(epoch), index)
 
     def __iter__(self) -> Iterator[list[str]]:
-        gen = torch.Generator().manual_seed(hash_seed(self.seed, self.epoch))
-        order = torch.randperm(len(self.prompts), generator=gen).tolist()
+        orders = self._orders(self.epoch)
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        p = self.prompts_per_step
         for index in range(self.skip, len(self)):
             if (index - self.skip) % workers != worker:
                 continue
-            start = index * p * self.world_size + self.rank * p
-            yield [self.prompts[i] for i in order[start : start + p]]
+            yield self._batch(orders, index)
 
 
-def hash_seed(seed: int, epoch: int) -> int:
-    """Seed of epoch ``epoch``'s permutation (a fixed mixing of the two integers)."""
-    return (int(seed) * 1_000_003 + int(epoch) * 7_919 + 12_345) % (2**63 - 1)
+def hash_seed(seed: int, epoch: int, stratum: int = 0) -> int:
+    """Seed of the permutation of ``stratum`` in epoch ``epoch`` (a fixed mixing of the integers)."""
+    return (int(seed) * 1_000_003 + int(epoch) * 7_919 + int(stratum) * 104_729 + 12_345) % (2**63 - 1)
 
 
 class _ResumableLoader(DataLoader):
@@ -176,8 +236,12 @@ class PromptDataModule(LightningDataModule):
 
     Args:
         train_prompts: a list of prompts, a text file (one prompt per line) or ``"toy:train"`` /
-            ``"toy:heldout"`` (resolved lazily, at :meth:`setup`).
-        prompts_per_step: ``P``, unique prompts per batch per rank (``>= 1``).
+            ``"toy:heldout"`` (resolved lazily, at :meth:`setup`); or a mapping stratum name ->
+            any of those, to draw a fixed number of prompts from each stratum at every step
+            (see :class:`PromptBatches`), e.g. ``{"shapes": "toy:train:count,relation",
+            "text": "toy:train:text"}``.
+        prompts_per_step: ``P``, unique prompts per batch per rank (``>= 1``); with strata, a
+            mapping of the same keys to per-stratum counts (``P`` is their sum).
         seed: seed of the per-epoch shuffle.
         heldout_prompts: optional evaluation prompts (same forms), exposed as
             :attr:`heldout` for evaluation callbacks.
@@ -186,33 +250,54 @@ class PromptDataModule(LightningDataModule):
 
     def __init__(
         self,
-        train_prompts: str | list[str],
-        prompts_per_step: int = 4,
+        train_prompts: str | list[str] | dict[str, str | list[str]],
+        prompts_per_step: int | dict[str, int] = 4,
         seed: int = 0,
         heldout_prompts: str | list[str] | None = None,
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if isinstance(prompts_per_step, bool) or not isinstance(prompts_per_step, int) or prompts_per_step < 1:
-            raise ValueError(f"`prompts_per_step` should be an integer >= 1, got {prompts_per_step!r}")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"`num_workers` should be an integer >= 0, got {num_workers!r}")
-        if not isinstance(train_prompts, str) and not isinstance(train_prompts, Sequence):
-            raise TypeError(f"`train_prompts` should be a path, 'toy:<split>' or a list, got {train_prompts!r}")
+        if not isinstance(train_prompts, (str, Sequence, Mapping)):
+            raise TypeError(
+                f"`train_prompts` should be a path, 'toy:<split>', a list or a mapping of those, got {train_prompts!r}"
+            )
+        if isinstance(train_prompts, Mapping):
+            for name, source in train_prompts.items():
+                if not isinstance(source, (str, Sequence)):
+                    raise TypeError(f"`train_prompts[{name!r}]` should be a path, 'toy:<split>' or a list, got {source!r}")
+            _strata({k: [] for k in train_prompts}, prompts_per_step)  # validates keys and counts
+        else:
+            _strata([], prompts_per_step)
         self.train_source = train_prompts
         self.heldout_source = heldout_prompts
         self.prompts_per_step = prompts_per_step
         self.seed = int(seed)
         self.num_workers = num_workers
-        self._train: list[str] | None = None
+        self._train: list[str] | dict[str, list[str]] | None = None
         self._heldout: list[str] | None = None
 
     @property
-    def train(self) -> list[str]:
-        """The resolved training prompts."""
+    def train_strata(self) -> list[str] | dict[str, list[str]]:
+        """The resolved training prompts: a list, or a mapping stratum name -> list."""
         if self._train is None:
-            self._train = resolve_prompts(self.train_source, what="train_prompts")
+            source = self.train_source
+            if isinstance(source, Mapping):
+                self._train = {
+                    str(name): resolve_prompts(part, what=f"train_prompts[{name!r}]") for name, part in source.items()
+                }
+            else:
+                self._train = resolve_prompts(source, what="train_prompts")
         return self._train
+
+    @property
+    def train(self) -> list[str]:
+        """All resolved training prompts (strata concatenated in order)."""
+        strata = self.train_strata
+        if isinstance(strata, dict):
+            return [p for part in strata.values() for p in part]
+        return strata
 
     @property
     def heldout(self) -> list[str] | None:
@@ -241,5 +326,5 @@ class PromptDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
-        dataset = PromptBatches(self.train, self.prompts_per_step, self.seed, rank, world)
+        dataset = PromptBatches(self.train_strata, self.prompts_per_step, self.seed, rank, world)
         return _ResumableLoader(dataset, self._progress, num_workers=self.num_workers)

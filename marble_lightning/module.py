@@ -46,6 +46,7 @@ weights come from the backbone's own configuration.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -84,6 +85,13 @@ __all__ = ["MODES", "MarbleDiffusionModule", "Rollout", "UpdateResult"]
 
 MODES = ("marble", "amortized", "weighted_sum", "fixed", "single", "sequential")
 """Training modes (DESIGN.md section 1, "Baselines")."""
+
+ROLLOUT_PRECISIONS: dict[str, torch.dtype | None] = {
+    "float32": None,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+"""``rollout_precision`` values and their autocast dtypes (``None``: no autocast)."""
 
 POLICY = "policy"
 OLD = "old"
@@ -234,6 +242,10 @@ class MarbleDiffusionModule(LightningModule):
             diagnostics steps, falls back to ``"backward"`` with a warning when the denoiser's
             LoRA layers are unsupported). All give the same ``[K, P]`` matrix. ``"auto"`` (default):
             ``"per_sample"`` when it applies, else ``"backward"`` (the reason is logged).
+        rollout_precision: dtype of the training rollout's sampler, ``"float32"`` (default) or
+            ``"bfloat16"`` / ``"float16"`` (autocast; faster, the images are scored in float32).
+            Training and evaluation (:meth:`sample`) stay in the parameters' precision; NFT is
+            off-policy, so rollouts from a lower-precision sampler are valid training data.
         seed: seed of the LoRA initialisation and of every noise draw.
 
     Attributes (driven by callbacks):
@@ -286,6 +298,7 @@ class MarbleDiffusionModule(LightningModule):
         grad_clip: float | None = 1.0,
         diagnostics_every: int | None = None,
         gram: str = "auto",
+        rollout_precision: str = "float32",
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -327,6 +340,11 @@ class MarbleDiffusionModule(LightningModule):
             _check_positive_int("diagnostics_every", diagnostics_every)
         if aggregate not in ("r", "advantage"):
             raise ValueError(f"unknown `aggregate` {aggregate!r}; expected 'r' or 'advantage'")
+        if rollout_precision not in ROLLOUT_PRECISIONS:
+            raise ValueError(
+                f"unknown `rollout_precision` {rollout_precision!r}; expected one of {tuple(ROLLOUT_PRECISIONS)}"
+            )
+        self.rollout_precision = rollout_precision
         if gram not in (*ENGINES, "auto"):
             raise ValueError(f"unknown `gram` engine {gram!r}; available: {['auto', *ENGINES]}")
 
@@ -705,6 +723,13 @@ class MarbleDiffusionModule(LightningModule):
             raise ValueError(f"a training batch should be a non-empty list of prompt strings, got {batch!r}")
         return batch
 
+    def _rollout_autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast context of the rollout sampler (a no-op for ``rollout_precision="float32"``)."""
+        dtype = ROLLOUT_PRECISIONS[self.rollout_precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
     def rollout(self, prompts: list[str], *, step: int | None = None) -> Rollout:
         """Sample ``G`` images per prompt with the old policy, score them, compute advantages.
 
@@ -728,8 +753,9 @@ class MarbleDiffusionModule(LightningModule):
         with torch.no_grad():
             cond = self.backbone.encode_prompts(repeated)
             uncond = self.backbone.encode_prompts([""] * len(repeated)) if self.cfg_scale != 1.0 else None
-            with self.using_adapter(OLD):
+            with self.using_adapter(OLD), self._rollout_autocast():
                 x0 = self._euler(noise, cond, uncond, self.sample_steps, self.cfg_scale)
+        x0 = x0.to(noise.dtype)
         images = self.backbone.decode(x0).float().clamp(0.0, 1.0)
         self._sync()
         metrics["time/sampling"] = time.perf_counter() - start

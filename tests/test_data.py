@@ -97,3 +97,55 @@ def test_workers_yield_the_same_stream():
     single = list(dm.train_dataloader())
     dm_workers = PromptDataModule(PROMPTS, prompts_per_step=2, seed=3, num_workers=2)
     assert list(dm_workers.train_dataloader()) == single
+
+
+STRATA = {"shapes": [f"shape {i}" for i in range(9)], "text": [f"text {i}" for i in range(5)]}
+
+
+def test_strata_give_fixed_counts_per_batch():
+    data = PromptBatches(STRATA, {"shapes": 3, "text": 1}, seed=2)
+    assert len(data) == 3  # min(9 // 3, 5 // 1)
+    for epoch in range(4):
+        data.epoch = epoch
+        batches = list(data)
+        assert len(batches) == 3
+        for b in batches:
+            assert [p.split()[0] for p in b] == ["shape"] * 3 + ["text"]
+        shapes = [p for b in batches for p in b[:3]]
+        assert sorted(shapes) == sorted(STRATA["shapes"])  # every shape prompt once per epoch
+        texts = [b[3] for b in batches]
+        assert len(set(texts)) == 3
+    # one stratum reproduces the unstratified stream exactly
+    plain = PromptBatches(PROMPTS, prompts_per_step=3, seed=4)
+    one = PromptBatches({"all": PROMPTS}, {"all": 3}, seed=4)
+    assert list(plain) == list(one)
+
+
+def test_strata_ranks_split_the_single_process_batch():
+    single = PromptBatches(STRATA, {"shapes": 4, "text": 2}, seed=1)
+    ranks = [PromptBatches(STRATA, {"shapes": 2, "text": 1}, seed=1, rank=r, world_size=2) for r in range(2)]
+    for whole, part0, part1 in zip(list(single), list(ranks[0]), list(ranks[1])):
+        assert sorted(whole) == sorted(part0 + part1) and not set(part0) & set(part1)
+
+
+def test_strata_datamodule_and_errors():
+    dm = PromptDataModule({"shapes": "toy:train:count,relation", "text": "toy:train:text"}, {"shapes": 2, "text": 2})
+    dm.setup("fit")
+    from marble_lightning.toy.prompts import parse_prompt
+
+    batch = next(iter(dm.train_dataloader()))
+    assert [parse_prompt(p).family == "text" for p in batch] == [False, False, True, True]
+    assert sorted(dm.train) == sorted(resolve_prompts("toy:train"))
+    with pytest.raises(ValueError, match="keys"):
+        PromptDataModule({"a": ["x"], "b": ["y"]}, {"a": 1})
+    with pytest.raises(ValueError, match="mapping"):
+        PromptDataModule({"a": ["x"]}, 1)
+    with pytest.raises(ValueError, match="mapping"):
+        PromptDataModule(["x"], {"a": 1})
+    with pytest.raises(ValueError, match=r"prompts_per_step\['a'\]"):
+        PromptDataModule({"a": ["x"]}, {"a": 0})
+    with pytest.raises(ValueError, match="stratum 'b'"):
+        PromptBatches({"a": ["x", "y"], "b": ["z"]}, {"a": 1, "b": 2}, seed=0)
+    bad = PromptDataModule({"text": "toy:nope"}, {"text": 1})
+    with pytest.raises(ValueError, match=r"train_prompts\['text'\]"):
+        bad.setup("fit")
