@@ -20,16 +20,25 @@ single cross-rank mean reduction, ``harmonize``, writing ``.grad``) is shared:
   weight or bias of a supported layer; :class:`PerSampleGradients` raises
   :class:`UnsupportedModelError` with the reason otherwise, and callers fall back to ``"backward"``.
 
+Sharded parameters (FSDP, or any split of the trainable parameters over ranks): ``G = g g^T`` is
+a sum over column blocks, so with ``g = [g_1 | ... | g_R]`` (rank ``r`` holding the columns
+``g_r`` of the parameters or parameter shards it owns), ``G = sum_r g_r g_r^T``.
+:func:`sharded_gram` forms the local ``[K, K]`` block product and sum-all-reduces it: ``K^2``
+numbers cross the network, never a gradient. Every rank then computes the same weights ``w`` from
+``G`` (norms are ``sqrt(diag G)``), and its own part of the update is ``w @ g_r``
+(:func:`shard_direction`); concatenating the parts in column order gives ``w @ g``.
+
 No Lightning import: this is pure autograd plumbing, tested against the ``"backward"`` engine.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -39,6 +48,9 @@ __all__ = [
     "UnsupportedModelError",
     "flat_gradients",
     "per_reward_gradients",
+    "process_group_sum",
+    "shard_direction",
+    "sharded_gram",
 ]
 
 ENGINES = ("backward", "batched", "per_sample")
@@ -249,3 +261,101 @@ def combine_per_sample(
     """
     r = r.to(positive.dtype)
     return (a_max / (beta * batch_size)) * (r @ positive + (1.0 - r) @ negative)
+
+
+def process_group_sum(group: dist.ProcessGroup | None = None) -> Callable[[Tensor], Tensor]:
+    """An ``all_reduce_sum`` for :func:`sharded_gram` backed by ``torch.distributed``.
+
+    Args:
+        group: process group to reduce over (``None``: the default group, i.e. every rank).
+
+    Returns:
+        A function that takes a tensor and returns a new tensor holding its elementwise sum over
+        the ranks of ``group`` (the input is not modified). Every rank of the group must call it
+        with a tensor of the same shape and dtype (collective call). The tensor must live on a
+        device the backend supports (CPU for gloo, CUDA for NCCL).
+
+    Raises:
+        RuntimeError: when ``torch.distributed`` is not initialised (at call time, not here, so the
+            function can be built before ``init_process_group``).
+    """
+
+    def all_reduce_sum(tensor: Tensor) -> Tensor:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                "process_group_sum: torch.distributed is not initialised; call "
+                "torch.distributed.init_process_group first or pass `all_reduce_sum=None`."
+            )
+        total = tensor.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        return total
+
+    return all_reduce_sum
+
+
+def sharded_gram(rows: Tensor, all_reduce_sum: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """Global Gram matrix ``G = g g^T`` from this rank's columns of the per-reward gradients.
+
+    Rank ``r`` holds ``rows = g_r``, the ``[K, P_r]`` columns of the per-reward gradient matrix
+    for the parameters (or parameter shards, e.g. ``param.grad.to_local()`` under FSDP) it owns;
+    the column blocks of all ranks must partition the trainable parameters (no column on two
+    ranks, none missing). Then ``G = sum_r g_r g_r^T``: the local product is computed in float64
+    and summed over ranks by ``all_reduce_sum`` (one collective of ``K * K`` numbers). Every rank
+    gets the same ``G``; feed it to :func:`marble_lightning.harmonize.harmonize_gram` and form this
+    rank's update with :func:`shard_direction`.
+
+    Args:
+        rows: ``[K, P_r]`` per-reward gradient columns of this rank (any float dtype and device;
+            ``P_r = 0`` is allowed for a rank that owns nothing). Every rank must pass the same
+            ``K`` in the same reward order.
+        all_reduce_sum: collective that returns the elementwise sum of a tensor over the ranks,
+            e.g. :func:`process_group_sum`; ``None`` for a single process (``G = rows rows^T``).
+
+    Returns:
+        ``[K, K]`` float64 Gram matrix on ``rows``' device (units: gradient squared).
+
+    Raises:
+        ValueError: ``rows`` is not a 2-D floating tensor with ``K >= 1``, or ``all_reduce_sum``
+            returned a tensor of another shape.
+    """
+    if not isinstance(rows, Tensor) or rows.ndim != 2 or rows.shape[0] == 0:
+        shape = tuple(rows.shape) if isinstance(rows, Tensor) else type(rows).__name__
+        raise ValueError(
+            f"Parameter `rows` should have shape [K, P_local] with K >= 1. Found `rows.shape = {shape}`."
+        )
+    if not rows.is_floating_point():
+        raise ValueError(f"Parameter `rows` should be a floating tensor. Found `rows.dtype = {rows.dtype}`.")
+    local = rows.detach().to(torch.float64)
+    gram = local @ local.T
+    if all_reduce_sum is None:
+        return gram
+    total = all_reduce_sum(gram)
+    if not isinstance(total, Tensor) or total.shape != gram.shape:
+        found = tuple(total.shape) if isinstance(total, Tensor) else type(total).__name__
+        raise ValueError(
+            "Parameter `all_reduce_sum` should return a tensor of the shape it was given "
+            f"{tuple(gram.shape)}. Found {found}."
+        )
+    return total.to(torch.float64)
+
+
+def shard_direction(weights: Tensor, rows: Tensor) -> Tensor:
+    """This rank's part ``w @ g_r`` of the update direction ``d = sum_k w_k g_k``.
+
+    Args:
+        weights: ``[K]`` effective weights (``harmonize_gram(G).weights``), identical on every rank.
+        rows: ``[K, P_r]`` this rank's per-reward gradient columns, as given to :func:`sharded_gram`.
+
+    Returns:
+        ``[P_r]`` direction columns in ``rows``' dtype and device; concatenating the ranks' parts
+        in column order gives the full ``[P]`` direction.
+
+    Raises:
+        ValueError: ``weights`` is not ``[K]`` or ``rows`` is not ``[K, P_r]`` with the same ``K``.
+    """
+    if weights.ndim != 1 or rows.ndim != 2 or rows.shape[0] != weights.shape[0]:
+        raise ValueError(
+            "Parameters `weights` and `rows` should have shapes [K] and [K, P_local]. "
+            f"Found `weights.shape = {tuple(weights.shape)}` and `rows.shape = {tuple(rows.shape)}`."
+        )
+    return weights.to(dtype=rows.dtype, device=rows.device) @ rows.detach()
