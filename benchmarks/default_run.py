@@ -31,6 +31,12 @@ ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "10
 
 
 def run_seed(config: dict, seed: int, out: Path, max_steps: int | None, threads: int | None = None) -> tuple[Path, float]:
+    """Run one seed of ``config`` under ``out/seed<seed>``; returns (report history.json, wall seconds).
+
+    A finished run leaves ``done.json`` (its config, report path and wall time); calling again with
+    the same config returns that run instead of training again, so an interrupted sweep resumes
+    where it stopped (a run that was killed midway is restarted from scratch).
+    """
     cfg = json.loads(json.dumps(config))
     root = out / f"seed{seed}"
     cfg["seed_everything"] = seed
@@ -41,6 +47,11 @@ def run_seed(config: dict, seed: int, out: Path, max_steps: int | None, threads:
         logger.setdefault("init_args", {})["save_dir"] = str(root)
     if max_steps is not None:
         cfg["trainer"]["max_steps"] = max_steps
+    done = root / "done.json"
+    if done.is_file():
+        record = json.loads(done.read_text())
+        if record.get("config") == cfg and Path(record["report"]).is_file():
+            return Path(record["report"]), float(record["elapsed"])
     root.mkdir(parents=True, exist_ok=True)
     cfg_path = root / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -57,6 +68,7 @@ def run_seed(config: dict, seed: int, out: Path, max_steps: int | None, threads:
     reports = sorted(root.glob("lightning_logs/version_*/report/history.json"), key=lambda p: p.stat().st_mtime)
     if not reports:
         raise RuntimeError(f"seed {seed}: no report/history.json under {root}")
+    done.write_text(json.dumps({"config": cfg, "report": str(reports[-1]), "elapsed": elapsed}))
     return reports[-1], elapsed
 
 
@@ -80,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
                              "are then not those of a lone run")
     parser.add_argument("--collect", action="store_true", help="only summarise the runs already under --out")
     args = parser.parse_args(argv)
+    for key, value in ALLOCATOR.items():  # the runs get these; record what they ran under
+        os.environ.setdefault(key, value)
     config = yaml.safe_load(Path(args.config).read_text())
     out = Path(args.out)
     runs = []
@@ -101,7 +115,10 @@ def main(argv: list[str] | None = None) -> None:
 
     names = runs[0][1]["names"]
     lines = [environment_markdown(), "",
-             f"`{args.config}`, seeds {args.seeds}, fit wall time per run: "
+             f"`{args.config}`, seeds {args.seeds}, "
+             + (f"{args.jobs} runs at a time on {max(1, (os.cpu_count() or 2) // args.jobs)} thread(s) each, "
+                if args.jobs > 1 else "one run at a time, ")
+             + "fit wall time per run: "
              + ", ".join(f"{e / 60:.1f} min" for _, _, e in runs), "",
              "| reward | base | final | gain over runs (SE) | paired per-image gain (SE, n) | > 2 SE |",
              "|---|---|---|---|---|---|"]

@@ -19,6 +19,9 @@ alpha trajectories), ``runs.json``.
 
     python benchmarks/quality.py --seeds 0 1 2 --jobs 2     # the full comparison (hours on 2 cores)
     python benchmarks/quality.py --quick                     # 2 steps, 2 methods, 1 seed
+
+Finished runs are kept (``<out>/runs/<config>/seed<s>/done.json``) and reused when the script is
+run again with the same settings, so an interrupted comparison resumes run by run.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +39,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, environment_markdown  # noqa: E402
-from default_run import run_seed  # noqa: E402
+from default_run import ALLOCATOR, run_seed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {
@@ -135,6 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--out", default="benchmarks/results/quality")
     args = parser.parse_args(argv)
+    for key, value in ALLOCATOR.items():  # the runs get these; record what they ran under
+        os.environ.setdefault(key, value)
     if args.quick:
         args.seeds, args.methods = [0], ["marble (amortised)", "weighted sum"]
         args.out = args.out + "_quick"
