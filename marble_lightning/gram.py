@@ -10,14 +10,16 @@ single cross-rank mean reduction, ``harmonize``, writing ``.grad``) is shared:
 * ``"per_sample"``: exploits the structure of the NFT loss. With per-sample terms ``L+_i, L-_i``
   shared by every reward, ``l_k = s * sum_i (r_ik L+_i + (1 - r_ik) L-_i)`` (``s = a_max /
   (beta B)``), so ``g_k = s * (r_k @ P + (1 - r_k) @ N)`` where ``P[i]`` and ``N[i]`` are the
-  per-sample gradients of ``L+_i`` and ``L-_i``. Those come from TWO backward passes, whatever
-  ``K`` is: forward hooks keep each trainable layer's input, one ``autograd.grad`` per term
-  returns the gradient at each layer's output, and per-sample weight gradients follow in closed
-  form (an outer product for ``nn.Linear``, an ``unfold`` product for ``nn.Conv2d``; LoRA adapters
-  are made of exactly these). ``r`` does not depend on the timestep, so ``P`` and ``N`` are
-  accumulated over timesteps and ``G`` is formed once. It is exact (float round-off only) when
-  samples do not interact in the forward pass (no batch norm) and every trainable parameter is the
-  weight or bias of a supported layer; :class:`PerSampleGradients` raises
+  per-sample gradients of ``L+_i`` and ``L-_i``. Rewritten ``g_k = s * (r_k @ (P - N) + sum_i
+  N[i])``, it needs ONE per-sample pass, on ``sum_i (L+_i - L-_i)``, whatever ``K`` is, plus one
+  ordinary backward of ``sum_i L-_i`` (a single ``[P]`` vector shared by every reward). For the
+  per-sample pass, forward hooks keep each trainable layer's input, one ``autograd.grad`` returns
+  the gradient at each layer's output, and per-sample weight gradients follow in closed form (an
+  outer product for ``nn.Linear``, one batched product per kernel offset for ``nn.Conv2d``; LoRA
+  adapters are made of exactly these), projected on the ``r_k`` layer by layer so that ``[K, P]``
+  is held, never ``[B, P]``. It is exact (float round-off only) when samples do not interact in
+  the forward pass (no batch norm) and every trainable parameter is the weight or bias of a
+  supported layer; :class:`PerSampleGradients` raises
   :class:`UnsupportedModelError` with the reason otherwise, and callers fall back to ``"backward"``.
 
 Sharded parameters (FSDP, or any split of the trainable parameters over ranks): ``G = g g^T`` is
@@ -236,12 +238,51 @@ class PerSampleGradients:
             d2 = delta.reshape(b, -1, delta.shape[-1])
             return torch.einsum("bto,bti->boi", d2, x2), d2.sum(dim=1)
         assert isinstance(layer, nn.Conv2d)
-        cols = F.unfold(
-            x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride
-        )  # [B, C*kh*kw, L]
-        d2 = delta.reshape(b, delta.shape[1], -1)  # [B, O, L]
-        weight = torch.einsum("bol,bil->boi", d2, cols).reshape(b, *layer.weight.shape)
-        return weight, d2.sum(dim=2)
+        bias = delta.reshape(b, delta.shape[1], -1).sum(dim=2)
+        return _conv2d_weight_per_sample(layer, x, delta), bias
+
+
+def _conv2d_weight_per_sample(layer: nn.Conv2d, x: Tensor, delta: Tensor) -> Tensor:
+    """Per-sample weight gradient ``[B, O, C, kh, kw]`` of an ungrouped, zero-padded ``Conv2d``.
+
+    ``W[b, o, c, i, j] = sum_{h, w} delta[b, o, h, w] * x_pad[b, c, s_h h + d_h i, s_w w + d_w j]``:
+    one batched matrix product ``[B, O, L] @ [B, L, C]`` per kernel offset ``(i, j)``, on a shifted
+    view of the input. This is the sum ``unfold(x)`` followed by one product would give, without
+    materialising the ``[B, C kh kw, L]`` unfolded input (``kh kw`` times the input). With stride 1
+    the shift is applied to ``delta`` instead when it has fewer channels (LoRA down-projections:
+    ``O = rank``), so only the smaller tensor is copied.
+
+    Args:
+        layer: the convolution (its geometry only).
+        x: ``[B, C, H, W]`` layer input.
+        delta: ``[B, O, H', W']`` gradient at the layer output.
+    """
+    b, c, h, w = x.shape
+    o, ho, wo = delta.shape[1:]
+    kh, kw = layer.kernel_size
+    sh, sw = layer.stride
+    dh, dw = layer.dilation
+    ph, pw = layer.padding  # type: ignore[misc]  # str padding is rejected at construction
+    out = x.new_empty(b, o, c, kh, kw)
+    if (sh, sw) == (1, 1) and o < c:
+        # W[.., i, j] = sum_p x[p] delta[p + pad - i d] (zero outside delta): shift a padded delta
+        lo_h, lo_w = (kh - 1) * dh, (kw - 1) * dw
+        d_pad = F.pad(delta, (lo_w, max(0, w + pw - wo), lo_h, max(0, h + ph - ho)))
+        x2 = x.reshape(b, c, h * w).transpose(1, 2)  # [B, HW, C]
+        for i in range(kh):
+            for j in range(kw):
+                top, left = lo_h + ph - i * dh, lo_w + pw - j * dw
+                shifted = d_pad[:, :, top : top + h, left : left + w].reshape(b, o, h * w)
+                out[:, :, :, i, j] = torch.bmm(shifted, x2)
+        return out
+    x_pad = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    d2 = delta.reshape(b, o, ho * wo)
+    for i in range(kh):
+        for j in range(kw):
+            top, left = i * dh, j * dw
+            window = x_pad[:, :, top : top + sh * (ho - 1) + 1 : sh, left : left + sw * (wo - 1) + 1 : sw]
+            out[:, :, :, i, j] = torch.bmm(d2, window.reshape(b, c, ho * wo).transpose(1, 2))
+    return out
 
 
 def combine_per_sample(

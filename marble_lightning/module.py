@@ -237,10 +237,11 @@ class MarbleDiffusionModule(LightningModule):
             actual direction (``None``: never).
         gram: per-reward gradient engine (:mod:`marble_lightning.gram`): ``"backward"`` (``K``
             ``autograd.grad`` calls per timestep), ``"batched"`` (one vectorised call) or
-            ``"per_sample"`` (two backward passes whatever ``K``: exact per-sample gradients of
-            the shared NFT terms, combined with each reward's ``r``; used for refresh and
-            diagnostics steps, falls back to ``"backward"`` with a warning when the denoiser's
-            LoRA layers are unsupported). All give the same ``[K, P]`` matrix. ``"auto"`` (default):
+            ``"per_sample"`` (two backward passes whatever ``K``, one of them per-sample: exact
+            per-sample gradients of the shared NFT terms, combined with each reward's ``r``; used
+            for refresh and diagnostics steps, falls back to ``"backward"`` with a warning when the
+            denoiser's LoRA layers are unsupported). All give the same ``[K, P]`` matrix.
+            ``"auto"`` (default):
             ``"per_sample"`` when it applies, else ``"backward"`` (the reason is logged).
         rollout_precision: dtype of the training rollout's sampler, ``"float32"`` (default) or
             ``"bfloat16"`` / ``"float16"`` (autocast; faster, the images are scored in float32).
@@ -910,7 +911,7 @@ class MarbleDiffusionModule(LightningModule):
                 cond = self.backbone.encode_prompts(rollout.prompts)
         use_kl = self.kl_weight > 0
         per_sample = self._per_sample if rows.shape[0] > 1 else None
-        pos_acc = neg_acc = None
+        diff_acc = neg_acc = None
         n_rows = rows.shape[0] + (1 if use_kl else 0)
         total = None
         loss_sums = torch.zeros(n_rows, dtype=torch.float64)
@@ -944,15 +945,18 @@ class MarbleDiffusionModule(LightningModule):
             if use_kl:
                 losses.append(self.kl_weight * kl_loss(v, v_ref))
             if per_sample is not None:
-                # per-sample gradients of the shared terms: two backward passes for any K
-                # projected on r / (1 - r) layer by layer: [R, P] is held, never [B, P]
-                r_rows = rows.detach()
-                pos = per_sample.gradients(terms.positive.sum(), retain_graph=True, project=r_rows).float()
-                neg = per_sample.gradients(terms.negative.sum(), retain_graph=use_kl, project=1.0 - r_rows).float()
-                pos_acc = pos if pos_acc is None else pos_acc + pos
-                neg_acc = neg if neg_acc is None else neg_acc + neg
-                grads = self._flat_grads(losses[-1:]) if use_kl else None
-                del pos, neg
+                # r @ P + (1 - r) @ N = r @ (P - N) + sum_i N_i, for every row r (a linear identity):
+                # ONE per-sample pass, on L+ - L- projected on the rows layer by layer ([R, P] is held,
+                # never [B, P]), and one ordinary backward of sum_i L-_i: a [P] vector shared by every
+                # row, with no per-sample product. The KL row, if any, follows on the same graph.
+                diff = per_sample.gradients(
+                    (terms.positive - terms.negative).sum(), retain_graph=True, project=rows.detach()
+                ).float()
+                plain = self._flat_grads([terms.negative.sum(), *losses[rows.shape[0] :]])
+                diff_acc = diff if diff_acc is None else diff_acc + diff
+                neg_acc = plain[0] if neg_acc is None else neg_acc + plain[0]
+                grads = plain[1:] if use_kl else None
+                del diff, plain
             elif self.gram == "batched":
                 grads = per_reward_gradients(torch.stack(losses), self._policy_params, engine="batched").float()
             else:
@@ -965,12 +969,12 @@ class MarbleDiffusionModule(LightningModule):
             del v, v_old, v_ref, terms, losses, grads
         n_t = len(timesteps)
         if per_sample is not None:
-            assert pos_acc is not None and neg_acc is not None
-            # (a_max / (beta B)) * (r @ P + (1 - r) @ N), the projections done per timestep
-            reward_part = (self.a_max / (self.beta * b)) * (pos_acc + neg_acc) / n_t
-            reward_part = reward_part * scales[:, None].to(pos_acc.dtype)
+            assert diff_acc is not None and neg_acc is not None
+            # (a_max / (beta B)) * (r @ (P - N) + sum_i N_i), i.e. (a_max / (beta B)) * (r @ P + (1 - r) @ N)
+            reward_part = (self.a_max / (self.beta * b)) * (diff_acc + neg_acc[None]) / n_t
+            reward_part = reward_part * scales[:, None].to(diff_acc.dtype)
             total = torch.cat([reward_part, total / n_t]) if total is not None else reward_part
-            del pos_acc, neg_acc
+            del diff_acc, neg_acc
         else:
             total = total / n_t
         # ONE reduction of every gradient row across ranks (identity on one device).
