@@ -39,7 +39,8 @@ def build_module(backbone_factory, k: int, config: dict, args: argparse.Namespac
     return MarbleDiffusionModule(
         backbone=backbone_factory(), rewards=toy_rewards(k), group_size=args.group_size,
         sample_steps=args.sample_steps, train_timesteps=args.train_timesteps,
-        lora_rank=args.lora_rank, lora_alpha=args.lora_rank * 2, **config,
+        lora_rank=args.lora_rank, lora_alpha=args.lora_rank * 2, rollout_precision=args.rollout_precision,
+        **config,
     )
 
 
@@ -80,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sample-steps", type=int, default=10)
     parser.add_argument("--train-timesteps", type=int, default=3)
     parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--rollout-precision", default="bfloat16", choices=["float32", "bfloat16"],
+                        help="rollout sampler precision (configs/marble.yaml uses bfloat16)")
     parser.add_argument("--backbone", choices=["toy"], default="toy")
     parser.add_argument("--out", default="benchmarks/results/step_time")
     args = parser.parse_args(argv)
@@ -103,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
 
     lines = [environment_markdown(), "",
              f"Setting: toy backbone, {args.prompts_per_step} prompts x {args.group_size} images, "
-             f"{args.sample_steps} sampler steps, {args.train_timesteps} training timesteps, LoRA r={args.lora_rank}, "
+             f"{args.sample_steps} sampler steps ({args.rollout_precision}), {args.train_timesteps} training timesteps, "
+             f"LoRA r={args.lora_rank}, "
              f"{args.steps} steps x {args.repeats} repetitions per configuration, interleaved.", "",
              "| K | configuration | s/step median (min-max) | ratio to weighted sum | sampling | rewards | backward | QP |",
              "|---|---|---|---|---|---|---|---|"]
