@@ -911,7 +911,7 @@ class MarbleDiffusionModule(LightningModule):
                 cond = self.backbone.encode_prompts(rollout.prompts)
         use_kl = self.kl_weight > 0
         per_sample = self._per_sample if rows.shape[0] > 1 else None
-        diff_acc = neg_acc = None
+        reward_acc = None
         n_rows = rows.shape[0] + (1 if use_kl else 0)
         total = None
         loss_sums = torch.zeros(n_rows, dtype=torch.float64)
@@ -945,18 +945,28 @@ class MarbleDiffusionModule(LightningModule):
             if use_kl:
                 losses.append(self.kl_weight * kl_loss(v, v_ref))
             if per_sample is not None:
-                # r @ P + (1 - r) @ N = r @ (P - N) + sum_i N_i, for every row r (a linear identity):
-                # ONE per-sample pass, on L+ - L- projected on the rows layer by layer ([R, P] is held,
-                # never [B, P]), and one ordinary backward of sum_i L-_i: a [P] vector shared by every
-                # row, with no per-sample product. The KL row, if any, follows on the same graph.
-                diff = per_sample.gradients(
-                    (terms.positive - terms.negative).sum(), retain_graph=True, project=rows.detach()
-                ).float()
-                plain = self._flat_grads([terms.negative.sum(), *losses[rows.shape[0] :]])
-                diff_acc = diff if diff_acc is None else diff_acc + diff
-                neg_acc = plain[0] if neg_acc is None else neg_acc + plain[0]
-                grads = plain[1:] if use_kl else None
-                del diff, plain
+                # g = s * (r @ P + (1 - r) @ N) for every row r, per-sample gradients projected on the
+                # rows layer by layer ([R, P] is held, never [B, P]); ONE per-sample pass:
+                n_r = rows.shape[0]
+                if reuse_old:
+                    # v_old is v, so err- = err+ (to round-off) and L-_i has the gradient of -L+_i:
+                    # r @ P + (1 - r) @ N = (2 r - 1) @ P, and no other backward is needed
+                    part = per_sample.gradients(
+                        terms.positive.sum(), retain_graph=use_kl, project=2.0 * rows.detach() - 1.0
+                    ).float()
+                    grads = self._flat_grads(losses[n_r:]) if use_kl else None
+                else:
+                    # r @ P + (1 - r) @ N = r @ (P - N) + sum_i N_i: the per-sample pass on L+ - L-,
+                    # plus one ordinary backward of sum_i L-_i, a [P] vector shared by every row
+                    part = per_sample.gradients(
+                        (terms.positive - terms.negative).sum(), retain_graph=True, project=rows.detach()
+                    ).float()
+                    plain = self._flat_grads([terms.negative.sum(), *losses[n_r:]])
+                    part += plain[0]
+                    grads = plain[1:] if use_kl else None
+                    del plain
+                reward_acc = part if reward_acc is None else reward_acc + part
+                del part
             elif self.gram == "batched":
                 grads = per_reward_gradients(torch.stack(losses), self._policy_params, engine="batched").float()
             else:
@@ -969,12 +979,12 @@ class MarbleDiffusionModule(LightningModule):
             del v, v_old, v_ref, terms, losses, grads
         n_t = len(timesteps)
         if per_sample is not None:
-            assert diff_acc is not None and neg_acc is not None
-            # (a_max / (beta B)) * (r @ (P - N) + sum_i N_i), i.e. (a_max / (beta B)) * (r @ P + (1 - r) @ N)
-            reward_part = (self.a_max / (self.beta * b)) * (diff_acc + neg_acc[None]) / n_t
-            reward_part = reward_part * scales[:, None].to(diff_acc.dtype)
+            assert reward_acc is not None
+            # (a_max / (beta B)) * (r @ P + (1 - r) @ N), summed over the timesteps in the loop
+            reward_part = (self.a_max / (self.beta * b)) * reward_acc / n_t
+            reward_part = reward_part * scales[:, None].to(reward_acc.dtype)
             total = torch.cat([reward_part, total / n_t]) if total is not None else reward_part
-            del diff_acc, neg_acc
+            del reward_acc
         else:
             total = total / n_t
         # ONE reduction of every gradient row across ranks (identity on one device).

@@ -109,6 +109,26 @@ def test_refresh_direction_equals_harmonize_of_independent_gradients(gram):
     assert float(result.cosines.min()) >= -1e-6
 
 
+@pytest.mark.parametrize("beta", [1.0, 0.5])
+def test_per_sample_refresh_with_old_equal_to_policy_and_kl(beta):
+    """Old adapter == policy (first update, v_old = v): the per-sample engine uses grad L-_i =
+    -grad L+_i; its K rows and the KL row match the independent gradients (policy != base)."""
+    module = make_module("marble", sample_steps=3, beta=beta, kl_weight=0.2, gram="per_sample")
+    assert module.gram == "per_sample"
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p, q in zip(module.trainable_parameters, module.old_parameters):
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+            q.copy_(p)
+    rollout = module.rollout(PROMPTS[:3], step=0)
+    assert module._old_is_policy
+    grads, kl_grad = _independent_gradients(module, rollout, [0, 1, 2], beta=beta, a_max=5.0, kl_weight=0.2)
+    result = module.compute_update(rollout, refresh=True)
+    assert grads.norm(dim=1).min() > 1e-4 and kl_grad.norm() > 1e-4
+    torch.testing.assert_close(result.grads.double(), grads, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(result.kl_grad.double(), kl_grad, rtol=1e-4, atol=1e-8)
+
+
 def test_train_timestep_subset_and_reuse_of_old_policy():
     """A random subset of the grid (same for the same step), and v_old = v when old == policy."""
     module = make_module("marble", sample_steps=4, train_timesteps=2)
