@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-timesteps", type=int, default=3)
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--random-backbone", action="store_true", help="random weights instead of the shipped checkpoint")
+    parser.add_argument("--old-differs", action="store_true",
+                        help="time the general case where the old adapter differs from the policy (its own forward "
+                             "pass, and the per_sample engine's second backward); by default the old adapter equals "
+                             "the policy, as for the first 75 steps of DiffusionNFT's old-policy schedule")
     parser.add_argument("--rollout-precision", default="bfloat16", choices=["float32", "bfloat16"],
                         help="rollout sampler precision (configs/marble.yaml uses bfloat16)")
     parser.add_argument("--out", default="benchmarks/results/k_scaling")
@@ -80,6 +84,9 @@ def main(argv: list[str] | None = None) -> None:
         modules = {"weighted_sum": make_module(k, "weighted_sum", "backward", args)}
         for engine in args.engines:
             modules[engine] = make_module(k, "marble", engine, args)
+        if args.old_differs:
+            for module in modules.values():
+                module._old_is_policy = False  # v_old from the old adapter's own forward pass
         # one rollout, shared by every method (same prompts, images, advantages)
         start = time.perf_counter()
         with warnings.catch_warnings():
@@ -99,7 +106,9 @@ def main(argv: list[str] | None = None) -> None:
 
     lines = [environment_markdown(), "",
              f"Setting: toy backbone, {args.prompts} prompts x {args.group_size} images, {args.train_timesteps} training "
-             f"timesteps, LoRA r={args.lora_rank}; update = gradients + Gram + QP (no sampling). "
+             f"timesteps, LoRA r={args.lora_rank}, old adapter "
+             f"{'distinct from' if args.old_differs else 'equal to'} the policy; "
+             "update = gradients + Gram + QP (no sampling). "
              f"Sampling one rollout ({args.sample_steps} steps, {args.rollout_precision}) took {sampling_time:.2f} s "
              "(identical for every method); the step ratio is (sampling + update) / (sampling + weighted-sum "
              "update), without reward-model time (the synthetic rewards cost nothing; the toy world's five real "
