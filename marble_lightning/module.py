@@ -237,7 +237,8 @@ class MarbleDiffusionModule(LightningModule):
             actual direction (``None``: never).
         gram: per-reward gradient engine (:mod:`marble_lightning.gram`): ``"backward"`` (``K``
             ``autograd.grad`` calls per timestep), ``"batched"`` (one vectorised call) or
-            ``"per_sample"`` (two backward passes whatever ``K``, one of them per-sample: exact
+            ``"per_sample"`` (two backward passes whatever ``K``, one of them per-sample, and only
+            that one while the old adapter equals the policy: exact
             per-sample gradients of the shared NFT terms, combined with each reward's ``r``; used
             for refresh and diagnostics steps, falls back to ``"backward"`` with a warning when the
             denoiser's LoRA layers are unsupported). All give the same ``[K, P]`` matrix.
