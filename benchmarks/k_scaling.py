@@ -36,7 +36,7 @@ def make_module(k: int, mode: str, gram: str, args: argparse.Namespace):
         backbone=backbone, rewards=[ProjectionReward(i) for i in range(k)], mode=mode, gram=gram,
         group_size=args.group_size, sample_steps=args.sample_steps, train_timesteps=args.train_timesteps,
         lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank, seed=0,
-        rollout_precision=args.rollout_precision,
+        rollout_precision=getattr(args, "rollout_precision", "bfloat16"),
     )
 
 
@@ -57,9 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--engines", nargs="+", default=["backward", "batched", "per_sample"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prompts", type=int, default=4)
-    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--group-size", type=int, default=6)
     parser.add_argument("--sample-steps", type=int, default=10)
-    parser.add_argument("--train-timesteps", type=int, default=3)
+    parser.add_argument("--train-timesteps", type=int, default=2)
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--random-backbone", action="store_true", help="random weights instead of the shipped checkpoint")
     parser.add_argument("--old-differs", action="store_true",

@@ -77,9 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10, help="steps per repetition (a multiple of N)")
     parser.add_argument("--warmup", type=int, default=0)
     parser.add_argument("--prompts-per-step", type=int, default=4)
-    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--group-size", type=int, default=6)
     parser.add_argument("--sample-steps", type=int, default=10)
-    parser.add_argument("--train-timesteps", type=int, default=3)
+    parser.add_argument("--train-timesteps", type=int, default=2)
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--rollout-precision", default="bfloat16", choices=["float32", "bfloat16"],
                         help="rollout sampler precision (configs/marble.yaml uses bfloat16)")
