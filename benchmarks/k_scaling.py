@@ -36,7 +36,7 @@ def make_module(k: int, mode: str, gram: str, args: argparse.Namespace):
         backbone=backbone, rewards=[ProjectionReward(i) for i in range(k)], mode=mode, gram=gram,
         group_size=args.group_size, sample_steps=args.sample_steps, train_timesteps=args.train_timesteps,
         lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank, seed=0,
-        rollout_precision=getattr(args, "rollout_precision", "bfloat16"),
+        rollout_precision=args.rollout_precision,
     )
 
 

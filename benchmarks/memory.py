@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-timesteps", type=int, default=2)
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--random-backbone", action="store_true")
+    parser.add_argument("--rollout-precision", default="bfloat16", choices=["float32", "bfloat16"],
+                        help="rollout sampler precision (configs/marble.yaml uses bfloat16)")
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "K"), help=argparse.SUPPRESS)
     parser.add_argument("--out", default="benchmarks/results/memory")
     args = parser.parse_args(argv)
@@ -96,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     rows = []
     passthrough = [f"--prompts={args.prompts}", f"--group-size={args.group_size}", f"--sample-steps={args.sample_steps}",
-                   f"--train-timesteps={args.train_timesteps}", f"--lora-rank={args.lora_rank}"]
+                   f"--train-timesteps={args.train_timesteps}", f"--lora-rank={args.lora_rank}",
+                   f"--rollout-precision={args.rollout_precision}"]
     if args.random_backbone:
         passthrough.append("--random-backbone")
     for k in args.ks:
