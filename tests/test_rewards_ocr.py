@@ -143,3 +143,57 @@ def test_detection_mode_reads_a_wide_sign() -> None:
     r = OCRReward(use_det=True, use_cls=True)
     assert r(sign, ['a sign that says "Hello World"']).item() == 1.0
     assert r(torch.ones(1, 3, 64, 64), ['"cat"']).item() == 0.0  # nothing detected -> empty text
+
+
+def brute_ctc_probability(probs: np.ndarray, chars: list[str], target: str) -> float:
+    """Sum over every frame labelling whose CTC collapse reads ``target`` (case folded)."""
+    import itertools
+
+    total = 0.0
+    frames, classes = probs.shape
+    for path in itertools.product(range(classes), repeat=frames):
+        collapsed = [c for i, c in enumerate(path) if c != 0 and (i == 0 or path[i - 1] != c)]
+        if "".join(chars[c] for c in collapsed).lower() == target:
+            total += float(np.prod(probs[np.arange(frames), path]))
+    return total
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(0, 2**32 - 1),
+    st.integers(2, 5),
+    st.sampled_from(["a", "ab", "ba", "aa", "abb", "ca"]),
+)
+def test_target_likelihood_matches_brute_force_alignment_sum(seed: int, frames: int, target: str) -> None:
+    from types import SimpleNamespace
+
+    chars = ["blank", "a", "A", "b", "c", " "]  # RapidOCR's layout: blank first, space last
+    r = OCRReward(num_threads=1, likelihood_weight=1.0)
+    r._engine = SimpleNamespace(text_rec=SimpleNamespace(postprocess_op=SimpleNamespace(character=chars)))
+    probs = np.random.default_rng(seed).dirichlet(np.ones(len(chars)), size=frames)
+    expected = brute_ctc_probability(probs, chars, target)
+    got = r.target_likelihood(probs, target)
+    if expected == 0.0:  # too few frames for this target
+        assert got == 0.0
+    else:
+        assert got == pytest.approx(expected ** (1 / len(target)), rel=1e-9)
+
+
+def test_likelihood_term_on_renders(reward: OCRReward) -> None:
+    dense = OCRReward(num_threads=1, likelihood_weight=1.0)
+    mixed = OCRReward(num_threads=1, likelihood_weight=0.5)
+    images = torch.stack([render("cat"), render("cot"), torch.ones(3, 64, 64), render("sun")])
+    prompts = ['"cat"', '"cat"', '"cat"', "no quotes"]
+    q = dense(images, prompts)
+    assert q[0] > 0.5 and q[2] < 0.1 and q[3] == 0.0
+    assert q[2] < q[1] < q[0]  # a misspelling is more likely than a blank, less than the word
+    edit = reward(images, prompts)
+    assert torch.allclose(mixed(images, prompts), 0.5 * edit + 0.5 * q, atol=1e-6)
+    # one pass of the recogniser gives the same text as RapidOCR's own recognition-only call
+    arrays = reward._arrays(images)
+    own = [reward.engine(a, use_det=False, use_cls=False, use_rec=True)[0][0][0] for a in arrays]
+    assert reward.read(images) == own
+    with pytest.raises(ValueError, match="likelihood_weight"):
+        OCRReward(likelihood_weight=1.5)
+    with pytest.raises(ValueError, match="use_det"):
+        OCRReward(likelihood_weight=0.5, use_det=True)

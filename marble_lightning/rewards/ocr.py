@@ -9,6 +9,14 @@ Score, on lowercased strings with all whitespace removed (``t`` = target, ``r`` 
     d = levenshtein(r, t)       otherwise
     score = 1 - min(d, len(t)) / len(t)          in [0, 1]
 
+Optional dense term (``likelihood_weight`` ``w`` > 0): the recogniser's CTC probability of the
+target, ``q = p(t | image) ** (1 / len(t))`` (per-character geometric mean, letter case folded:
+a character's probability is the sum over its upper- and lower-case classes), mixed in as
+``score = (1 - w) * edit_score + w * q``. The edit score of a 3-letter word takes only 4 values and
+is 0 for most smeared words; ``q`` moves with every change of the recogniser's per-frame
+probabilities, which gives a weak generator a gradient signal before it spells the word right.
+Both terms come from one forward pass of the recogniser.
+
 The reader is RapidOCR (PaddleOCR ONNX models shipped with ``rapidocr-onnxruntime``), by default in
 recognition-only mode (``use_det=False, use_cls=False``): the whole image is read as one text line,
 which suits small renders (32-64 px) with one word. With detection on it reads every detected line
@@ -20,6 +28,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -71,6 +80,54 @@ def ocr_similarity(read: str, target: str) -> float:
     return 1.0 - min(d, len(t)) / len(t)
 
 
+def _checked(target: str) -> str:
+    t = normalize_text(target)
+    if not t:
+        raise ValueError(f"OCR target text is empty after removing whitespace: {target!r}")
+    return t
+
+
+def ctc_casefold_probability(probs: np.ndarray, classes: Sequence[Sequence[int]]) -> float:
+    """CTC probability of reading a target whose position ``j`` may be any class in ``classes[j]``.
+
+    Args:
+        probs: ``[T, C]`` per-frame class probabilities, class 0 the CTC blank.
+        classes: for each target character, the classes that spell it (e.g. ``c`` and ``C``).
+
+    Returns:
+        The sum, over every frame labelling that collapses (merge repeats, drop blanks) to one
+        of the spellings, of its probability. States are the blank after position ``j`` and
+        (position ``j``, spelling ``v``); a step from ``(j-1, v')`` to ``(j, v)`` without a blank
+        is allowed only between different classes, as in CTC. Per-frame rescaling keeps it
+        finite for long ``T``. 0 when a position has no class or ``T`` is too short.
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    if any(len(c) == 0 for c in classes):
+        return 0.0
+    n = len(classes)
+    blank = np.zeros(n + 1)  # blank[j + 1]: j characters read, now in a blank
+    blank[0] = 1.0
+    chars = [np.zeros(len(c)) for c in classes]  # chars[j][v]: reading character j as classes[j][v]
+    log_scale = 0.0
+    for frame in p:
+        new_blank = (blank + np.array([0.0] + [c.sum() for c in chars])) * frame[0]
+        new_chars = []
+        for j, cls in enumerate(classes):
+            enter = np.full(len(cls), blank[j])
+            if j > 0:
+                prev = classes[j - 1]
+                for v, k in enumerate(cls):
+                    enter[v] += sum(a for a, k2 in zip(chars[j - 1], prev) if k2 != k)
+            new_chars.append((chars[j] + enter) * frame[list(cls)])
+        total = new_blank.sum() + sum(c.sum() for c in new_chars)
+        if total == 0.0:
+            return 0.0
+        blank, chars = new_blank / total, [c / total for c in new_chars]
+        log_scale += np.log(total)
+    end = blank[n] + chars[n - 1].sum()
+    return float(np.exp(np.log(end) + log_scale)) if end > 0 else 0.0
+
+
 class OCRReward(RewardModel):
     """RapidOCR text-match reward; masked on prompts with no quoted text.
 
@@ -80,6 +137,8 @@ class OCRReward(RewardModel):
         use_det: run RapidOCR's text detector first (default ``False``: recognition only).
         use_cls: run the text-direction classifier (default ``False``).
         min_confidence: recognised strings with a lower confidence are treated as empty.
+        likelihood_weight: weight ``w`` in ``[0, 1]`` of the CTC-likelihood term (see the module
+            docstring; default 0: the edit score alone). Needs ``use_det=False``.
         num_threads: ONNX Runtime intra-op threads (default 1; ``None``: ONNX Runtime's default,
             all cores, which was 2.5x slower on a busy 2-core machine).
         name: reward name in logs.
@@ -98,6 +157,7 @@ class OCRReward(RewardModel):
         use_cls: bool = False,
         min_confidence: float = 0.0,
         num_threads: int | None = 1,
+        likelihood_weight: float = 0.0,
         name: str | None = None,
     ) -> None:
         super().__init__(name)
@@ -116,8 +176,18 @@ class OCRReward(RewardModel):
                 f"OCRReward: num_threads must be a positive int or None, got {num_threads!r}"
             )
         self.num_threads = num_threads
+        if not 0.0 <= likelihood_weight <= 1.0:
+            raise ValueError(
+                f"OCRReward: likelihood_weight must lie in [0, 1], got {likelihood_weight!r}"
+            )
+        if likelihood_weight > 0 and self.use_det:
+            raise ValueError(
+                "OCRReward: likelihood_weight > 0 needs use_det=False (the likelihood is of the"
+                " whole image read as one line)"
+            )
+        self.likelihood_weight = float(likelihood_weight)
         self._engine = None
-
+        self._fold_table: dict[str, list[int]] | None = None
 
     @property
     def engine(self):
@@ -134,30 +204,80 @@ class OCRReward(RewardModel):
     def applies_to(self, prompts: Sequence[str]) -> Tensor:
         return torch.tensor([quoted_text(p) is not None for p in prompts], dtype=torch.bool)
 
-    def read(self, images: Tensor) -> list[str]:
-        """Text read in each image ``[B, 3, H, W]`` in ``[0, 1]`` -> ``B`` strings."""
+    def _arrays(self, images: Tensor) -> list:
         if self.upscale != 1.0:
             h, w = images.shape[-2:]
             size = (max(1, round(h * self.upscale)), max(1, round(w * self.upscale)))
             images = F.interpolate(images.float(), size=size, mode="bicubic", antialias=True)
-        arrays = [a[..., ::-1].copy() for a in to_uint8_hwc(images)]  # RapidOCR takes BGR arrays
+        return [a[..., ::-1].copy() for a in to_uint8_hwc(images)]  # RapidOCR takes BGR arrays
+
+    def read(self, images: Tensor) -> list[str]:
+        """Text read in each image ``[B, 3, H, W]`` in ``[0, 1]`` -> ``B`` strings."""
+        if not self.use_det:
+            return [text for text, _ in self._recognize(images)]
         texts = []
-        for arr in arrays:
-            result, _ = self.engine(arr, use_det=self.use_det, use_cls=self.use_cls, use_rec=True)
-            parts = []
-            for item in result or []:
-                text, conf = (item[1], item[2]) if self.use_det else (item[0], item[1])
-                if float(conf) >= self.min_confidence:
-                    parts.append(str(text))
+        for arr in self._arrays(images):
+            result, _ = self.engine(arr, use_det=True, use_cls=self.use_cls, use_rec=True)
+            parts = [str(t) for _, t, c in result or [] if float(c) >= self.min_confidence]
             texts.append(" ".join(parts))
         return texts
+
+    def _recognize(self, images: Tensor) -> list[tuple[str, np.ndarray]]:
+        """Recognition only: ``(text, per-frame class probabilities [T, C])`` per image.
+
+        Same steps as RapidOCR's recognition-only call (its size preprocessing, optional direction
+        classifier, the recogniser's resize and normalisation, CTC greedy decoding), keeping the
+        recogniser's output probabilities.
+        """
+        engine = self.engine
+        rec = engine.text_rec
+        out = []
+        for arr in self._arrays(images):
+            img = engine.preprocess(arr)[0]
+            if self.use_cls:
+                img = engine.text_cls([img])[0][0]
+            _, rec_h, rec_w = rec.rec_image_shape[:3]
+            h, w = img.shape[:2]
+            batch = rec.resize_norm_img(img, max(rec_w / rec_h, w / h))[None].astype(np.float32)
+            probs = rec.session(batch)[0]  # [1, T, C], softmax over the character classes
+            text, conf = rec.postprocess_op(probs)[0][:2]
+            out.append((str(text) if float(conf) >= self.min_confidence else "", probs[0]))
+        return out
+
+    def _folded_classes(self, char: str) -> list[int]:
+        """Recogniser classes that read as ``char`` after lowercasing."""
+        table = self._fold_table
+        if table is None:
+            table = {}
+            for i, c in enumerate(self.engine.text_rec.postprocess_op.character):
+                if i > 0 and len(c) == 1:
+                    table.setdefault(c.lower(), []).append(i)
+            self._fold_table = table
+        return table.get(char, [])
+
+    def target_likelihood(self, probs: np.ndarray, target: str) -> float:
+        """``p(target | frames) ** (1 / len(target))``, case folded; ``probs`` ``[T, C]``.
+
+        ``p`` is the probability that CTC greedy-free decoding of a frame labelling drawn from
+        ``probs`` reads ``target`` up to letter case: the sum over every casing of the target of its
+        CTC probability, computed exactly by one forward pass over (position, casing) states.
+        """
+        return ctc_casefold_probability(probs, [self._folded_classes(c) for c in _checked(target)]) ** (
+            1 / len(_checked(target))
+        )
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         targets = [quoted_text(p) for p in prompts]
         values = torch.zeros(len(prompts), dtype=torch.float32)
         idx = [i for i, t in enumerate(targets) if t is not None]
-        if idx:
-            texts = self.read(images[idx])
-            for i, text in zip(idx, texts):
+        if not idx:
+            return values.to(images.device)
+        w = self.likelihood_weight
+        if w > 0:
+            for i, (text, probs) in zip(idx, self._recognize(images[idx])):
+                edit = ocr_similarity(text, targets[i])
+                values[i] = (1 - w) * edit + w * self.target_likelihood(probs, targets[i])
+        else:
+            for i, text in zip(idx, self.read(images[idx])):
                 values[i] = ocr_similarity(text, targets[i])
         return values.to(images.device)

@@ -58,8 +58,10 @@ class ToyCompositionReward(CompositionReward):
 class ToyOCRReward(OCRReward):
     """:class:`OCRReward` (RapidOCR, recognition only) named ``ocr``."""
 
-    def __init__(self, upscale: float = 1.0, name: str = "ocr") -> None:
-        super().__init__(upscale=upscale, name=name)
+    def __init__(
+        self, upscale: float = 1.0, likelihood_weight: float = 0.0, name: str = "ocr"
+    ) -> None:
+        super().__init__(upscale=upscale, likelihood_weight=likelihood_weight, name=name)
 
 
 JPEG_CAP = -1.13
