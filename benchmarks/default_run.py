@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
                 runs.append((seed, json.loads(path.read_text()), elapsed))
                 print(f"seed {seed}: {elapsed / 60:.1f} min, report {path.parent}", flush=True)
 
-    names = runs[0][1]["names"]
+    trained = runs[0][1]["names"]
+    names = runs[0][1].get("eval_names", trained)
     lines = [environment_markdown(), "",
              f"`{args.config}`, seeds {args.seeds}, "
              + (f"{args.jobs} runs at a time on {max(1, (os.cpu_count() or 2) // args.jobs)} thread(s) each, "
@@ -140,13 +141,14 @@ def main(argv: list[str] | None = None) -> None:
         pg, pg_se = mean_se(paired)
         ok = g > 2 * g_se if len(gains) > 1 else pg > 2 * pg_se
         ok = ok and pg > 2 * pg_se
-        verdict[name] = ok
-        lines.append(f"| {name} | {sum(bases) / len(bases):.4f} | {sum(finals) / len(finals):.4f} | "
+        if name in trained:
+            verdict[name] = ok
+        lines.append(f"| {name if name in trained else name + ' (evaluation only)'} | {sum(bases) / len(bases):.4f} | {sum(finals) / len(finals):.4f} | "
                      f"{g:+.4f} ({g_se:.4f}) | {pg:+.4f} ({pg_se:.4f}, {len(paired)}) | {'yes' if ok else 'NO'} |")
     table = "\n".join(lines)
     print(table)
     (out / "summary.md").write_text(table + "\n")
-    print("every reward improved by > 2 SE:", all(verdict.values()))
+    print("every trained reward improved by > 2 SE:", all(verdict.values()))
 
 
 if __name__ == "__main__":

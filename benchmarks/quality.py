@@ -76,7 +76,7 @@ def stats(values: list[float]) -> str:
 
 
 def summarise(record: dict) -> dict:
-    names = record["names"]
+    names = record.get("eval_names", record["names"])
     first, last = record["eval_samples"][0], record["eval_samples"][-1]
     out = {"gain": {}, "std_gain": {}}
     for k, name in enumerate(names):
@@ -88,8 +88,9 @@ def summarise(record: dict) -> dict:
         sd = statistics.pstdev(base) or 1.0
         out["gain"][name] = gain
         out["std_gain"][name] = gain / sd
-    out["composite"] = statistics.fmean(out["std_gain"].values())
-    out["worst"] = min(out["std_gain"].values())
+    trained = [out["std_gain"][n] for n in record["names"] if n in out["std_gain"]]
+    out["composite"] = statistics.fmean(trained)
+    out["worst"] = min(trained)
     out["worst_cosines"] = [h["cos/worst"] for h in record["train"] if math.isfinite(h.get("cos/worst", float("nan")))]
     return out
 
@@ -100,7 +101,8 @@ def plots(results: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = next(iter(results.values()))[0]["record"]["names"]
+    first = next(iter(results.values()))[0]["record"]
+    names = first.get("eval_names", first["names"])
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
     for method, runs in results.items():
         for k, name in enumerate(names):
@@ -161,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
             results[m].append({"seed": s, "elapsed": elapsed, "record": record, "summary": summarise(record)})
             print(f"{m} seed {s}: {elapsed / 60:.1f} min", flush=True)
 
-    names = results[args.methods[0]][0]["record"]["names"]
+    first = results[args.methods[0]][0]["record"]
+    names = first.get("eval_names", first["names"])
     lines = [environment_markdown(), "", f"Seeds {args.seeds}; gains are held-out final minus base "
              "(same prompts and evaluation seeds); composite/worst are standardised gains.", "",
              "| method | " + " | ".join(names) + " | composite | worst | worst cos < 0 |",

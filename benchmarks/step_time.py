@@ -6,6 +6,12 @@ configuration: mean step time over the steps of a repetition (an amortised confi
 refresh cost is spread over its refresh period), median and min-max over repetitions, the ratio
 to the weighted sum, and the phase split (sampling / rewards / backward / QP).
 
+The ratio column is the median (min-max) over repetitions of the paired ratio: a configuration's
+time in one repetition over the weighted sum's time in the same repetition (run right before or
+after it), which cancels slow drifts of the machine's load. The first ``--warmup`` step of each
+run is not timed; with the defaults (11 steps, warm-up 1) the timed steps 1-10 hold two refreshes
+of N=5 (steps 5, 10) and one of N=10, as in a long run.
+
     python benchmarks/step_time.py            # full: K in {2, 5, 8}, 3 repetitions of 10 steps
     python benchmarks/step_time.py --quick    # about a minute, for the smoke test
 """
@@ -74,8 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 5, 8])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10, help="steps per repetition (a multiple of N)")
-    parser.add_argument("--warmup", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=11, help="steps per run, warm-up included")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed first steps of each run")
     parser.add_argument("--prompts-per-step", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=6)
     parser.add_argument("--sample-steps", type=int, default=10)
@@ -87,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="benchmarks/results/step_time")
     args = parser.parse_args(argv)
     if args.quick:
-        args.ks, args.repeats, args.steps = [2], 1, 2
+        args.ks, args.repeats, args.steps, args.warmup = [2], 1, 2, 0
         args.prompts_per_step, args.group_size, args.sample_steps, args.train_timesteps = 2, 2, 2, 1
         args.configs = ["weighted_sum", "amortized_N5", "full_backward", "full_per_sample"]
 
@@ -95,29 +101,35 @@ def main(argv: list[str] | None = None) -> None:
 
     backbone_factory = lambda: ToyBackbone()  # noqa: E731  (the shipped checkpoint)
     results: dict[int, dict[str, list[float]]] = {k: {c: [] for c in args.configs} for k in args.ks}
-    phase_acc: dict[int, dict[str, dict[str, float]]] = {k: {} for k in args.ks}
+    phase_acc: dict[int, dict[str, list[dict[str, float]]]] = {k: {c: [] for c in args.configs} for k in args.ks}
     for rep in range(args.repeats):
         for k in args.ks:
             for name in args.configs:
                 mean_time, phases = run_once(backbone_factory, k, CONFIGS[name], args)
                 results[k][name].append(mean_time)
-                phase_acc[k][name] = phases
+                phase_acc[k][name].append(phases)
                 print(f"rep {rep} K={k} {name}: {mean_time:.3f} s/step", flush=True)
 
     lines = [environment_markdown(), "",
              f"Setting: toy backbone, {args.prompts_per_step} prompts x {args.group_size} images, "
              f"{args.sample_steps} sampler steps ({args.rollout_precision}), {args.train_timesteps} training timesteps, "
              f"LoRA r={args.lora_rank}, "
-             f"{args.steps} steps x {args.repeats} repetitions per configuration, interleaved.", "",
+             f"{args.steps} steps ({args.warmup} untimed) x {args.repeats} repetitions per configuration, interleaved; "
+             "ratio: median (min-max) over repetitions of the time over the same repetition's weighted-sum time; "
+             "phases: mean s/step.", "",
              "| K | configuration | s/step median (min-max) | ratio to weighted sum | sampling | rewards | backward | QP |",
              "|---|---|---|---|---|---|---|---|"]
     for k in args.ks:
-        base = statistics.median(results[k]["weighted_sum"]) if "weighted_sum" in results[k] else None
+        base = results[k].get("weighted_sum")
         for name in args.configs:
             ts = results[k][name]
             med = statistics.median(ts)
-            ratio = f"{med / base:.3f} ({min(ts) / base:.2f}-{max(ts) / base:.2f})" if base else "-"
-            ph = phase_acc[k][name]
+            ratio = "-"
+            if base:
+                paired = [t / b for t, b in zip(ts, base)]
+                ratio = f"{statistics.median(paired):.3f} ({min(paired):.2f}-{max(paired):.2f})"
+            ph = {key: statistics.fmean(p.get(key, float("nan")) for p in phase_acc[k][name])
+                  for key in phase_acc[k][name][0]}
             lines.append(
                 f"| {k} | {name} | {med:.3f} ({min(ts):.3f}-{max(ts):.3f}) | {ratio} | "
                 + " | ".join(f"{ph.get(f'time/{p}', float('nan')):.3f}" for p in ("sampling", "rewards", "backward", "qp"))
@@ -128,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out + ("_quick" if args.quick else ""))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(table + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"env": environment(), "args": vars(args), "results": results}, indent=1))
+    out.with_suffix(".json").write_text(json.dumps({"env": environment(), "args": vars(args), "results": results, "phases": phase_acc}, indent=1))
 
 
 if __name__ == "__main__":

@@ -166,6 +166,9 @@ class RewardEvalCallback(Callback):
             or the number of ranks.
         images_per_prompt: samples per prompt, ``>= 1``.
         rewards: reward modules to evaluate (``None``: the module's own rewards).
+        extra_rewards: reward modules evaluated after ``rewards`` but never trained on (e.g. a
+            stricter variant of a trained reward, to watch for reward hacking); their names must
+            differ from the others'.
         log_images: log an image grid (first ``max_grid`` images) to loggers that support it.
         batch_size: prompts per sampling batch.
         max_grid: images in the grid.
@@ -176,6 +179,7 @@ class RewardEvalCallback(Callback):
         samples: per evaluation, this rank's per-image scores ``[N, K]`` (NaN where a reward does
             not apply), in the order of the prompts and seeds: paired comparisons between
             evaluations (base vs final) use them.
+        names: the reward names of the columns of ``samples`` (evaluated, then extra rewards).
         first_images / last_images: grids of the first (base) and latest evaluation.
     """
 
@@ -186,6 +190,7 @@ class RewardEvalCallback(Callback):
         seed: int = 0,
         images_per_prompt: int = 1,
         rewards: list[nn.Module] | None = None,
+        extra_rewards: list[nn.Module] | None = None,
         log_images: bool = True,
         batch_size: int = 32,
         max_grid: int = 16,
@@ -202,9 +207,11 @@ class RewardEvalCallback(Callback):
         self.max_grid = _int_at_least("max_grid", max_grid, 0)
         self.log_images = bool(log_images)
         self.rewards = None if rewards is None else MultiReward(rewards)
+        self.extra_rewards = MultiReward(extra_rewards) if extra_rewards else None
         self.prompts: list[str] = []
         self.history: list[dict[str, Any]] = []
         self.samples: list[Tensor] = []
+        self.names: list[str] = []
         self.first_images: Tensor | None = None
         self.last_images: Tensor | None = None
 
@@ -217,11 +224,20 @@ class RewardEvalCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         _check_module(pl_module, "RewardEvalCallback")
         self.prompts = resolve_prompts(self.source, what="prompts")
+        if self.extra_rewards is not None:
+            main = self.rewards if self.rewards is not None else pl_module.rewards
+            clash = sorted(set(main.names) & set(self.extra_rewards.names))
+            if clash:
+                raise ValueError(
+                    f"RewardEvalCallback: extra_rewards reuse the names {clash} of the evaluated rewards;"
+                    " give them their own `name`"
+                )
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.rewards is not None:
-            self.rewards.to(pl_module.device)
+        for extra in (self.rewards, self.extra_rewards):
+            if extra is not None:
+                extra.to(pl_module.device)
         if not any(entry.get("adapter") == "base" for entry in self.history):
             self.evaluate(trainer, pl_module, adapter="base")
 
@@ -245,7 +261,8 @@ class RewardEvalCallback(Callback):
             sample).
         """
         rewards: MultiReward = self.rewards if self.rewards is not None else pl_module.rewards
-        names = list(rewards.names)
+        names = list(rewards.names) + (list(self.extra_rewards.names) if self.extra_rewards else [])
+        self.names = names
         world, rank = trainer.world_size, trainer.global_rank
         everything = [(p, self.seed + c) for p in self.prompts for c in range(self.images_per_prompt)]
         mine = everything[rank::world]
@@ -259,9 +276,11 @@ class RewardEvalCallback(Callback):
             chunk = [p for p, _ in mine[start : start + self.batch_size]]
             seeds = [x for _, x in mine[start : start + self.batch_size]]
             images = pl_module.sample(chunk, seed=seeds, adapter=adapter)
-            scored = rewards(images, chunk)
-            mask = scored.mask.to(device)
-            values = scored.values.to(device).double()
+            scored = [rewards(images, chunk)]
+            if self.extra_rewards is not None:
+                scored.append(self.extra_rewards(images, chunk))
+            mask = torch.cat([s.mask.to(device) for s in scored], dim=1)
+            values = torch.cat([s.values.to(device).double() for s in scored], dim=1)
             sums += (values * mask).sum(dim=0)
             squares += (values.square() * mask).sum(dim=0)
             counts += mask.double().sum(dim=0)
@@ -277,7 +296,7 @@ class RewardEvalCallback(Callback):
         var = (squares - counts * means.square()).clamp_min(0) / (counts - 1).clamp_min(1)
         sems = torch.where(counts > 1, (var / counts.clamp_min(1)).sqrt(), torch.full_like(sums, float("nan")))
         metrics = {f"eval/{name}": float(means[i]) for i, name in enumerate(names)}
-        finite = [v for v in metrics.values() if math.isfinite(v)]
+        finite = [metrics[f"eval/{n}"] for n in rewards.names if math.isfinite(metrics[f"eval/{n}"])]
         metrics["eval/mean"] = sum(finite) / len(finite) if finite else float("nan")
         suffix = "" if adapter == "policy" else f"_{adapter}"
         to_log = {key + suffix: value for key, value in metrics.items() if math.isfinite(value)}

@@ -190,7 +190,9 @@ class RunReportCallback(Callback):
                     save_grid(images, out / f"grid_{tag}.png")
         (out / "summary.md").write_text(text + "\n")
         samples = [s.tolist() for s in getattr(eval_cb, "samples", [])] if eval_cb is not None else []
-        record = {"names": names, "train": history, "eval": eval_history, "eval_samples": samples}
+        eval_names = list(getattr(eval_cb, "names", None) or names) if eval_cb is not None else names
+        record = {"names": names, "train": history, "eval": eval_history, "eval_samples": samples,
+                  "eval_names": eval_names}
         (out / "history.json").write_text(json.dumps(record, indent=1, default=float))
         if text:
             print(text)

@@ -144,3 +144,20 @@ def test_reward_eval_with_its_own_rewards_and_no_applicable_samples():
     assert scores.shape == (1, 2) and math.isnan(float(scores[0, 1]))
     assert float(scores[0, 0]) == pytest.approx(entry["eval/dark2"])
     assert math.isnan(entry["eval/dark2_sem"])  # one image: no standard error
+
+
+def test_reward_eval_extra_rewards_are_scored_not_trained():
+    module = make_module("marble")
+    extra = [ChannelMean(1, "green2")]
+    callback = RewardEvalCallback(["a green dog", "red house"], every_n_steps=5, extra_rewards=extra, log_images=False)
+    fit(module, max_steps=1, callbacks=[callback])
+    assert module.reward_names == ["red", "green", "dark"] and callback.names == ["red", "green", "dark", "green2"]
+    entry = callback.history[-1]
+    images = module.sample(["a green dog", "red house"], seed=[0, 0], adapter="policy")
+    assert entry["eval/green2"] == pytest.approx(float(images[:, 1].mean()), rel=1e-5)
+    main = [entry[f"eval/{n}"] for n in ("red", "green", "dark")]
+    assert entry["eval/mean"] == pytest.approx(sum(main) / 3)  # extra rewards stay out of the mean
+    assert callback.samples[-1].shape == (2, 4)
+    with pytest.raises(ValueError, match="green"):
+        fit(make_module("marble"), max_steps=1,
+            callbacks=[RewardEvalCallback(["a"], extra_rewards=[ChannelMean(1, "green")])])
