@@ -47,10 +47,11 @@ def test_default_config_two_steps(tmp_path: Path) -> None:
         assert (report / name).is_file(), name
     record = json.loads((report / "history.json").read_text())
     assert record["names"] == ["composition", "ocr", "quality", "jpeg", "clip"]
+    assert record["eval_names"] == record["names"] + ["ocr_edit"]  # evaluation-only strict OCR score
     assert len(record["train"]) == 2
     assert len(record["eval_samples"]) == 2  # base and final
     assert len(record["eval_samples"][0]) == 3 * cfg["trainer"]["callbacks"][-2]["init_args"]["images_per_prompt"]
     summary = (report / "summary.md").read_text()
-    for name in record["names"]:
+    for name in record["eval_names"]:
         assert f"| {name} |" in summary
     assert list(tmp_path.glob("lightning_logs/version_*/checkpoints/last.ckpt"))

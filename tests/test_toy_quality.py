@@ -54,7 +54,7 @@ def test_contrast_matches_quantiles():
 
 
 def test_quality_orders_clean_renders_above_degraded_ones():
-    q = QualityReward()
+    q = QualityReward(text_prompts=True)
     x, prompts = _scenes()
     gt = q(x, prompts)
     blurred = q(torch.nn.functional.avg_pool2d(x, 3, 1, 1, count_include_pad=False), prompts)
@@ -69,12 +69,27 @@ def test_quality_orders_clean_renders_above_degraded_ones():
     t_clean = q.terms(x)["clean"]
     t_grey = q.terms(x * 0.8 + 0.1)["clean"]
     assert (t_grey < t_clean).all()
+    from marble_lightning.rewards.ocr import quoted_text
+
     assert q.applies_to(prompts).all()
+    masked = QualityReward().applies_to(prompts)
+    assert masked.tolist() == [quoted_text(p) is None for p in prompts] and 0 < masked.sum() < len(prompts)
+
+
+def test_quality_would_reward_recoloured_text_hence_text_is_masked():
+    rng = np.random.default_rng(1)
+    prompts = train_prompts("text")[:12]
+    x = to_tensor_images([render_scene(parse_prompt(p), rng).image for p in prompts])
+    ink = x.mean(1, keepdim=True) < 0.9
+    green = torch.where(ink, torch.tensor([0.1, 0.6, 0.3]).view(1, 3, 1, 1), x)
+    scored = QualityReward(text_prompts=True)
+    assert (scored(green, prompts) > scored(x, prompts) + 0.1).all()  # the hack RL found
+    assert not QualityReward().applies_to(prompts).any()
 
 
 def test_quality_weights_and_errors():
     x, prompts = _scenes(4)
-    only_sharp = QualityReward(weights={"sharpness": 2.0})
+    only_sharp = QualityReward(weights={"sharpness": 2.0}, text_prompts=True)
     torch.testing.assert_close(only_sharp(x, prompts), sharpness(x))
     with pytest.raises(ValueError, match="'blur'"):
         QualityReward(weights={"blur": 1.0})

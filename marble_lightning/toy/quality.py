@@ -19,6 +19,13 @@ The score is a weighted mean of four measurements, each in ``[0, 1]`` with parti
   ``M`` near 100 "highly colourful").
 
 All terms are plain computations on the pixels (no learned model, no gradients needed).
+
+**Text prompts are masked by default** (``text_prompts=False``): the terms are built for scenes of
+coloured shapes and misjudge black words. Measured on ground-truth renders of the training prompts:
+text 0.57, counts 0.93, relations 0.93, and the same words recoloured green 0.87 (colourfulness and
+the anti-aliased grey edge pixels that ``clean`` counts as dirty). With text prompts scored, one of
+two seeds of a 150-step MARBLE run learned exactly that: its words turned faint and green, held-out
+OCR fell from 0.36 to 0.10 while quality rose.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import torch
 from torch import Tensor
 
 from marble_lightning.rewards.base import RewardModel
+from marble_lightning.rewards.ocr import quoted_text
 from marble_lightning.toy.world import BACKGROUND, PALETTE, TEXT_COLOR
 
 DEFAULT_WEIGHTS: dict[str, float] = {
@@ -92,6 +100,7 @@ class QualityReward(RewardModel):
             to sum to 1; missing keys count 0).
         tol: colour distance under which a pixel counts as clean.
         max_dirty: dirty-pixel fraction at which the clean term reaches 0.
+        text_prompts: also score prompts with quoted text (default ``False``: masked, see above).
         name: reward name (default ``"quality"``).
     """
 
@@ -102,6 +111,7 @@ class QualityReward(RewardModel):
         weights: dict[str, float] | None = None,
         tol: float = 0.12,
         max_dirty: float = 0.25,
+        text_prompts: bool = False,
         name: str | None = None,
     ) -> None:
         super().__init__(name)
@@ -121,6 +131,7 @@ class QualityReward(RewardModel):
         self.weights = {k: weights.get(k, 0.0) / total for k in DEFAULT_WEIGHTS}
         self.tol = tol
         self.max_dirty = max_dirty
+        self.text_prompts = bool(text_prompts)
         refs = (
             torch.tensor([BACKGROUND, *PALETTE.values(), TEXT_COLOR], dtype=torch.float32) / 255.0
         )
@@ -136,6 +147,11 @@ class QualityReward(RewardModel):
             "contrast": contrast(x),
             "colorfulness": colorfulness(x),
         }
+
+    def applies_to(self, prompts: Sequence[str]) -> Tensor:
+        if self.text_prompts:
+            return torch.ones(len(prompts), dtype=torch.bool)
+        return torch.tensor([quoted_text(p) is None for p in prompts], dtype=torch.bool)
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         terms = self.terms(images)
