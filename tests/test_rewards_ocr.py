@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from marble_lightning.rewards.ocr import (
     OCRReward,
+    ctc_casefold_probability,
     edit_distance,
     normalize_text,
     ocr_similarity,
@@ -173,10 +174,13 @@ def test_target_likelihood_matches_brute_force_alignment_sum(seed: int, frames: 
     probs = np.random.default_rng(seed).dirichlet(np.ones(len(chars)), size=frames)
     expected = brute_ctc_probability(probs, chars, target)
     got = r.target_likelihood(probs, target)
+    classes = [r._folded_classes(c) for c in target]
+    forward = ctc_casefold_probability(probs, classes, max_spellings=0)  # the forward-pass path
     if expected == 0.0:  # too few frames for this target
-        assert got == 0.0
+        assert got == 0.0 and forward == 0.0
     else:
         assert got == pytest.approx(expected ** (1 / len(target)), rel=1e-9)
+        assert forward == pytest.approx(expected, rel=1e-9)
 
 
 def test_likelihood_term_on_renders(reward: OCRReward) -> None:

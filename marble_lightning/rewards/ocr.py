@@ -25,6 +25,8 @@ and concatenates them (slower; worse on tiny images).
 
 from __future__ import annotations
 
+import itertools
+import math
 import re
 from collections.abc import Sequence
 
@@ -87,7 +89,9 @@ def _checked(target: str) -> str:
     return t
 
 
-def ctc_casefold_probability(probs: np.ndarray, classes: Sequence[Sequence[int]]) -> float:
+def ctc_casefold_probability(
+    probs: np.ndarray, classes: Sequence[Sequence[int]], max_spellings: int = 64
+) -> float:
     """CTC probability of reading a target whose position ``j`` may be any class in ``classes[j]``.
 
     Args:
@@ -100,10 +104,29 @@ def ctc_casefold_probability(probs: np.ndarray, classes: Sequence[Sequence[int]]
         (position ``j``, spelling ``v``); a step from ``(j-1, v')`` to ``(j, v)`` without a blank
         is allowed only between different classes, as in CTC. Per-frame rescaling keeps it
         finite for long ``T``. 0 when a position has no class or ``T`` is too short.
+
+    Up to ``max_spellings`` spellings (8 for a 3-letter word) it sums the CTC probability of each
+    spelling (``torch.nn.functional.ctc_loss``, about 2x faster than the Python forward pass below);
+    beyond, it runs the forward pass over (position, spelling) states. Both are exact.
     """
     p = np.asarray(probs, dtype=np.float64)
     if any(len(c) == 0 for c in classes):
         return 0.0
+    spellings = math.prod(len(c) for c in classes)
+    if spellings <= max_spellings:  # every spelling is a distinct string: sum their CTC probabilities
+        log_probs = torch.from_numpy(p).clamp_min(1e-300).log()[:, None].expand(-1, spellings, -1)
+        targets = torch.tensor(list(itertools.product(*classes)), dtype=torch.long).reshape(spellings, len(classes))
+        nll = F.ctc_loss(
+            log_probs,
+            targets,
+            torch.full((spellings,), p.shape[0], dtype=torch.long),
+            torch.full((spellings,), len(classes), dtype=torch.long),
+            blank=0,
+            reduction="none",
+            zero_infinity=False,
+        )
+        total = torch.logsumexp(-nll, 0)
+        return float(total.exp()) if torch.isfinite(total) else 0.0
     n = len(classes)
     blank = np.zeros(n + 1)  # blank[j + 1]: j characters read, now in a blank
     blank[0] = 1.0
@@ -262,9 +285,8 @@ class OCRReward(RewardModel):
         ``probs`` reads ``target`` up to letter case: the sum over every casing of the target of its
         CTC probability, computed exactly by one forward pass over (position, casing) states.
         """
-        return ctc_casefold_probability(probs, [self._folded_classes(c) for c in _checked(target)]) ** (
-            1 / len(_checked(target))
-        )
+        t = _checked(target)
+        return ctc_casefold_probability(probs, [self._folded_classes(c) for c in t]) ** (1 / len(t))
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         targets = [quoted_text(p) for p in prompts]
