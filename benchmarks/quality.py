@@ -125,7 +125,7 @@ def plots(results: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for r in results.get("marble (amortised)", []):
         hist = r["record"]["train"]
-        for k, name in enumerate(names):
+        for k, name in enumerate(r["record"]["names"]):  # trained rewards only
             ax.plot([h["step"] for h in hist], [h["alpha"][k] for h in hist], color=f"C{k}", alpha=0.6,
                     label=name if r is results["marble (amortised)"][0] else None)
     ax.set_xlabel("step"); ax.set_ylabel("alpha"); ax.legend(fontsize=6)

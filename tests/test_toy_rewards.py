@@ -25,7 +25,7 @@ def test_specialists_are_masked_and_ground_truth_scores_high(scenes) -> None:
     from marble_lightning.toy.rewards import ToyCompositionReward, ToyOCRReward
 
     prompts, images = scenes
-    rewards = MultiReward([ToyCompositionReward(), ToyOCRReward()])
+    rewards = MultiReward([ToyCompositionReward(), ToyOCRReward(likelihood_weight=0.0)])
     batch = rewards(images, prompts)
     is_text = torch.tensor(['"' in p for p in prompts])
     assert torch.equal(batch.mask[:, 0], ~is_text)  # composition: shape prompts only
@@ -37,6 +37,12 @@ def test_specialists_are_masked_and_ground_truth_scores_high(scenes) -> None:
     blank_batch = rewards(blank, prompts)
     assert blank_batch.values[~is_text, 0].max() < 0.5
     assert blank_batch.values[is_text, 1].max() == 0.0
+    # the default toy OCR score adds the CTC-likelihood term: high on renders, near 0 on blanks
+    mixed = ToyOCRReward()
+    assert mixed.likelihood_weight == 0.5
+    text_prompts = [p for p, t in zip(prompts, is_text) if t]
+    assert mixed(images[is_text], text_prompts).mean() >= 0.85
+    assert mixed(blank[is_text], text_prompts).max() < 0.1
 
 
 def test_clip_reward_prefers_matching_captions(scenes) -> None:

@@ -281,9 +281,8 @@ class OCRReward(RewardModel):
     def target_likelihood(self, probs: np.ndarray, target: str) -> float:
         """``p(target | frames) ** (1 / len(target))``, case folded; ``probs`` ``[T, C]``.
 
-        ``p`` is the probability that CTC greedy-free decoding of a frame labelling drawn from
-        ``probs`` reads ``target`` up to letter case: the sum over every casing of the target of its
-        CTC probability, computed exactly by one forward pass over (position, casing) states.
+        ``p`` is the probability that a frame labelling drawn from ``probs`` collapses (CTC: merge
+        repeats, drop blanks) to ``target`` up to letter case; see :func:`ctc_casefold_probability`.
         """
         t = _checked(target)
         return ctc_casefold_probability(probs, [self._folded_classes(c) for c in t]) ** (1 / len(t))
