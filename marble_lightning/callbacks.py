@@ -235,9 +235,9 @@ class RewardEvalCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        for extra in (self.rewards, self.extra_rewards):
-            if extra is not None:
-                extra.to(pl_module.device)
+        for own in (self.rewards, self.extra_rewards):
+            if own is not None:
+                own.to(pl_module.device)
         if not any(entry.get("adapter") == "base" for entry in self.history):
             self.evaluate(trainer, pl_module, adapter="base")
 

@@ -69,24 +69,23 @@ def edit_distance(a: str, b: str) -> int:
     return prev[-1]
 
 
+def _checked(target: str) -> str:
+    """The normalised target; raises ``ValueError`` naming it when it is empty."""
+    t = normalize_text(target)
+    if not t:
+        raise ValueError(f"OCR target text is empty after removing whitespace: {target!r}")
+    return t
+
+
 def ocr_similarity(read: str, target: str) -> float:
     """``1 - min(d, len(t)) / len(t)`` on normalised strings (see module docstring).
 
     Raises:
         ValueError: the target is empty after normalisation.
     """
-    r, t = normalize_text(read), normalize_text(target)
-    if not t:
-        raise ValueError(f"OCR target text is empty after removing whitespace: {target!r}")
+    r, t = normalize_text(read), _checked(target)
     d = 0 if t in r else edit_distance(r, t)
     return 1.0 - min(d, len(t)) / len(t)
-
-
-def _checked(target: str) -> str:
-    t = normalize_text(target)
-    if not t:
-        raise ValueError(f"OCR target text is empty after removing whitespace: {target!r}")
-    return t
 
 
 def ctc_casefold_probability(
