@@ -128,7 +128,9 @@ def plots(results: dict, out: Path) -> None:
         for k, name in enumerate(r["record"]["names"]):  # trained rewards only
             ax.plot([h["step"] for h in hist], [h["alpha"][k] for h in hist], color=f"C{k}", alpha=0.6,
                     label=name if r is results["marble (amortised)"][0] else None)
-    ax.set_xlabel("step"); ax.set_ylabel("alpha"); ax.legend(fontsize=6)
+    ax.set_xlabel("step"); ax.set_ylabel("alpha")
+    if ax.get_legend_handles_labels()[0]:  # no MARBLE run among the methods: an empty plot, no legend
+        ax.legend(fontsize=6)
     fig.tight_layout(); fig.savefig(out / "alpha.png", dpi=110); plt.close(fig)
 
 
