@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="time the general case where the old adapter differs from the policy (its own forward "
                              "pass, and the per_sample engine's second backward); by default the old adapter equals "
                              "the policy, as for the first 75 steps of DiffusionNFT's old-policy schedule")
-    parser.add_argument("--rollout-precision", default="bfloat16", choices=["float32", "bfloat16"],
-                        help="rollout sampler precision (configs/marble.yaml uses bfloat16)")
+    parser.add_argument("--rollout-precision", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="rollout sampler precision (configs/marble.yaml uses auto: bf16 only with native bf16)")
     parser.add_argument("--out", default="benchmarks/results/k_scaling")
     args = parser.parse_args(argv)
     if args.quick:

@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-timesteps", type=int, default=2)
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--random-backbone", action="store_true")
-    parser.add_argument("--rollout-precision", default="bfloat16", choices=["float32", "bfloat16"],
-                        help="rollout sampler precision (configs/marble.yaml uses bfloat16)")
+    parser.add_argument("--rollout-precision", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="rollout sampler precision (configs/marble.yaml uses auto: bf16 only with native bf16)")
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "K"), help=argparse.SUPPRESS)
     parser.add_argument("--out", default="benchmarks/results/memory")
     args = parser.parse_args(argv)

@@ -24,6 +24,9 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from marble_lightning.checks import check_int
+from marble_lightning.seeding import generator
+
 __all__ = ["PromptBatches", "PromptDataModule", "resolve_prompts"]
 
 PromptSource = str | Sequence[str]
@@ -102,7 +105,7 @@ def _strata(
         out = []
         for name, group in prompts.items():
             count = prompts_per_step[name]
-            _check_count(f"prompts_per_step[{name!r}]", count)
+            check_int(f"prompts_per_step[{name!r}]", count)
             out.append((str(name), list(group), int(count)))
         return out
     if isinstance(prompts_per_step, Mapping):
@@ -110,13 +113,10 @@ def _strata(
             f"`prompts_per_step` is a mapping {dict(prompts_per_step)!r} but `train_prompts` is a "
             "single list; give `train_prompts` as a mapping of the same strata"
         )
-    _check_count("prompts_per_step", prompts_per_step)
+    check_int("prompts_per_step", prompts_per_step)
     return [("", list(prompts), int(prompts_per_step))]
 
 
-def _check_count(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` should be an integer >= 1, got {value!r}")
 
 
 class PromptBatches(IterableDataset):
@@ -172,7 +172,7 @@ class PromptBatches(IterableDataset):
     def _orders(self, epoch: int) -> list[list[int]]:
         orders = []
         for index, (_, group, _) in enumerate(self.strata):
-            gen = torch.Generator().manual_seed(hash_seed(self.seed, epoch, index))
+            gen = generator(self.seed, "prompt-order", epoch, index)
             orders.append(torch.randperm(len(group), generator=gen).tolist())
         return orders
 
@@ -195,11 +195,6 @@ class PromptBatches(IterableDataset):
             if (index - self.skip) % workers != worker:
                 continue
             yield self._batch(orders, index)
-
-
-def hash_seed(seed: int, epoch: int, stratum: int = 0) -> int:
-    """Seed of the permutation of ``stratum`` in epoch ``epoch`` (a fixed mixing of the integers)."""
-    return (int(seed) * 1_000_003 + int(epoch) * 7_919 + int(stratum) * 104_729 + 12_345) % (2**63 - 1)
 
 
 class _ResumableLoader(DataLoader):

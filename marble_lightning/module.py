@@ -47,7 +47,6 @@ weights come from the backbone's own configuration.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import time
@@ -79,19 +78,15 @@ from marble_lightning.nft import (
     nft_terms,
 )
 from marble_lightning.rewards.base import MultiReward, RewardBatch
+from marble_lightning.checks import check_choice
+from marble_lightning.precision import ROLLOUT_PRECISIONS, autocast_context, resolve_rollout_precision
 from marble_lightning.schedules import OldPolicySchedule
+from marble_lightning.seeding import stable_seed
 
 __all__ = ["MODES", "MarbleDiffusionModule", "Rollout", "UpdateResult"]
 
 MODES = ("marble", "amortized", "weighted_sum", "fixed", "single", "sequential")
 """Training modes (DESIGN.md section 1, "Baselines")."""
-
-ROLLOUT_PRECISIONS: dict[str, torch.dtype | None] = {
-    "float32": None,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
-"""``rollout_precision`` values and their autocast dtypes (``None``: no autocast)."""
 
 POLICY = "policy"
 OLD = "old"
@@ -162,11 +157,6 @@ class UpdateResult:
     timesteps: list[int] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
 
-
-def _seed_from(*parts: object) -> int:
-    """A 63-bit seed from a stable hash of ``parts`` (independent of ``PYTHONHASHSEED``)."""
-    digest = hashlib.blake2b("|".join(map(str, parts)).encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 def _check_positive_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -300,7 +290,7 @@ class MarbleDiffusionModule(LightningModule):
         grad_clip: float | None = 1.0,
         diagnostics_every: int | None = None,
         gram: str = "auto",
-        rollout_precision: str = "float32",
+        rollout_precision: str = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -342,10 +332,7 @@ class MarbleDiffusionModule(LightningModule):
             _check_positive_int("diagnostics_every", diagnostics_every)
         if aggregate not in ("r", "advantage"):
             raise ValueError(f"unknown `aggregate` {aggregate!r}; expected 'r' or 'advantage'")
-        if rollout_precision not in ROLLOUT_PRECISIONS:
-            raise ValueError(
-                f"unknown `rollout_precision` {rollout_precision!r}; expected one of {tuple(ROLLOUT_PRECISIONS)}"
-            )
+        check_choice("rollout_precision", rollout_precision, ROLLOUT_PRECISIONS)
         self.rollout_precision = rollout_precision
         if gram not in (*ENGINES, "auto"):
             raise ValueError(f"unknown `gram` engine {gram!r}; available: {['auto', *ENGINES]}")
@@ -441,6 +428,7 @@ class MarbleDiffusionModule(LightningModule):
         self._old_is_policy: bool = True
         self.keep_debug: bool = False
         self.strict_loading = False  # checkpoints hold the adapters only
+        self._rollout_dtype: str | None = None  # rollout_precision with 'auto' resolved
 
     # ------------------------------------------------------------------ setup helpers
     def _reward_index(self, name: Any, argument: str) -> int:
@@ -584,7 +572,7 @@ class MarbleDiffusionModule(LightningModule):
             occurrence = seen.get(prompt, 0)
             seen[prompt] = occurrence + 1
             key = (self.seed, *tag) if module_seed else tuple(tag)
-            gen = torch.Generator().manual_seed(_seed_from(*key, occurrence, prompt))
+            gen = torch.Generator().manual_seed(stable_seed(*key, occurrence, prompt))
             chunks.append(torch.randn((count, *shape), generator=gen))
         return torch.cat(chunks).to(device=self._param_device(), dtype=self._param_dtype())
 
@@ -726,11 +714,10 @@ class MarbleDiffusionModule(LightningModule):
         return batch
 
     def _rollout_autocast(self) -> contextlib.AbstractContextManager:
-        """Autocast context of the rollout sampler (a no-op for ``rollout_precision="float32"``)."""
-        dtype = ROLLOUT_PRECISIONS[self.rollout_precision]
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        """Autocast context of the rollout sampler (``rollout_precision``; "auto" resolved once)."""
+        if self._rollout_dtype is None:
+            self._rollout_dtype = resolve_rollout_precision(self.rollout_precision, self.device)
+        return autocast_context(self._rollout_dtype, self.device)
 
     def rollout(self, prompts: list[str], *, step: int | None = None) -> Rollout:
         """Sample ``G`` images per prompt with the old policy, score them, compute advantages.
@@ -820,7 +807,7 @@ class MarbleDiffusionModule(LightningModule):
         steps = self.sample_steps
         if self.train_timesteps is None or self.train_timesteps >= steps:
             return list(range(steps))
-        gen = torch.Generator().manual_seed(_seed_from(self.seed, "timesteps", step, update))
+        gen = torch.Generator().manual_seed(stable_seed(self.seed, "timesteps", step, update))
         return sorted(torch.randperm(steps, generator=gen)[: self.train_timesteps].tolist())
 
     def _flat_grads(self, losses: list[Tensor]) -> Tensor:
@@ -1011,6 +998,7 @@ class MarbleDiffusionModule(LightningModule):
                 alpha_used, weights_used = h.alpha, h.weights
             direction = weights_used.to(grads_k.dtype) @ grads_k
             cosines = self._cosines(direction, grads_k, h.dropped)
+            metrics["norm/direction"] = float(direction.double().norm())
             skipped = bool(h.dropped.all())
             for i, name in enumerate(self.reward_names):
                 metrics[f"loss/{name}"] = float(mean_losses[i])

@@ -172,7 +172,7 @@ PROMPTS = [
 
 # ----------------------------------------------------------------- module / trainer helpers
 
-TINY = dict(group_size=2, sample_steps=2, lora_rank=2, lora_alpha=4, lr=1e-3)
+TINY = dict(group_size=2, sample_steps=2, lora_rank=2, lora_alpha=4, lr=1e-3, rollout_precision="float32")
 
 
 def make_module(mode: str = "marble", rewards: list | None = None, **kwargs: Any) -> MarbleDiffusionModule:

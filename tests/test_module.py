@@ -225,7 +225,12 @@ def test_every_mode_trains(mode):
         assert torch.equal(p, q)
     if mode == "marble":
         assert all(r["refresh"] for r in module.history)
-        assert all(r["cos/worst"] >= -1e-6 for r in module.history)
+        for r in module.history:
+            # a min-norm direction that is zero up to round-off (Pareto-stationary batch, e.g.
+            # "red" and "dark" anti-parallel) has no meaningful cosine
+            largest = max(r[f"norm/{n}"] for n in module.reward_names)
+            if r["norm/direction"] > 1e-5 * largest:
+                assert r["cos/worst"] >= -1e-6, r
     if mode in ("weighted_sum", "fixed", "single", "sequential"):
         assert not any(r["refresh"] for r in module.history)
         assert "cos/worst" in module.history[0] and "cos/worst" not in module.history[1]

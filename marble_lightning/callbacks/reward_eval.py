@@ -1,19 +1,8 @@
-"""Lightning callbacks that drive :class:`~marble_lightning.module.MarbleDiffusionModule`.
-
-* :class:`HarmonizationCallback` decides on which steps the module harmonises fresh per-reward
-  gradients (a "refresh") and when the final uniform-alpha stage starts.
-* :class:`EMACoefficientCallback` smooths the coefficients used between refreshes.
-* :class:`RewardEvalCallback` scores the policy on held-out prompts at fixed seeds, logs the
-  per-reward means and an image grid, and keeps the evaluation history (for plots).
-
-Each callback validates its arguments in ``__init__`` (``ValueError`` naming the argument and
-value), checks the module in ``setup`` and is resumable (``state_dict`` / ``load_state_dict``).
-"""
+"""``RewardEvalCallback``: held-out evaluation of the policy at fixed seeds."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -21,128 +10,12 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 from typing_extensions import override
 
+from marble_lightning.callbacks._common import check_module
+from marble_lightning.checks import check_int
 from marble_lightning.data import resolve_prompts
 from marble_lightning.rewards.base import MultiReward
 
-__all__ = ["EMACoefficientCallback", "HarmonizationCallback", "RewardEvalCallback"]
-
-
-def _check_module(pl_module: LightningModule, who: str, modes: Sequence[str] | None = None) -> None:
-    from marble_lightning.module import MarbleDiffusionModule
-
-    if not isinstance(pl_module, MarbleDiffusionModule):
-        raise TypeError(f"{who} needs a MarbleDiffusionModule, got {type(pl_module).__name__}")
-    if modes is not None and pl_module.mode not in modes:
-        raise ValueError(f"{who} needs the module's mode to be one of {tuple(modes)}, got {pl_module.mode!r}")
-
-
-def _int_at_least(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` should be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-class HarmonizationCallback(Callback):
-    """When to refresh the MARBLE coefficients, and when to switch to uniform alpha.
-
-    Before every training step it sets ``module.refresh_now = (step % refresh_every == 0)`` (so
-    step 0 always refreshes) and ``module.force_uniform = step >= uniform_after``. In the uniform
-    stage alpha is ``1/K`` over the non-dropped rewards, with the gradient norms of the latest
-    refresh (the paper's best schedule: dynamic most of training, uniform at the end).
-
-    Args:
-        refresh_every: refresh period in training steps (rollouts), ``>= 1``.
-        uniform_after: first step of the uniform stage (``None``: never).
-    """
-
-    def __init__(self, refresh_every: int = 5, uniform_after: int | None = None) -> None:
-        self.refresh_every = _int_at_least("refresh_every", refresh_every, 1)
-        self.uniform_after = None if uniform_after is None else _int_at_least("uniform_after", uniform_after, 0)
-        self.refreshes = 0
-
-    @property
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(refresh_every=self.refresh_every, uniform_after=self.uniform_after)
-
-    @override
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        _check_module(pl_module, "HarmonizationCallback", ("marble", "amortized"))
-
-    @override
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        step = pl_module.step_index
-        refresh = step % self.refresh_every == 0
-        pl_module.refresh_now = refresh
-        pl_module.force_uniform = self.uniform_after is not None and step >= self.uniform_after
-        self.refreshes += int(refresh)
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"refresh_every": self.refresh_every, "uniform_after": self.uniform_after, "refreshes": self.refreshes}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.refreshes = int(state_dict.get("refreshes", 0))
-
-
-class EMACoefficientCallback(Callback):
-    """Exponential moving average of the MARBLE coefficients between refreshes.
-
-    After each refresh with QP solution ``alpha*``:
-    ``alpha_ema <- decay * alpha_ema + (1 - decay) * alpha*`` (initialised with the first
-    ``alpha*``); amortised steps use ``alpha_ema`` with the norms of the last refresh. Refresh
-    steps themselves use ``alpha*`` (the exact MARBLE direction).
-
-    Args:
-        decay: ``rho`` in ``[0, 1)``; 0 means no smoothing.
-    """
-
-    def __init__(self, decay: float = 0.9) -> None:
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
-            raise ValueError(f"`decay` should lie in [0, 1), got {decay!r}")
-        self.decay = float(decay)
-        self.alpha_ema: Tensor | None = None
-        self.updates = 0
-
-    @property
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(decay=self.decay)
-
-    @override
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        _check_module(pl_module, "EMACoefficientCallback", ("marble", "amortized"))
-        pl_module.alpha_transform = self.smooth
-
-    @override
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if getattr(pl_module, "alpha_transform", None) == self.smooth:
-            pl_module.alpha_transform = None
-
-    def smooth(self, alpha: Tensor) -> Tensor:
-        """Fold a fresh ``alpha*`` ``[K]`` into the average and return ``alpha_ema`` ``[K]``."""
-        alpha = torch.as_tensor(alpha, dtype=torch.float64).detach().cpu()
-        if self.alpha_ema is None or self.alpha_ema.shape != alpha.shape:
-            self.alpha_ema = alpha.clone()
-        else:
-            self.alpha_ema = self.decay * self.alpha_ema + (1.0 - self.decay) * alpha
-        self.updates += 1
-        return self.alpha_ema.clone()
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "decay": self.decay,
-            "alpha_ema": None if self.alpha_ema is None else self.alpha_ema.tolist(),
-            "updates": self.updates,
-        }
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        ema = state_dict.get("alpha_ema")
-        self.alpha_ema = None if ema is None else torch.tensor(ema, dtype=torch.float64)
-        self.updates = int(state_dict.get("updates", 0))
+__all__ = ["RewardEvalCallback"]
 
 
 class RewardEvalCallback(Callback):
@@ -200,11 +73,11 @@ class RewardEvalCallback(Callback):
         if isinstance(prompts, (list, tuple)):
             resolve_prompts(list(prompts), what="prompts")  # validate lists now
         self.source = prompts
-        self.every_n_steps = _int_at_least("every_n_steps", every_n_steps, 1)
+        self.every_n_steps = check_int("every_n_steps", every_n_steps, 1)
         self.seed = int(seed)
-        self.images_per_prompt = _int_at_least("images_per_prompt", images_per_prompt, 1)
-        self.batch_size = _int_at_least("batch_size", batch_size, 1)
-        self.max_grid = _int_at_least("max_grid", max_grid, 0)
+        self.images_per_prompt = check_int("images_per_prompt", images_per_prompt, 1)
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.max_grid = check_int("max_grid", max_grid, 0)
         self.log_images = bool(log_images)
         self.rewards = None if rewards is None else MultiReward(rewards)
         self.extra_rewards = MultiReward(extra_rewards) if extra_rewards else None
@@ -222,7 +95,7 @@ class RewardEvalCallback(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        _check_module(pl_module, "RewardEvalCallback")
+        check_module(pl_module, "RewardEvalCallback")
         self.prompts = resolve_prompts(self.source, what="prompts")
         if self.extra_rewards is not None:
             main = self.rewards if self.rewards is not None else pl_module.rewards

@@ -1,0 +1,57 @@
+"""``HarmonizationCallback``: when the module refreshes its MARBLE coefficients, and the uniform stage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from typing_extensions import override
+
+from marble_lightning.callbacks._common import check_module
+from marble_lightning.checks import check_int
+
+__all__ = ["HarmonizationCallback"]
+
+
+class HarmonizationCallback(Callback):
+    """When to refresh the MARBLE coefficients, and when to switch to uniform alpha.
+
+    Before every training step it sets ``module.refresh_now = (step % refresh_every == 0)`` (so
+    step 0 always refreshes) and ``module.force_uniform = step >= uniform_after``. In the uniform
+    stage alpha is ``1/K`` over the non-dropped rewards, with the gradient norms of the latest
+    refresh (the paper's best schedule: dynamic most of training, uniform at the end).
+
+    Args:
+        refresh_every: refresh period in training steps (rollouts), ``>= 1``.
+        uniform_after: first step of the uniform stage (``None``: never).
+    """
+
+    def __init__(self, refresh_every: int = 5, uniform_after: int | None = None) -> None:
+        self.refresh_every = check_int("refresh_every", refresh_every, 1)
+        self.uniform_after = None if uniform_after is None else check_int("uniform_after", uniform_after, 0)
+        self.refreshes = 0
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(refresh_every=self.refresh_every, uniform_after=self.uniform_after)
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        check_module(pl_module, "HarmonizationCallback", ("marble", "amortized"))
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        step = pl_module.step_index
+        refresh = step % self.refresh_every == 0
+        pl_module.refresh_now = refresh
+        pl_module.force_uniform = self.uniform_after is not None and step >= self.uniform_after
+        self.refreshes += int(refresh)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"refresh_every": self.refresh_every, "uniform_after": self.uniform_after, "refreshes": self.refreshes}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.refreshes = int(state_dict.get("refreshes", 0))
