@@ -2,7 +2,7 @@
 
 Builds a randomly initialised transformer with the SD3.5-Medium architecture
 (``marble_lightning.testing.build_sd35_medium_transformer``), LoRA r=32 / alpha 64 on the
-attention projections (DESIGN.md §2), bf16, behind a text-encoder-free backbone (fixed random
+attention projections (the paper's setting), bf16, behind a text-encoder-free backbone (fixed random
 prompt embeddings of the real shapes; latents decoded by a fixed 16->3 channel projection), and
 K=5 cheap synthetic rewards, so the numbers isolate the diffusion model's cost. Times, interleaved:
 weighted sum, amortised MARBLE (refresh every 5), full MARBLE with the ``backward`` and

@@ -176,7 +176,7 @@ def test_ddp_two_processes_end_to_end(tiny_dir: str, tmp_path) -> None:
         check=False,
     )
     marker = f"{FIT_MARKER} {root / 'lightning_logs' / 'version_0' / 'checkpoints'}"
-    # FACTS.md: a rare teardown abort (134) was seen after a successful fit; the marker decides.
+    # A rare teardown abort (134) was seen after a successful fit; the marker decides.
     assert proc.returncode == 0 or (proc.returncode == 134 and marker in proc.stdout), proc.stderr[
         -3000:
     ]
@@ -235,7 +235,7 @@ def test_every_config_parses(config_path: Path, capsys) -> None:
     "config_path", sorted((REPO / "configs").glob("sd35m_*.yaml")), ids=lambda p: p.name
 )
 def test_sd35m_configs_follow_the_reference_setting(config_path: Path) -> None:
-    """DESIGN.md section 2, checked on the raw files."""
+    """The reference SD3.5-M setting (see the configs' header), checked on the raw files."""
     config = yaml.safe_load(config_path.read_text())
     model = config["model"]
     backbone = model["backbone"]

@@ -41,7 +41,7 @@ def _perturb(module: MarbleDiffusionModule, seed: int = 1) -> None:
 
 
 def _independent_gradients(module: MarbleDiffusionModule, rollout, timesteps, beta: float, a_max: float, kl_weight: float):
-    """Per-reward and KL gradients written from the formulas (DESIGN.md section 1), one
+    """Per-reward and KL gradients written from the formulas (marble_lightning/nft.py), one
     autograd.grad per reward and timestep on a deep copy of the module."""
     twin = copy.deepcopy(module)
     params = twin.trainable_parameters

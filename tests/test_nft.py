@@ -34,7 +34,7 @@ def make_batch(seed: int, b: int = 4, shape: tuple[int, ...] = (2, 3, 3), dtype=
 
 
 def reference_loss(v, v_old, x_t, x0, t, r, beta, a_max) -> float:
-    """DESIGN.md §1 written out per sample with numpy, independently of the module."""
+    """The NFT loss (marble_lightning/nft.py) per sample in numpy, independently of the module."""
     v, v_old, x_t, x0, t, r = (np.asarray(a, dtype=np.float64) for a in (v, v_old, x_t, x0, t, r))
     total = 0.0
     for i in range(v.shape[0]):

@@ -6,7 +6,7 @@ A reward scores a batch of images against their prompts::
     mask = reward.applies_to(prompts)  # bool [B]; False where the reward has no opinion
 
 Where ``mask`` is False the value is ignored (0 by convention, never NaN): the sample carries no
-signal for that reward (DESIGN.md, "specialist samples").
+signal for that reward (a "specialist sample" in the MARBLE paper).
 """
 
 from __future__ import annotations

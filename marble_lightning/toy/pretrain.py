@@ -10,7 +10,7 @@ Usage::
     python -m marble_lightning.toy.pretrain --eval CHECKPOINT [--eval-samples 4]
 
 (The environment variables keep glibc from returning tensor buffers to the OS every step, which
-made CPU steps several times slower on the development machine; see FACTS.md.)
+made CPU steps about 7x slower on the development machine.)
 
 Training: each step renders a batch of scenes for random *training* prompts (a family drawn
 uniformly, then a prompt of that family; 10% of prompts replaced by ``""`` so classifier-free

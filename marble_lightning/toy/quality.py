@@ -6,7 +6,7 @@ The score is a weighted mean of four measurements, each in ``[0, 1]`` with parti
   Euclidean distance, channels in ``[0, 1]``) of the background colour or of one of the world's ink
   colours (palette + text), mapped as ``clip(1 - dirty_fraction / max_dirty, 0, 1)``. Smears,
   haze, a grey or tinted background and colour fringes are "dirty". (Without such a term RL let the
-  background drift: FACTS.md.)
+  background drift grey.)
 * **sharpness** (weight 0.25): for the colour-gradient magnitude ``g`` (per pixel, the largest
   absolute forward difference over channels and both directions) and the image's colour range
   ``R`` (largest per-channel max - min), ``sum(g^2) / sum(g) / R``. A step edge of height ``C``
