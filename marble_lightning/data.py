@@ -252,6 +252,9 @@ class PromptDataModule(LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
+        # in checkpoints (datamodule_hyper_parameters); not merged into the loggers' hparams, where a
+        # `seed` differing from the module's would make Lightning raise "Error while merging hparams"
+        self.save_hyperparameters(logger=False)
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"`num_workers` should be an integer >= 0, got {num_workers!r}")
         if not isinstance(train_prompts, (str, Sequence, Mapping)):
