@@ -18,7 +18,8 @@ def variant(base: dict, name: str, model: dict, keep_harmonization: bool = False
     cfg = copy.deepcopy(base)
     cfg["model"].update(model)
     for logger in cfg["trainer"]["logger"]:
-        logger["init_args"]["save_dir"] = f"runs/{name}"
+        # no save_dir: the marble CLI fills it from default_root_dir (every output under the root)
+        logger["init_args"].pop("save_dir", None)
     cfg["trainer"]["default_root_dir"] = f"runs/{name}"
     if not keep_harmonization:
         cfg["trainer"]["callbacks"] = [
