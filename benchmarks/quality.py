@@ -8,7 +8,8 @@ after training. Per method (mean +/- std over seeds):
 
 * each reward's held-out gain over the base model;
 * ``composite``: the mean over rewards of the standardised gain (gain / the base model's
-  per-image std of that reward on the held-out set) so rewards on different scales count alike;
+  per-image std of that reward on the held-out set) so rewards on different scales count alike
+  (:func:`marble_lightning.metrics.composite` with the ranges ``(0, base std)``);
 * ``worst``: the minimum over rewards of the standardised gain;
 * on diagnostic steps (every 5 steps; MARBLE's refresh steps, the others' ``diagnostics_every``)
   the worst-reward cosine ``min_k cos(d, g_k)`` of the actual update direction.
@@ -40,6 +41,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, environment_markdown  # noqa: E402
 from default_run import ALLOCATOR, run_seed  # noqa: E402
+
+from marble_lightning.metrics import composite, normalize_scores  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {
@@ -76,21 +79,27 @@ def stats(values: list[float]) -> str:
 
 
 def summarise(record: dict) -> dict:
+    """Per-reward paired gains (final minus base, same prompts and seeds) and their composite.
+
+    The composite is :func:`marble_lightning.metrics.composite` of the trained rewards' gains,
+    each normalised by the range ``(0, base std)``, i.e. the mean of ``gain / std`` (the base
+    model's per-image population std of that reward; 1 when it is 0).
+    """
     names = record.get("eval_names", record["names"])
     first, last = record["eval_samples"][0], record["eval_samples"][-1]
-    out = {"gain": {}, "std_gain": {}}
+    out: dict = {"gain": {}, "std_gain": {}}
+    scale: dict[str, tuple[float, float]] = {}
     for k, name in enumerate(names):
         pairs = [(a[k], b[k]) for a, b in zip(first, last) if not (math.isnan(a[k]) or math.isnan(b[k]))]
         if not pairs:
             continue
         base = [p[0] for p in pairs]
-        gain = statistics.fmean(p[1] - p[0] for p in pairs)
-        sd = statistics.pstdev(base) or 1.0
-        out["gain"][name] = gain
-        out["std_gain"][name] = gain / sd
-    trained = [out["std_gain"][n] for n in record["names"] if n in out["std_gain"]]
-    out["composite"] = statistics.fmean(trained)
-    out["worst"] = min(trained)
+        out["gain"][name] = statistics.fmean(p[1] - p[0] for p in pairs)
+        scale[name] = (0.0, statistics.pstdev(base) or 1.0)
+    out["std_gain"] = normalize_scores(out["gain"], scale)  # gain / base std
+    trained = [n for n in record["names"] if n in out["gain"]]
+    out["composite"] = composite({n: out["gain"][n] for n in trained}, ranges={n: scale[n] for n in trained})
+    out["worst"] = min(out["std_gain"][n] for n in trained)
     out["worst_cosines"] = [h["cos/worst"] for h in record["train"] if math.isfinite(h.get("cos/worst", float("nan")))]
     return out
 

@@ -13,6 +13,7 @@ from typing_extensions import override
 from marble_lightning.callbacks._common import check_module
 from marble_lightning.checks import check_int
 from marble_lightning.data import resolve_prompts
+from marble_lightning.metrics import RewardMetric, composite
 from marble_lightning.rewards.base import MultiReward
 
 __all__ = ["RewardEvalCallback"]
@@ -24,11 +25,20 @@ class RewardEvalCallback(Callback):
     At fit start it evaluates the base model (adapters disabled) once, then the policy every
     ``every_n_steps`` training steps and at fit end. Logs ``eval/<name>`` (mean over the samples
     where the reward applies; NaN is not logged when it applies to none), ``eval/mean`` (mean of
-    the per-reward means) and an image grid (``eval/images``, TensorBoard). Prompts are split
-    across ranks and the sums reduced, so every rank gets the same numbers.
+    the per-reward means of the trained rewards, :func:`~marble_lightning.metrics.composite`) and
+    an image grid (``eval/images``, TensorBoard). Prompts are split across ranks and the metric
+    states (:class:`~marble_lightning.metrics.RewardMetric`) summed by torchmetrics, so every rank
+    gets the same numbers.
 
-    (Per-reward masked means are computed here directly; ``marble_lightning.metrics`` did not
-    exist when this was written.)
+    The numbers also go into ``trainer.callback_metrics`` (the base evaluation as
+    ``eval/<name>_base`` and ``eval/mean_base``), so they can be monitored::
+
+        Trainer(callbacks=[RewardEvalCallback("toy:heldout", every_n_steps=50),
+                           ModelCheckpoint(monitor="eval/mean", mode="max", every_n_train_steps=50),
+                           EarlyStopping(monitor="eval/mean", mode="max")])
+
+    ``ModelCheckpoint`` should check on evaluation steps (``every_n_train_steps`` a multiple of
+    ``every_n_steps``); between evaluations the latest numbers stay in ``callback_metrics``.
 
     Args:
         prompts: a list, a text file or ``"toy:heldout"`` (see
@@ -127,7 +137,19 @@ class RewardEvalCallback(Callback):
 
     @torch.no_grad()
     def evaluate(self, trainer: Trainer, pl_module: LightningModule, adapter: str = "policy") -> dict[str, float]:
-        """Sample, score and log; every rank must call it (sums are reduced across ranks).
+        """Sample, score and log; every rank must call it (the metric states are synced across ranks).
+
+        Means and standard errors are :class:`~marble_lightning.metrics.RewardMetric`'s (its
+        states are summed over the ranks by torchmetrics in ``compute()``), ``eval/mean`` is
+        :func:`~marble_lightning.metrics.composite` of the trained rewards' means. The finite
+        values are logged to the loggers and written into ``trainer.callback_metrics`` (keys
+        suffixed ``_<adapter>`` unless ``adapter`` is ``"policy"``), where ``ModelCheckpoint`` and
+        ``EarlyStopping`` read them.
+
+        Args:
+            trainer: the trainer (ranks, loggers, ``callback_metrics``).
+            pl_module: the module to sample from.
+            adapter: ``"policy"``, ``"old"`` or ``"base"``.
 
         Returns:
             ``{"eval/<name>": mean, ..., "eval/mean": ...}`` (NaN for a reward that applied to no
@@ -140,9 +162,7 @@ class RewardEvalCallback(Callback):
         everything = [(p, self.seed + c) for p in self.prompts for c in range(self.images_per_prompt)]
         mine = everything[rank::world]
         device = pl_module.device
-        sums = torch.zeros(len(names), dtype=torch.float64, device=device)
-        squares = torch.zeros(len(names), dtype=torch.float64, device=device)
-        counts = torch.zeros(len(names), dtype=torch.float64, device=device)
+        metric = RewardMetric(names).to(device)
         per_sample: list[Tensor] = []
         grid: list[Tensor] = []
         for start in range(0, len(mine), self.batch_size):
@@ -154,27 +174,18 @@ class RewardEvalCallback(Callback):
                 scored.append(self.extra_rewards(images, chunk))
             mask = torch.cat([s.mask.to(device) for s in scored], dim=1)
             values = torch.cat([s.values.to(device).double() for s in scored], dim=1)
-            sums += (values * mask).sum(dim=0)
-            squares += (values.square() * mask).sum(dim=0)
-            counts += mask.double().sum(dim=0)
+            metric.update(values, mask)
             per_sample.append(torch.where(mask, values, torch.full_like(values, float("nan"))).cpu())
             if len(grid) * images.shape[0] < self.max_grid:
                 grid.append(images.detach().cpu())
-        if world > 1:
-            sums = trainer.strategy.reduce(sums, reduce_op="sum")
-            squares = trainer.strategy.reduce(squares, reduce_op="sum")
-            counts = trainer.strategy.reduce(counts, reduce_op="sum")
-        means = torch.where(counts > 0, sums / counts.clamp_min(1), torch.full_like(sums, float("nan")))
-        # standard error of the mean over the evaluated images (unbiased variance)
-        var = (squares - counts * means.square()).clamp_min(0) / (counts - 1).clamp_min(1)
-        sems = torch.where(counts > 1, (var / counts.clamp_min(1)).sqrt(), torch.full_like(sums, float("nan")))
+        if not mine:  # fewer samples than ranks: this rank still takes part in the sync
+            metric.update(torch.zeros(0, len(names), device=device), torch.zeros(0, len(names), dtype=torch.bool, device=device))
+        stats = metric.compute()  # sums reduced across ranks (dist_reduce_fx="sum")
+        means, sems = stats["mean"], stats["sem"]
         metrics = {f"eval/{name}": float(means[i]) for i, name in enumerate(names)}
-        finite = [metrics[f"eval/{n}"] for n in rewards.names if math.isfinite(metrics[f"eval/{n}"])]
-        metrics["eval/mean"] = sum(finite) / len(finite) if finite else float("nan")
+        metrics["eval/mean"] = composite({n: metrics[f"eval/{n}"] for n in rewards.names})
         suffix = "" if adapter == "policy" else f"_{adapter}"
-        to_log = {key + suffix: value for key, value in metrics.items() if math.isfinite(value)}
-        for logger in trainer.loggers:
-            logger.log_metrics(to_log, step=trainer.global_step)
+        self._publish(trainer, {key + suffix: value for key, value in metrics.items()})
         if grid and self.max_grid > 0:
             images = torch.cat(grid)[: self.max_grid]
             if self.first_images is None:
@@ -190,6 +201,26 @@ class RewardEvalCallback(Callback):
         # rank-local per-image scores ([N, K], NaN where a reward does not apply), in prompt order
         self.samples.append(torch.cat(per_sample) if per_sample else torch.zeros(0, len(names)))
         return metrics
+
+    @staticmethod
+    def _publish(trainer: Trainer, metrics: dict[str, float]) -> None:
+        """Log the finite values to the loggers and put them into ``trainer.callback_metrics``.
+
+        The values are already the same on every rank (synced), so no further reduction is
+        needed. ``callback_metrics`` keeps them until the next evaluation replaces them (a key
+        whose new value is NaN is removed), which is what ``ModelCheckpoint(monitor=...)`` and
+        ``EarlyStopping(monitor=...)`` read; Lightning runs checkpoint callbacks after the
+        others, so on an evaluation step they see this step's numbers.
+        """
+        finite = {key: value for key, value in metrics.items() if math.isfinite(value)}
+        for logger in trainer.loggers:
+            logger.log_metrics(finite, step=trainer.global_step)
+        callback_metrics = trainer.callback_metrics
+        for key, value in metrics.items():
+            if key in finite:
+                callback_metrics[key] = torch.tensor(value, dtype=torch.float64)
+            else:
+                callback_metrics.pop(key, None)
 
     @staticmethod
     def _log_grid(trainer: Trainer, images: Tensor, tag: str) -> None:
