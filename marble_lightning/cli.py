@@ -24,15 +24,24 @@ scripts can wait for.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
+import torch
+import yaml
+from lightning.pytorch import Trainer
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger
 
-__all__ = ["FIT_MARKER", "MarbleCLI", "allocator_hint", "main"]
+from marble_lightning.interrupts import GracefulInterrupt, checkpoint_dir
+
+__all__ = ["FIT_MARKER", "RESUME_AUTO", "RESUME_LAST", "SAFE_ON_RESUME", "MarbleCLI", "allocator_hint", "main"]
 
 FIT_MARKER = "marble: fit finished, checkpoints in"
 """Prefix of the line printed on global rank 0 after a successful ``fit``."""
@@ -73,22 +82,291 @@ def allocator_hint(
     )
 
 
-class MarbleCLI(LightningCLI):
-    """LightningCLI that advises on the CPU allocator and reports where ``fit`` left its checkpoints."""
+RESUME_LAST = "last"
+"""``--ckpt_path last``: resume the newest run of this root that has a ``last.ckpt`` (error if none)."""
+RESUME_AUTO = "auto"
+"""``--ckpt_path auto``: like ``last`` when such a run exists, else start fresh (auto-resume)."""
 
+SAFE_ON_RESUME = frozenset({"diagnostics_every"})
+"""Model hyper-parameters that may differ from the checkpoint's on resume (applied and logged).
+
+Every ``trainer`` setting (``max_steps``, callbacks such as the evaluation frequency, loggers) may
+change on resume too; any other model setting, the backbone, the reward list, the data settings
+and ``seed_everything`` must match the checkpoint's run, or the CLI refuses to resume."""
+
+
+def _plain(value: Any) -> Any:
+    """JSON-normal form (tuples -> lists, Namespaces -> dicts, paths -> str) for comparisons."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _diff(prefix: str, old: Any, new: Any, out: list[tuple[str, Any, Any]]) -> None:
+    """Leaf-level differences between two plain values, as ``(dotted key, old, new)``."""
+    if isinstance(old, dict) and isinstance(new, dict) and old.get("class_path") == new.get("class_path"):
+        for key in sorted(set(old) | set(new)):
+            _diff(f"{prefix}.{key}" if prefix else key, old.get(key), new.get(key), out)
+    elif old != new:
+        out.append((prefix, old, new))
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """The innermost exception of a ``raise ... from`` / ``__context__`` chain."""
+    seen = {id(err)}
+    while True:
+        nxt = err.__cause__ or err.__context__
+        if nxt is None or id(nxt) in seen:
+            return err
+        seen.add(id(nxt))
+        err = nxt
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    print(message, file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def _logger_entries(trainer_cfg: Any) -> list[Any]:
+    logger = trainer_cfg.get("logger") if trainer_cfg is not None else None
+    if logger is None or isinstance(logger, bool):
+        return []
+    return list(logger) if isinstance(logger, list) else [logger]
+
+
+def _versioned_logger(entry: Any) -> bool:
+    path = str(entry.get("class_path", "")) if hasattr(entry, "get") else ""
+    return path.endswith(("TensorBoardLogger", "CSVLogger"))
+
+
+class MarbleCLI(LightningCLI):
+    """LightningCLI with resume that finds the run, no silent overrides, outputs under the root.
+
+    * ``--ckpt_path last`` resumes the newest ``<root>/<logger name>/version_N`` that has
+      ``checkpoints/last.ckpt`` and keeps logging into that same folder; ``--ckpt_path auto``
+      does the same when such a run exists and starts fresh otherwise. Without ``--ckpt_path`` a
+      run always starts fresh in a new ``version_N``.
+    * Before anything is restored the checkpoint is read with ``weights_only=True`` and its
+      settings are compared with the requested ones (see :data:`SAFE_ON_RESUME`): differing model
+      or data settings fail, listing each key with the checkpoint's and the requested value.
+      (Lightning's own CLI would silently replace the requested model settings by the
+      checkpoint's.)
+    * Loggers whose ``save_dir`` is not given write under ``trainer.default_root_dir``.
+    * SIGINT/SIGTERM: see :mod:`marble_lightning.interrupts` (exit code 130/143).
+    * Errors while building the model, data or callbacks end with the original message as the
+      last line of stderr; a config file that is not valid YAML is named.
+    """
+
+    _resume_path: str | None = None
+    _resume_version: int | None = None
+
+    # ------------------------------------------------------------------ config helpers
+    def _sub(self) -> Any:
+        sub = self.config.get("subcommand")
+        return self.config[sub] if sub else self.config
+
+    def _root(self) -> str:
+        trainer_cfg = self._sub().get("trainer")
+        root = trainer_cfg.get("default_root_dir") if trainer_cfg is not None else None
+        return os.fspath(root) if root else os.getcwd()
+
+    def _runs_dir(self) -> Path:
+        """``<save_dir>/<name>`` of the first logger: where the ``version_N`` folders live."""
+        root = self._root()
+        entries = _logger_entries(self._sub().get("trainer"))
+        if entries and _versioned_logger(entries[0]):
+            init = entries[0].get("init_args") or {}
+            save_dir = init.get("save_dir") or root
+            name = init.get("name")
+            name = "lightning_logs" if name is None else name
+            return Path(os.fspath(save_dir)) / str(name)
+        return Path(root) / "lightning_logs"
+
+    # ------------------------------------------------------------------ resume
+    def _find_last(self) -> tuple[str, int] | None:
+        runs = self._runs_dir()
+        found = []
+        if runs.is_dir():
+            for child in runs.iterdir():
+                number = child.name[len("version_"):]
+                if child.name.startswith("version_") and number.isdigit():
+                    if (child / "checkpoints" / "last.ckpt").is_file():
+                        found.append(int(number))
+        if not found:
+            return None
+        version = max(found)
+        return str(runs / f"version_{version}" / "checkpoints" / "last.ckpt"), version
+
+    def _parse_ckpt_path(self) -> None:
+        """Resolve ``last``/``auto``, load the checkpoint safely and check it fits the config.
+
+        Replaces LightningCLI's version, which merged the checkpoint's hyper-parameters into the
+        config and so silently overrode what the user asked for.
+        """
+        sub = self.config.get("subcommand")
+        if not sub:
+            return
+        ckpt_path = self.config[sub].get("ckpt_path")
+        if ckpt_path is None:
+            return
+        ckpt_path = os.fspath(ckpt_path)
+        if ckpt_path in (RESUME_LAST, RESUME_AUTO):
+            found = self._find_last()
+            if found is None:
+                where = self._runs_dir() / "version_*" / "checkpoints" / "last.ckpt"
+                if ckpt_path == RESUME_AUTO:
+                    print(f"marble: nothing to resume ({where} not found); starting a fresh run", file=sys.stderr, flush=True)
+                    self.config[sub]["ckpt_path"] = None
+                    return
+                _fail(
+                    f"marble: error: --ckpt_path last: no run to resume, {where} not found "
+                    "(check --trainer.default_root_dir; drop --ckpt_path to start a fresh run)"
+                )
+            ckpt_path, self._resume_version = found
+        elif not Path(ckpt_path).is_file():
+            _fail(f"marble: error: --ckpt_path {ckpt_path}: no such checkpoint file")
+        checkpoint = self._load_checkpoint(ckpt_path)
+        self._check_compatible(ckpt_path, checkpoint)
+        self._resume_path = ckpt_path
+        self.config[sub]["ckpt_path"] = ckpt_path
+        if "weights_only" in self._subcommand_method_arguments.get(sub, []):
+            self.config[sub]["weights_only"] = True
+
+    @staticmethod
+    def _load_checkpoint(path: str) -> dict[str, Any]:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001  (unpickling errors come in many types)
+            _fail(
+                f"marble: error: cannot load checkpoint {path} safely (torch.load weights_only=True "
+                f"refused or failed; nothing was executed or restored): {type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}"
+            )
+        if not isinstance(checkpoint, dict):
+            _fail(f"marble: error: {path} is not a Lightning checkpoint (got {type(checkpoint).__name__})")
+        return checkpoint
+
+    def _check_compatible(self, path: str, checkpoint: dict[str, Any]) -> None:
+        sub = self.config.subcommand
+        requested = self.config[sub]
+        conflicts: list[tuple[str, Any, Any]] = []
+        applied: list[tuple[str, Any, Any]] = []
+        hparams = checkpoint.get("hyper_parameters") or {}
+        model_cfg = _plain(requested.get("model") or {})
+        model_args = model_cfg.get("init_args", model_cfg) if isinstance(model_cfg, dict) else {}
+        for key in sorted(hparams):
+            if key.startswith("_") or key not in model_args:
+                continue
+            old, new = _plain(hparams[key]), model_args[key]
+            if old != new:
+                (applied if key in SAFE_ON_RESUME else conflicts).append((f"model.{key}", old, new))
+        data_hparams = checkpoint.get("datamodule_hyper_parameters") or {}
+        data_cfg = _plain(requested.get("data") or {})
+        data_args = data_cfg.get("init_args", data_cfg) if isinstance(data_cfg, dict) else {}
+        for key in sorted(data_hparams):
+            if not key.startswith("_") and key in data_args:
+                _diff(f"data.{key}", _plain(data_hparams[key]), data_args[key], conflicts)
+        run_config = Path(path).resolve().parent.parent / "config.yaml"
+        saved = None
+        if run_config.is_file():
+            try:
+                saved = yaml.safe_load(run_config.read_text())
+                now = yaml.safe_load(self._parser(sub).dump(requested, skip_none=False))
+            except Exception:  # noqa: BLE001  (the saved config is only a cross-check)
+                saved = None
+        if isinstance(saved, dict):
+            saved_model = saved.get("model") or {}
+            now_model = now.get("model") or {}
+            for key in ("backbone", "rewards"):
+                _diff(f"model.{key}", _plain(saved_model.get(key)), _plain(now_model.get(key)), conflicts)
+            if not data_hparams:
+                _diff("data", _plain(saved.get("data")), _plain(now.get("data")), conflicts)
+            if saved.get("seed_everything") != now.get("seed_everything"):
+                conflicts.append(("seed_everything", saved.get("seed_everything"), now.get("seed_everything")))
+            old_trainer = {k: v for k, v in (saved.get("trainer") or {}).items() if k != "logger"}
+            new_trainer = {k: v for k, v in (now.get("trainer") or {}).items() if k != "logger"}
+            _diff("trainer", _plain(old_trainer), _plain(new_trainer), applied)
+        if conflicts:
+            lines = [f"  {key}: checkpoint {_show(old)}, requested {_show(new)}" for key, old, new in conflicts]
+            _fail(
+                f"marble: error: cannot resume from {path}: {len(conflicts)} setting(s) differ from the "
+                "checkpoint's run (nothing was restored):\n" + "\n".join(lines) + "\n"
+                "Resume with the run's own settings (its config.yaml), or start a fresh run without "
+                "--ckpt_path."
+            )
+        for key, old, new in applied:
+            print(f"marble: resume: {key}: checkpoint run {_show(old)}, now {_show(new)} (applied)", file=sys.stderr, flush=True)
+
+    # ------------------------------------------------------------------ instantiation
+    def before_instantiate_classes(self) -> None:
+        """Loggers without an explicit ``save_dir`` write under ``trainer.default_root_dir``."""
+        root = self._root()
+        for entry in _logger_entries(self._sub().get("trainer")):
+            init = entry.get("init_args") if hasattr(entry, "get") else None
+            if init is not None and "save_dir" in init and init.get("save_dir") is None:
+                init["save_dir"] = root
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as err:  # noqa: BLE001
+            if os.environ.get("MARBLE_TRACEBACK"):
+                raise
+            cause = _root_cause(err)
+            message = str(cause).strip() or type(cause).__name__
+            _fail(
+                "marble: error: building the run from the config failed (set MARBLE_TRACEBACK=1 for "
+                f"the traceback):\n{type(cause).__name__}: {message}"
+            )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        self.interrupt = GracefulInterrupt()
+        trainer.callbacks.insert(0, self.interrupt)
+        if self._resume_version is not None:
+            for logger in trainer.loggers:
+                if getattr(logger, "_version", "missing") is None:
+                    logger._version = self._resume_version
+        return trainer
+
+    # ------------------------------------------------------------------ fit
     def before_fit(self) -> None:
         trainer = self.trainer
         if trainer.is_global_zero and isinstance(trainer.accelerator, CPUAccelerator):
             hint = allocator_hint()
             if hint:
                 print(hint, file=sys.stderr, flush=True)
+        if self._resume_path is not None and trainer.is_global_zero:
+            for logger in trainer.loggers:  # CSVLogger would delete the earlier metrics.csv
+                metrics = Path(logger.log_dir) / "metrics.csv" if isinstance(logger, CSVLogger) else None
+                if metrics is not None and metrics.is_file():
+                    part = 0
+                    while (metrics.parent / f"metrics.part{part}.csv").exists():
+                        part += 1
+                    metrics.rename(metrics.parent / f"metrics.part{part}.csv")
+            print(f"marble: resuming from {os.path.abspath(self._resume_path)}", flush=True)
 
     def after_fit(self) -> None:
         trainer = self.trainer
-        callback = trainer.checkpoint_callback
-        directory = getattr(callback, "dirpath", None) if callback is not None else None
-        if directory is None:
-            directory = trainer.log_dir or trainer.default_root_dir
+        directory = checkpoint_dir(trainer)
+        interrupt = getattr(self, "interrupt", None)
+        code = interrupt.exit_code if interrupt is not None else None
+        if code is not None:
+            if trainer.is_global_zero:
+                name = signal.Signals(interrupt.signum).name
+                print(
+                    f"marble: {name}: stopped after step {interrupt.steps_done}; resumable checkpoint "
+                    f"{os.path.abspath(interrupt.saved or directory)}; resume with the same command "
+                    "plus --ckpt_path last",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            sys.exit(code)
         if trainer.is_global_zero:
             print(f"{FIT_MARKER} {os.path.abspath(directory)}", flush=True)
 
@@ -144,6 +422,30 @@ def _make_tiny_sd3_command(argv: Sequence[str]) -> int:
     return 0
 
 
+def _config_files(argv: Sequence[str]) -> list[str]:
+    """Values of ``--config``/``-c`` (and ``--config=...``) in ``argv``."""
+    files = []
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            files.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+    return files
+
+
+def _check_config_files(argv: Sequence[str]) -> None:
+    """Exit with an error naming the file when a ``--config`` file is not valid YAML."""
+    for name in _config_files(argv):
+        path = Path(name)
+        if not path.is_file():
+            continue  # jsonargparse reports it (or the value is inline YAML)
+        try:
+            yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            detail = " ".join(str(err).replace('"<unicode string>"', str(path)).split())
+            _fail(f"marble: error: config file {path} is not valid YAML: {detail}")
+
+
 _EXTRA_COMMANDS = {"export-lora": _export_lora_command, "make-tiny-sd3": _make_tiny_sd3_command}
 
 
@@ -157,6 +459,7 @@ def main(args: Sequence[str] | None = None) -> None:
     if argv and argv[0] in _EXTRA_COMMANDS:
         sys.exit(_EXTRA_COMMANDS[argv[0]](argv[1:]))
 
+    _check_config_files(argv)
     from marble_lightning.data import PromptDataModule
     from marble_lightning.module import MarbleDiffusionModule
 
