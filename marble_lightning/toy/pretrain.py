@@ -22,7 +22,8 @@ exports contain. The text encoder is trained jointly.
 Run folder ``--out``:
 
 * ``state.pt``: the resumable state (weights, EMA, optimizer, step, training seconds, RNG), written
-  every ``--checkpoint-minutes`` and at the end; ``--resume`` continues from it.
+  every ``--checkpoint-minutes`` and at the end; ``--resume`` continues from it. It holds tensors
+  and plain values only and is read with ``torch.load(weights_only=True)`` (no pickled objects).
 * ``snapshots/minNNN/toy_backbone.{safetensors,json}``: EMA weights every ``--snapshot-minutes`` of
   training time (or ``snapshots/stepNNNNN`` every ``--snapshot-steps``) and at the end, with
   ``eval.json`` (held-out detector and OCR scores). On a busy machine the wall-clock budget buys
@@ -197,6 +198,27 @@ def _ema_model(ema: dict[str, torch.Tensor], config: ToyModelConfig) -> ToyBackb
     return m.eval()
 
 
+def load_state(path: Path) -> dict:
+    """Read ``state.pt`` with ``torch.load(weights_only=True)``: tensors and plain values only.
+
+    The state holds only tensors, numbers, strings, lists and dicts (no pickled objects), so a
+    crafted file cannot run code while it is read; anything else is refused.
+
+    Raises:
+        ValueError: the file cannot be read safely (or is not a pretraining state).
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001  (unpickling errors come in many types)
+        raise ValueError(
+            f"cannot load pretraining state {str(path)!r} safely (torch.load weights_only=True "
+            f"refused it; nothing was executed): {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        ) from err
+    if not isinstance(state, dict) or not {"config", "model", "optimizer", "ema", "step"} <= set(state):
+        raise ValueError(f"{str(path)!r} is not a toy pretraining state (state.pt)")
+    return state
+
+
 def _atomic_save(obj: object, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
@@ -245,10 +267,9 @@ def train(args: argparse.Namespace) -> None:
         if args.model_config
         else ToyModelConfig()
     )
-    if args.resume and state_path.is_file():
-        config = ToyModelConfig.from_dict(
-            torch.load(state_path, map_location="cpu", weights_only=False)["config"]
-        )
+    st = load_state(state_path) if args.resume and state_path.is_file() else None
+    if st is not None:
+        config = ToyModelConfig.from_dict(st["config"])
     model = ToyBackbone.from_config(config, freeze_text_encoder=False, seed=args.seed)
     model.train()
     opt = torch.optim.AdamW(
@@ -259,7 +280,7 @@ def train(args: argparse.Namespace) -> None:
     if args.resume:
         if not state_path.is_file():
             raise FileNotFoundError(f"--resume given but no state at {state_path}")
-        st = torch.load(state_path, map_location="cpu", weights_only=False)
+        assert st is not None
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         ema = st["ema"]
@@ -286,7 +307,7 @@ def train(args: argparse.Namespace) -> None:
                 "trained_s": trained_s,
                 "next_snapshot": next_snapshot,
                 "torch_rng": torch.get_rng_state(),
-                "args": vars(args),
+                "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))},
             },
             state_path,
         )
