@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from marble_lightning.checks import check_float
+
 __all__ = [
     "NFTTerms",
     "aggregate_advantages",
@@ -57,11 +59,6 @@ class NFTTerms:
     negative: Tensor
 
 
-def _check_positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"Parameter `{name}` should be positive. Found `{name} = {value}`.")
-
-
 def interpolation_coefficient(adv: Tensor, a_max: float = 5.0) -> Tensor:
     """Map advantages to NFT interpolation coefficients ``r = clamp(1/2 + A / (2 a_max), 0, 1)``.
 
@@ -78,7 +75,7 @@ def interpolation_coefficient(adv: Tensor, a_max: float = 5.0) -> Tensor:
     Raises:
         ValueError: if ``a_max <= 0``.
     """
-    _check_positive("a_max", a_max)
+    check_float("a_max", a_max, minimum=0.0, strict=True)
     clipped = adv.clamp(-a_max, a_max)
     return (0.5 + clipped / (2.0 * a_max)).clamp(0.0, 1.0)
 
@@ -129,7 +126,7 @@ def nft_terms(
     Raises:
         ValueError: on mismatched shapes, ``v.ndim < 2``, or ``beta <= 0``.
     """
-    _check_positive("beta", beta)
+    check_float("beta", beta, minimum=0.0, strict=True)
     if v.ndim < 2:
         raise ValueError(
             f"Parameter `v` should have shape [B, ...] with at least 2 dims. Found `v.shape = {tuple(v.shape)}`."
@@ -172,8 +169,8 @@ def nft_objective(terms: NFTTerms, r: Tensor, beta: float = 1.0, a_max: float = 
     Raises:
         ValueError: on shape mismatch, ``beta <= 0`` or ``a_max <= 0``.
     """
-    _check_positive("beta", beta)
-    _check_positive("a_max", a_max)
+    check_float("beta", beta, minimum=0.0, strict=True)
+    check_float("a_max", a_max, minimum=0.0, strict=True)
     batch = terms.positive.shape[0]
     if terms.positive.ndim != 1 or terms.negative.shape != terms.positive.shape:
         raise ValueError(

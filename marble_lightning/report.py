@@ -19,6 +19,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from typing_extensions import override
 
+from marble_lightning.checks import check_int
+
 __all__ = ["RunReportCallback", "plot_alpha", "plot_rewards", "save_grid", "summary_table"]
 
 
@@ -148,10 +150,8 @@ class RunReportCallback(Callback):
 
     def __init__(self, out_dir: str | None = None, smooth: int = 10) -> None:
         super().__init__()
-        if smooth < 1:
-            raise ValueError(f"RunReportCallback: smooth must be >= 1, got {smooth!r}")
         self.out_dir = out_dir
-        self.smooth = smooth
+        self.smooth = check_int("smooth", smooth)
         self.written: Path | None = None
 
     def _eval_callback(self, trainer: Trainer) -> Any:

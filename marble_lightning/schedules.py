@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from marble_lightning.checks import check_float, check_int
+
 __all__ = ["OldPolicySchedule"]
 
 
@@ -29,12 +31,11 @@ class OldPolicySchedule:
     max_decay: float = 0.999
 
     def __post_init__(self) -> None:
-        if not isinstance(self.start, int) or self.start < 0:
-            raise ValueError(f"old_policy `start` should be a non-negative integer, got {self.start!r}")
-        if not self.rate >= 0.0:
-            raise ValueError(f"old_policy `rate` should be >= 0, got {self.rate!r}")
-        if not 0.0 <= self.max_decay < 1.0:
-            raise ValueError(f"old_policy `max_decay` should lie in [0, 1), got {self.max_decay!r}")
+        check_int("old_policy.start", self.start, minimum=0)
+        check_float("old_policy.rate", self.rate, minimum=0.0)
+        check_float(
+            "old_policy.max_decay", self.max_decay, minimum=0.0, maximum=1.0, maximum_strict=True
+        )
 
     @classmethod
     def from_config(cls, config: dict[str, Any] | None) -> OldPolicySchedule:

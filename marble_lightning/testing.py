@@ -12,25 +12,70 @@ offline exactly like a real checkpoint.
 * :func:`sd35_medium_transformer_config` / :func:`build_sd35_medium_transformer` -- a
   randomly initialised transformer with the published SD3.5-Medium architecture, for GPU
   benchmarks that measure speed and memory (the weights are random, the shapes are real).
+
+Pixel-space fixtures for the module tests (no VAE, no text encoder):
+
+* :class:`TinySD3Backbone` implements :class:`~marble_lightning.backbone.FlowBackbone` with a
+  diffusers ``SD3Transformer2DModel`` on ``3 x 8 x 8`` pixels (patch 2, 2 layers, 2 heads of
+  width 8, about 20k parameters) and a fixed, hash-based prompt embedding (no text encoder to
+  train; the empty prompt maps to zeros, which makes CFG well defined).
+* Helpers: :func:`make_module`, :func:`make_trainer`, :func:`fit` (tiny trainer runs on
+  :data:`PROMPTS`), :func:`lora_state`, :func:`base_state`.
+* Rewards: :class:`ChannelMean` (mean of one RGB channel, optionally only on prompts that
+  contain a keyword, i.e. masked elsewhere), :class:`Darkness` (one minus the mean brightness),
+  :func:`tiny_rewards`, and rewards that misbehave (:class:`NaNReward`,
+  :class:`WrongShapeReward`) for the bad-input tests.
+
+Tiny reward checkpoints in the real on-disk formats, loaded by the rewards' public
+constructors exactly as a user's downloaded checkpoint would be (nothing touches the network):
+:func:`save_tiny_clip`, :func:`save_tiny_open_clip`, :func:`save_aesthetic_mlp`,
+:func:`save_tiny_owlv2`.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from torch import Tensor, nn
 
+from marble_lightning.backbone import Conditioning
 from marble_lightning.rewards.base import RewardModel
 
+if TYPE_CHECKING:
+    from lightning.pytorch import Callback, Trainer
+
+    from marble_lightning.module import MarbleDiffusionModule
+
 __all__ = [
+    "PROMPTS",
+    "TINY",
+    "TINY_OPEN_CLIP_CONFIG",
     "TINY_SD3_RESOLUTION",
     "BrightnessReward",
+    "ChannelMean",
+    "Darkness",
+    "NaNReward",
+    "TinySD3Backbone",
+    "WrongShapeReward",
+    "base_state",
     "build_sd35_medium_transformer",
     "build_tiny_sd3_pipeline",
+    "fit",
+    "lora_state",
+    "make_module",
+    "make_trainer",
+    "save_aesthetic_mlp",
+    "save_tiny_clip",
+    "save_tiny_open_clip",
+    "save_tiny_owlv2",
     "sd35_medium_transformer_config",
+    "tiny_rewards",
     "write_byte_level_clip_vocab",
 ]
 
@@ -125,9 +170,11 @@ def build_sd35_medium_transformer(
 def write_byte_level_clip_vocab(directory: str | Path) -> tuple[Path, Path]:
     """Write a minimal byte-level BPE vocabulary usable by ``CLIPTokenizer``.
 
-    The vocabulary holds the two CLIP special tokens and every byte-level symbol, both
-    plain and with CLIP's end-of-word suffix ``</w>``; there are no merges, so any text is
-    tokenised character by character (514 tokens in all).
+    The vocabulary holds every byte-level symbol, both plain and with CLIP's end-of-word
+    suffix ``</w>``, then the two CLIP special tokens ``<|startoftext|>`` (512) and
+    ``<|endoftext|>`` (513), last as in CLIP's own vocabulary (OWL-ViT/OWLv2 treat a query
+    whose first id is 0 as padding); there are no merges, so any text is tokenised character
+    by character (514 tokens in all).
 
     Args:
         directory: created if missing; receives ``vocab.json`` and ``merges.txt``.
@@ -139,10 +186,12 @@ def write_byte_level_clip_vocab(directory: str | Path) -> tuple[Path, Path]:
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    vocab: dict[str, int] = {}
     for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab[symbol] = len(vocab)
         vocab[symbol + "</w>"] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
     vocab_path = directory / "vocab.json"
     merges_path = directory / "merges.txt"
     vocab_path.write_text(json.dumps(vocab, ensure_ascii=False, indent=0), encoding="utf-8")
@@ -150,12 +199,13 @@ def write_byte_level_clip_vocab(directory: str | Path) -> tuple[Path, Path]:
     return vocab_path, merges_path
 
 
-def _tiny_clip_tokenizer(work_dir: Path):
+def _tiny_clip_tokenizer(work_dir: Path, max_tokens: int = _TINY_MAX_TOKENS):
+    """A ``CLIPTokenizer`` on :func:`write_byte_level_clip_vocab` (specials are the last two ids)."""
     from transformers import CLIPTokenizer
 
     vocab_path, _ = write_byte_level_clip_vocab(work_dir)
     vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=_TINY_MAX_TOKENS)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_tokens)
 
 
 def _tiny_clip_text_encoder(seed: int, vocab_size: int):
@@ -169,9 +219,9 @@ def _tiny_clip_text_encoder(seed: int, vocab_size: int):
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=_TINY_MAX_TOKENS,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
         hidden_act="gelu",
     )
     torch.manual_seed(seed)
@@ -272,3 +322,348 @@ def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if dtype not in known:
         raise ValueError(f"Unknown torch dtype name {dtype!r}; expected one of {sorted(known)}.")
     return known[dtype]
+
+
+# ------------------------------------------------------------ pixel-space module fixtures
+
+_TOKENS = 4
+"""Tokens per prompt of the tiny prompt embedding."""
+_WIDTH = 16
+"""Width of the token and pooled embeddings."""
+
+
+def _word_vector(word: str, width: int) -> Tensor:
+    """A fixed pseudo-random vector for ``word`` (independent of global RNG state)."""
+    gen = torch.Generator().manual_seed(zlib.crc32(word.encode("utf-8")))
+    return torch.randn(width, generator=gen)
+
+
+class TinySD3Backbone(nn.Module):
+    """Pixel-space tiny SD3 transformer on ``3 x size x size`` images in ``[-1, 1]``.
+
+    Args:
+        size: image side in pixels (a multiple of the patch size 2).
+        seed: seed of the random initialisation of the transformer.
+    """
+
+    lora_target_modules: ClassVar[list[str]] = [
+        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj"
+    ]  # fmt: skip
+
+    def __init__(self, size: int = 8, seed: int = 0) -> None:
+        from diffusers import SD3Transformer2DModel
+
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.denoiser = SD3Transformer2DModel(
+                sample_size=size,
+                patch_size=2,
+                in_channels=3,
+                out_channels=3,
+                num_layers=2,
+                attention_head_dim=8,
+                num_attention_heads=2,
+                joint_attention_dim=_WIDTH,
+                caption_projection_dim=16,
+                pooled_projection_dim=_WIDTH,
+                pos_embed_max_size=size,
+            )
+            # Diffusers zero-initialises the output projection; give it small random values so
+            # that gradients reach every LoRA layer from the first step.
+            nn.init.normal_(self.denoiser.proj_out.weight, std=0.02)
+        self.sample_shape = (3, size, size)
+
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """Words -> fixed vectors; ``[B, 4, 16]`` tokens (zero padded) and ``[B, 16]`` pooled."""
+        device = next(self.denoiser.parameters()).device
+        tokens = torch.zeros(len(prompts), _TOKENS, _WIDTH)
+        for i, prompt in enumerate(prompts):
+            for j, word in enumerate(prompt.split()[:_TOKENS]):
+                tokens[i, j] = _word_vector(word, _WIDTH)
+        pooled = tokens.mean(dim=1)
+        return {"tokens": tokens.to(device), "pooled": pooled.to(device)}
+
+    def velocity(self, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        """``v = eps - x0`` for ``x`` ``[B, 3, H, W]``, ``t`` ``[B]`` in ``[0, 1]``."""
+        return self.denoiser(
+            hidden_states=x,
+            encoder_hidden_states=cond["tokens"],
+            pooled_projections=cond["pooled"],
+            timestep=t * 1000.0,
+            return_dict=False,
+        )[0]
+
+    def decode(self, x: Tensor) -> Tensor:
+        """``[-1, 1]`` pixels -> ``[0, 1]`` images (clamped)."""
+        return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+class ChannelMean(RewardModel):
+    """Mean of RGB channel ``channel``; masked (no opinion) unless the prompt contains ``keyword``.
+
+    Args:
+        channel: 0 (red), 1 (green) or 2 (blue).
+        name: reward name.
+        keyword: if given, the reward applies only to prompts containing this word.
+    """
+
+    def __init__(self, channel: int, name: str, keyword: str | None = None) -> None:
+        super().__init__(name)
+        self.channel = channel
+        self.keyword = keyword
+
+    def applies_to(self, prompts: Sequence[str]) -> Tensor:
+        if self.keyword is None:
+            return torch.ones(len(prompts), dtype=torch.bool)
+        return torch.tensor([self.keyword in p.split() for p in prompts], dtype=torch.bool)
+
+    def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        return images[:, self.channel].mean(dim=(1, 2))
+
+
+class Darkness(RewardModel):
+    """One minus the mean brightness of the image."""
+
+    def __init__(self, name: str = "dark") -> None:
+        super().__init__(name)
+
+    def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        return 1.0 - images.mean(dim=(1, 2, 3))
+
+
+class NaNReward(RewardModel):
+    """Returns NaN for every image (bad input)."""
+
+    def __init__(self, name: str = "nan") -> None:
+        super().__init__(name)
+
+    def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        return torch.full((images.shape[0],), float("nan"))
+
+
+class WrongShapeReward(nn.Module):
+    """A plain module (not a RewardModel) that returns ``[B, 2]`` (bad input)."""
+
+    name = "wrong_shape"
+
+    def forward(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        return torch.zeros(images.shape[0], 2)
+
+
+def tiny_rewards() -> list[RewardModel]:
+    """Three rewards: red (all prompts), green (only prompts with the word "green"), dark."""
+    return [ChannelMean(0, "red"), ChannelMean(1, "green", keyword="green"), Darkness("dark")]
+
+
+PROMPTS = [
+    "a red cat",
+    "a green dog",
+    "green blue sky",
+    "red house",
+    "a dark night",
+    "green field red flowers",
+    "small box",
+    "big green tree",
+]
+"""Eight training prompts (four contain "green")."""
+
+TINY: dict[str, Any] = {
+    "group_size": 2, "sample_steps": 2, "lora_rank": 2, "lora_alpha": 4, "lr": 1e-3,
+    "rollout_precision": "float32",
+}  # fmt: skip
+"""Options of :func:`make_module`: G=2, 2 sampler steps, LoRA rank 2, float32 rollouts."""
+
+
+def make_module(
+    mode: str = "marble", rewards: list | None = None, **kwargs: Any
+) -> MarbleDiffusionModule:
+    """A tiny module (8x8 SD3 transformer, G=2, 2 sampler steps, LoRA rank 2)."""
+    from marble_lightning.module import MarbleDiffusionModule
+
+    options = dict(TINY)
+    if mode == "single":
+        options["single_reward"] = "red"
+    if mode == "sequential":
+        options["stages"] = [("red", 1), ("dark", 1)]
+    options.update(kwargs)
+    rewards = rewards if rewards is not None else tiny_rewards()
+    return MarbleDiffusionModule(TinySD3Backbone(), rewards, mode=mode, **options)
+
+
+def make_trainer(max_steps: int, callbacks: list[Callback] | None = None, **kwargs: Any) -> Trainer:
+    """A quiet single-CPU ``Trainer`` (no logger, checkpoints, progress bar or summary)."""
+    from lightning.pytorch import Trainer
+
+    options: dict[str, Any] = {
+        "max_steps": max_steps,
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    options.update(kwargs)
+    return Trainer(callbacks=callbacks or [], **options)
+
+
+def fit(
+    module: MarbleDiffusionModule,
+    max_steps: int,
+    prompts_per_step: int = 2,
+    callbacks: list[Callback] | None = None,
+    ckpt_path: str | None = None,
+    **kwargs: Any,
+) -> Trainer:
+    """Fit ``module`` on the tiny prompts for ``max_steps`` optimizer steps."""
+    from marble_lightning.data import PromptDataModule
+
+    trainer = make_trainer(max_steps, callbacks, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data = PromptDataModule(PROMPTS, prompts_per_step=prompts_per_step)
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return trainer
+
+
+def lora_state(module: MarbleDiffusionModule) -> list[torch.Tensor]:
+    """Copies of the policy and old LoRA tensors."""
+    return [p.detach().clone() for p in module.trainable_parameters + module.old_parameters]
+
+
+def base_state(module: MarbleDiffusionModule) -> dict[str, torch.Tensor]:
+    """Copies of every non-LoRA parameter, by name."""
+    return {n: p.detach().clone() for n, p in module.named_parameters() if ".lora_" not in n}
+
+
+# ------------------------------------------------------------------ tiny reward checkpoints
+
+
+def _tiny_clip_towers(vocab_size: int, context: int, image_size: int) -> tuple[dict, dict]:
+    """Text and vision configs of 2-layer, width-32 CLIP towers on the byte-level vocabulary."""
+    text = {
+        "vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "max_position_embeddings": context,
+        "bos_token_id": vocab_size - 2, "eos_token_id": vocab_size - 1, "pad_token_id": vocab_size - 1,
+    }  # fmt: skip
+    vision = {
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "image_size": image_size, "patch_size": 8,
+    }  # fmt: skip
+    return text, vision
+
+
+def save_tiny_clip(
+    folder: str | Path, projection_dim: int = 16, image_size: int = 32, seed: int = 0
+) -> Path:
+    """Save a random tiny ``CLIPModel`` + ``CLIPProcessor`` to ``folder`` (``from_pretrained`` format).
+
+    Towers of 2 layers and width 32, text context 32 on the byte-level vocabulary of
+    :func:`write_byte_level_clip_vocab`. The image processor resizes the shortest side to
+    ``image_size`` and centre-crops to it.
+    """
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    folder = Path(folder)
+    tokenizer = _tiny_clip_tokenizer(folder / "_tokenizer_src", max_tokens=32)
+    text, vision = _tiny_clip_towers(len(tokenizer), 32, image_size)
+    torch.manual_seed(seed)
+    model = CLIPModel(
+        CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
+    ).eval()
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    model.save_pretrained(folder)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+TINY_OPEN_CLIP_CONFIG: dict = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+"""A 2-layer open_clip ViT config; the vocabulary matches open_clip's default BPE tokenizer."""
+
+
+def save_tiny_open_clip(
+    folder: str | Path, name: str = "tiny-open-clip", seed: int = 0
+) -> tuple[Path, Path]:
+    """Write ``<name>.json`` (open_clip model config) and ``<name>.safetensors`` (random weights).
+
+    Returns:
+        ``(config_path, checkpoint_path)``.
+    """
+    import open_clip
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config_path = folder / f"{name}.json"
+    config_path.write_text(json.dumps(TINY_OPEN_CLIP_CONFIG))
+    open_clip.add_model_config(config_path)
+    torch.manual_seed(seed)
+    model = open_clip.create_model(name, pretrained=None)
+    with torch.no_grad():  # random projections instead of open_clip's near-degenerate init
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    ckpt = folder / f"{name}.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
+    return config_path, ckpt
+
+
+def save_aesthetic_mlp(path: str | Path, input_dim: int = 16, seed: int = 0) -> Path:
+    """Save a random LAION aesthetic-predictor MLP state dict (``layers.{0,2,4,6,7}``) to ``path``.
+
+    ``.safetensors`` suffix -> safetensors, otherwise ``torch.save``.
+    """
+    from marble_lightning.rewards.aesthetic import AestheticMLP
+
+    torch.manual_seed(seed)
+    mlp = AestheticMLP(input_dim)
+    path = Path(path)
+    state = {k: v.contiguous() for k, v in mlp.state_dict().items()}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    return path
+
+
+def save_tiny_owlv2(folder: str | Path, image_size: int = 32, seed: int = 0) -> Path:
+    """Save a random tiny ``Owlv2ForObjectDetection`` + ``Owlv2Processor`` to ``folder``.
+
+    Vision tower: patch 8 on ``image_size`` (16 boxes at 32 px); text tower: 2 layers, context 16.
+    """
+    from transformers import (
+        Owlv2Config,
+        Owlv2ForObjectDetection,
+        Owlv2ImageProcessor,
+        Owlv2Processor,
+    )
+
+    folder = Path(folder)
+    tokenizer = _tiny_clip_tokenizer(folder / "_tokenizer_src", max_tokens=16)
+    text, vision = _tiny_clip_towers(len(tokenizer), 16, image_size)
+    torch.manual_seed(seed)
+    # OWL's class head needs projection_dim == text hidden size (as in the released models)
+    model = Owlv2ForObjectDetection(
+        Owlv2Config(text_config=text, vision_config=vision, projection_dim=32)
+    ).eval()
+    with torch.no_grad():  # untrained heads saturate; shrink them so scores and boxes stay graded
+        for layer in (
+            model.class_head.logit_scale,
+            model.class_head.logit_shift,
+            model.box_head.dense2,
+        ):
+            layer.weight.mul_(0.01)
+            layer.bias.zero_()
+        model.class_head.logit_scale.bias.fill_(2.0)
+    model.save_pretrained(folder)
+    image_processor = Owlv2ImageProcessor(size={"height": image_size, "width": image_size})
+    Owlv2Processor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder

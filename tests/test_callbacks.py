@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
-from _tiny import ChannelMean, Darkness, fit, make_module
 
 from marble_lightning.callbacks import (
     EMACoefficientCallback,
     HarmonizationCallback,
     RewardEvalCallback,
 )
+from marble_lightning.testing import ChannelMean, Darkness, fit, make_module
 
 torch.set_num_threads(1)
 

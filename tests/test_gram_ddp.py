@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from _tiny import PROMPTS, make_module
 from lightning.pytorch import Callback, Trainer
 
 from marble_lightning.data import PromptDataModule
+from marble_lightning.testing import PROMPTS, make_module
 
 torch.set_num_threads(1)
 

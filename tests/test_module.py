@@ -8,7 +8,11 @@ import math
 
 import pytest
 import torch
-from _tiny import (
+
+from marble_lightning.harmonize import harmonize
+from marble_lightning.module import MODES, MarbleDiffusionModule
+from marble_lightning.nft import interpolation_coefficient
+from marble_lightning.testing import (
     PROMPTS,
     TINY,
     ChannelMean,
@@ -22,10 +26,6 @@ from _tiny import (
     make_module,
     tiny_rewards,
 )
-
-from marble_lightning.harmonize import harmonize
-from marble_lightning.module import MODES, MarbleDiffusionModule
-from marble_lightning.nft import interpolation_coefficient
 
 torch.set_num_threads(1)
 

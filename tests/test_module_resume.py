@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from _tiny import fit, make_module
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from marble_lightning.callbacks import EMACoefficientCallback, HarmonizationCallback
+from marble_lightning.testing import fit, make_module
 
 torch.set_num_threads(1)
 
@@ -94,7 +94,7 @@ _SCRIPT = textwrap.dedent(
     import torch
     torch.set_num_threads(1)
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-    from _tiny import fit, make_module
+    from marble_lightning.testing import fit, make_module
     from marble_lightning.callbacks import EMACoefficientCallback, HarmonizationCallback
 
     class Slow(Callback):

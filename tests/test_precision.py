@@ -38,7 +38,7 @@ def test_explicit_values_pass_through_and_bad_values_are_named() -> None:
 
 
 def test_auto_is_the_module_default_and_is_resolved_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    from _tiny import make_module
+    from marble_lightning.testing import make_module
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(precision, "_cpu_flags", lambda: {"avx2"})

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from marble_lightning.rewards._tiny import save_tiny_clip, save_tiny_open_clip
 from marble_lightning.rewards.clip_score import CLIPScoreReward, OpenCLIPScoreReward
+from marble_lightning.testing import save_tiny_clip, save_tiny_open_clip
 
 PROMPTS = ["a cat", "a photo of a dog", 'a sign that says "red"']
 

@@ -6,13 +6,13 @@ import pytest
 import torch
 from jsonargparse import ArgumentParser
 
-from marble_lightning.rewards._tiny import (
+from marble_lightning.rewards.base import MultiReward, RewardModel
+from marble_lightning.testing import (
     save_aesthetic_mlp,
     save_tiny_clip,
     save_tiny_open_clip,
     save_tiny_owlv2,
 )
-from marble_lightning.rewards.base import MultiReward, RewardModel
 
 
 @pytest.fixture(scope="module")

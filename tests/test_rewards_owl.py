@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from marble_lightning.rewards._tiny import save_tiny_owlv2
 from marble_lightning.rewards.composition import CompositionReward
 from marble_lightning.rewards.detection import Detector
 from marble_lightning.rewards.owl_detector import COLOR_PROTOTYPES, OwlDetector, name_color
+from marble_lightning.testing import save_tiny_owlv2
 
 
 @pytest.fixture(scope="module")

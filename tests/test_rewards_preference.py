@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from marble_lightning.rewards._tiny import save_aesthetic_mlp, save_tiny_clip, save_tiny_open_clip
 from marble_lightning.rewards.aesthetic import AestheticMLP, AestheticReward
 from marble_lightning.rewards.hps import HPSv21Reward
 from marble_lightning.rewards.pickscore import PickScoreReward
+from marble_lightning.testing import save_aesthetic_mlp, save_tiny_clip, save_tiny_open_clip
 
 PROMPTS = ["a cat", "two red circles", "a photo of a dog"]
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from marble_lightning.checks import check_int
 from marble_lightning.rewards._loading import (
     LazyModel,
     batched,
@@ -36,13 +37,6 @@ from marble_lightning.rewards._loading import (
     resolve_source,
 )
 from marble_lightning.rewards.base import RewardModel
-
-
-def _check_batch_size(batch_size: int | None, reward: str) -> None:
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(
-            f"reward {reward!r}: batch_size must be a positive int or None, got {batch_size!r}"
-        )
 
 
 class TransformersCLIPReward(RewardModel):
@@ -66,14 +60,13 @@ class TransformersCLIPReward(RewardModel):
         name: str | None = None,
     ) -> None:
         super().__init__(name)
-        _check_batch_size(batch_size, self.name)
+        self.batch_size = None if batch_size is None else check_int("batch_size", batch_size)
         self.model_ref, self.model_local = resolve_source(model, self.name)
         self.processor_ref, self.processor_local = (
             resolve_source(processor, self.name)
             if processor is not None
             else (self.model_ref, self.model_local)
         )
-        self.batch_size = batch_size
         self.dtype = parse_dtype(dtype, self.name)
         self._clip = LazyModel(self._build)
 
@@ -195,7 +188,7 @@ class OpenCLIPScoreReward(RewardModel):
         name: str | None = None,
     ) -> None:
         super().__init__(name)
-        _check_batch_size(batch_size, self.name)
+        self.batch_size = None if batch_size is None else check_int("batch_size", batch_size)
         self.model_name = self._register_config(model_config)
         self.checkpoint = None
         if checkpoint is not None:
@@ -206,7 +199,6 @@ class OpenCLIPScoreReward(RewardModel):
         self.scale = float(scale)
         self.image_mean = None if image_mean is None else [float(v) for v in image_mean]
         self.image_std = None if image_std is None else [float(v) for v in image_std]
-        self.batch_size = batch_size
         self.dtype = parse_dtype(dtype, self.name)
         self._clip = LazyModel(self._build)
 

@@ -63,6 +63,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from marble_lightning.checks import check_choice, check_float
 from marble_lightning.rewards.base import RewardModel
 from marble_lightning.rewards.detection import Detection, Detector
 
@@ -165,8 +166,7 @@ class PromptParser:
         classes: Sequence[str] | None = None,
         count_mode: str = "geneval",
     ) -> None:
-        if count_mode not in ("geneval", "exact"):
-            raise ValueError(f"count_mode must be 'geneval' or 'exact', got {count_mode!r}")
+        check_choice("count_mode", count_mode, ("geneval", "exact"))
         self.colors = tuple(c.lower() for c in colors)
         self.classes = None if classes is None else frozenset(c.lower() for c in classes)
         self.count_mode = count_mode
@@ -373,29 +373,20 @@ class CompositionReward(RewardModel):
         name: str | None = None,
     ) -> None:
         super().__init__(name)
-        if mode not in ("graded", "strict"):
-            raise ValueError(f"CompositionReward: mode must be 'graded' or 'strict', got {mode!r}")
+        check_choice("mode", mode, ("graded", "strict"))
         if not callable(getattr(detector, "detect", None)):
             raise TypeError(
                 f"CompositionReward: detector {detector!r} has no detect(images, queries) method"
             )
-        for arg, v in (
-            ("score_threshold", score_threshold),
-            ("counting_threshold", counting_threshold),
-        ):
-            if not 0.0 <= v <= 1.0:
-                raise ValueError(f"CompositionReward: {arg} must lie in [0, 1], got {v!r}")
         self.detector = detector  # registered as a submodule if it is an nn.Module
         self.mode = mode
         self.parser = PromptParser(colors=colors, classes=classes, count_mode=count_mode)
-        self.score_threshold = float(score_threshold)
-        self.counting_threshold = float(counting_threshold)
+        self.score_threshold = check_float("score_threshold", score_threshold, minimum=0.0, maximum=1.0)
+        self.counting_threshold = check_float(
+            "counting_threshold", counting_threshold, minimum=0.0, maximum=1.0
+        )
         self.position_threshold = float(position_threshold)
-        if position_rule not in ("geneval", "axis"):
-            raise ValueError(
-                f"CompositionReward: position_rule must be 'geneval' or 'axis', got {position_rule!r}"
-            )
-        self.position_rule = position_rule
+        self.position_rule = check_choice("position_rule", position_rule, ("geneval", "axis"))
 
 
     def parse(self, prompt: str) -> list[ObjectRequirement] | None:

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from marble_lightning.checks import check_float, check_int
 from marble_lightning.rewards._loading import to_uint8_hwc
 from marble_lightning.rewards.base import RewardModel
 
@@ -41,14 +42,14 @@ class JPEGCompressibilityReward(RewardModel):
 
     def __init__(self, quality: int = 95, max_score: float | None = None, name: str | None = None) -> None:
         super().__init__(name)
-        if max_score is not None and not (isinstance(max_score, (int, float)) and max_score < 0):
-            raise ValueError(f"JPEGCompressibilityReward: max_score must be a negative number (-kB), got {max_score!r}")
-        self.max_score = None if max_score is None else float(max_score)
-        if not isinstance(quality, int) or not 1 <= quality <= 100:
-            raise ValueError(
-                f"JPEGCompressibilityReward: quality must be an int in [1, 100], got {quality!r}"
-            )
-        self.quality = quality
+        self.max_score = (
+            None
+            if max_score is None  # a negative number of kB
+            else check_float("max_score", max_score, maximum=0.0, maximum_strict=True)
+        )
+        self.quality = check_int("quality", quality)
+        if self.quality > 100:
+            raise ValueError(f"`quality` should be an integer in [1, 100], got {quality!r}")
 
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:

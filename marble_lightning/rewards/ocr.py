@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from marble_lightning.checks import check_float, check_int
 from marble_lightning.rewards._loading import to_uint8_hwc
 from marble_lightning.rewards.base import RewardModel
 
@@ -183,31 +184,20 @@ class OCRReward(RewardModel):
         name: str | None = None,
     ) -> None:
         super().__init__(name)
-        if not upscale > 0:
-            raise ValueError(f"OCRReward: upscale must be > 0, got {upscale!r}")
-        if not 0.0 <= min_confidence <= 1.0:
-            raise ValueError(
-                f"OCRReward: min_confidence must lie in [0, 1], got {min_confidence!r}"
-            )
-        self.upscale = float(upscale)
+        self.upscale = check_float("upscale", upscale, minimum=0.0, strict=True)
         self.use_det = bool(use_det)
         self.use_cls = bool(use_cls)
-        self.min_confidence = float(min_confidence)
-        if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
-            raise ValueError(
-                f"OCRReward: num_threads must be a positive int or None, got {num_threads!r}"
-            )
-        self.num_threads = num_threads
-        if not 0.0 <= likelihood_weight <= 1.0:
-            raise ValueError(
-                f"OCRReward: likelihood_weight must lie in [0, 1], got {likelihood_weight!r}"
-            )
+        self.min_confidence = check_float("min_confidence", min_confidence, minimum=0.0, maximum=1.0)
+        self.num_threads = None if num_threads is None else check_int("num_threads", num_threads)
+        likelihood_weight = check_float(
+            "likelihood_weight", likelihood_weight, minimum=0.0, maximum=1.0
+        )
         if likelihood_weight > 0 and self.use_det:
             raise ValueError(
                 "OCRReward: likelihood_weight > 0 needs use_det=False (the likelihood is of the"
                 " whole image read as one line)"
             )
-        self.likelihood_weight = float(likelihood_weight)
+        self.likelihood_weight = likelihood_weight
         self._engine = None
         self._fold_table: dict[str, list[int]] | None = None
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from marble_lightning.checks import check_float, check_int
 from marble_lightning.rewards._loading import LazyModel, normalize, parse_dtype, resolve_source
 from marble_lightning.rewards.base import check_images
 from marble_lightning.rewards.detection import Detection
@@ -83,26 +84,16 @@ class OwlDetector:
         dtype: str = "float32",
     ) -> None:
         self.model_ref, self.model_local = resolve_source(model, "OwlDetector")
-        if not 0.0 <= box_threshold <= 1.0:
-            raise ValueError(
-                f"OwlDetector: box_threshold must lie in [0, 1], got {box_threshold!r}"
-            )
-        if not 0.0 < nms_iou <= 1.0:
-            raise ValueError(f"OwlDetector: nms_iou must lie in (0, 1], got {nms_iou!r}")
-        if max_detections < 1:
-            raise ValueError(f"OwlDetector: max_detections must be >= 1, got {max_detections!r}")
+        self.box_threshold = check_float("box_threshold", box_threshold, minimum=0.0, maximum=1.0)
+        self.nms_iou = check_float("nms_iou", nms_iou, minimum=0.0, strict=True, maximum=1.0)
+        self.max_detections = check_int("max_detections", max_detections)
         if "{}" not in query_template:
             raise ValueError(
                 f"OwlDetector: query_template must contain '{{}}', got {query_template!r}"
             )
-        if not 0.0 < color_crop <= 1.0:
-            raise ValueError(f"OwlDetector: color_crop must lie in (0, 1], got {color_crop!r}")
-        self.box_threshold = float(box_threshold)
-        self.nms_iou = float(nms_iou)
-        self.max_detections = int(max_detections)
         self.query_template = query_template
         self.colors = dict(colors) if colors is not None else dict(COLOR_PROTOTYPES)
-        self.color_crop = float(color_crop)
+        self.color_crop = check_float("color_crop", color_crop, minimum=0.0, strict=True, maximum=1.0)
         self.dtype = parse_dtype(dtype, "OwlDetector")
         self._owl = LazyModel(self._build)
 

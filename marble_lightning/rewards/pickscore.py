@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
+from marble_lightning.checks import check_float
 from marble_lightning.rewards.clip_score import TransformersCLIPReward
 
 
@@ -39,9 +40,9 @@ class PickScoreReward(TransformersCLIPReward):
         name: str | None = None,
     ) -> None:
         super().__init__(model, processor, batch_size, dtype, name)
-        if normalize is not None and not normalize > 0:
-            raise ValueError(f"PickScoreReward: normalize must be > 0 or None, got {normalize!r}")
-        self.normalize = None if normalize is None else float(normalize)
+        self.normalize = (
+            None if normalize is None else check_float("normalize", normalize, minimum=0.0, strict=True)
+        )
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         model, _ = self.clip(images.device)

@@ -27,6 +27,7 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from marble_lightning.checks import check_int
 from marble_lightning.toy.text_encoder import ToyTextEncoder, WordTokenizer, default_vocabulary
 from marble_lightning.toy.world import IMAGE_SIZE
 
@@ -304,8 +305,7 @@ def sample(
     Returns:
         Images ``[B, 3, 32, 32]`` in ``[0, 1]``.
     """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    check_int("steps", steps)
     b = len(prompts)
     device = backbone.device
     x = (

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from marble_lightning.checks import check_float, check_int
 from marble_lightning.rewards.base import check_images
 from marble_lightning.rewards.detection import Detection
 from marble_lightning.toy.world import BACKGROUND, PALETTE, SHAPES, TEXT_COLOR
@@ -77,12 +78,10 @@ class ToyDetector:
     labels: tuple[str, ...] = SHAPES
 
     def __init__(self, min_area: int = 12, square_threshold: float = 0.85) -> None:
-        if min_area < 1:
-            raise ValueError(f"min_area must be >= 1, got {min_area}")
-        if not 0.0 < square_threshold <= 1.0:
-            raise ValueError(f"square_threshold must be in (0, 1], got {square_threshold}")
-        self.min_area = min_area
-        self.square_threshold = square_threshold
+        self.min_area = check_int("min_area", min_area)
+        self.square_threshold = check_float(
+            "square_threshold", square_threshold, minimum=0.0, strict=True, maximum=1.0
+        )
 
     def read(self, image: np.ndarray) -> list[Detection]:
         """All objects in one float ``[H, W, 3]`` image in ``[0, 1]``, sorted left to right."""

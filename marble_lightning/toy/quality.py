@@ -35,6 +35,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from marble_lightning.checks import check_float
 from marble_lightning.rewards.base import RewardModel
 from marble_lightning.rewards.ocr import quoted_text
 from marble_lightning.toy.world import BACKGROUND, PALETTE, TEXT_COLOR
@@ -123,10 +124,8 @@ class QualityReward(RewardModel):
             )
         if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
             raise ValueError(f"quality weights must be >= 0 with a positive sum, got {weights}")
-        if not 0 < max_dirty <= 1:
-            raise ValueError(f"max_dirty must be in (0, 1], got {max_dirty}")
-        if tol <= 0:
-            raise ValueError(f"tol must be > 0, got {tol}")
+        check_float("max_dirty", max_dirty, minimum=0.0, strict=True, maximum=1.0)
+        check_float("tol", tol, minimum=0.0, strict=True)
         total = sum(weights.values())
         self.weights = {k: weights.get(k, 0.0) / total for k in DEFAULT_WEIGHTS}
         self.tol = tol

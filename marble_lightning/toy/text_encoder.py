@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from marble_lightning.checks import check_int
 from marble_lightning.toy.prompts import COLORS, NUMBER_WORDS, TEXT_PHRASINGS
 from marble_lightning.toy.world import RELATIONS, SHAPES, WORDS
 
@@ -56,8 +57,7 @@ class WordTokenizer:
             raise ValueError(f"vocabulary must start with {[PAD, BOS, UNK]}, got {vocabulary[:3]}")
         if len(set(vocabulary)) != len(vocabulary):
             raise ValueError("vocabulary has duplicate tokens")
-        if max_length < 2:
-            raise ValueError(f"max_length must be >= 2, got {max_length}")
+        check_int("max_length", max_length, minimum=2)
         self.vocabulary = vocabulary
         self.index = {t: i for i, t in enumerate(vocabulary)}
         self.max_length = max_length
