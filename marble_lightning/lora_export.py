@@ -9,7 +9,15 @@ Two output formats:
   ``alpha / r``.
 * ``"peft"`` (any other backbone, e.g. the toy UNet): ``<out_dir>/adapter_model.safetensors``
   with keys ``base_model.model.<module>.lora_A.weight`` plus ``adapter_config.json``, the layout
-  of ``PeftModel.save_pretrained``, loadable with ``PeftModel.from_pretrained(denoiser, out_dir)``.
+  of ``PeftModel.save_pretrained``, loadable with ``PeftModel.from_pretrained(denoiser, out_dir)``;
+  and beside it the same adapter in diffusers' layout, ``pytorch_lora_weights.safetensors``
+  (keys ``transformer.<module>.lora_A.weight``, the ``LoraConfig`` in the file's
+  ``lora_adapter_metadata``), so that diffusers' model-level loader
+  ``denoiser.load_lora_adapter(out_dir, use_safetensors=True)`` restores the exact scale
+  ``alpha / r`` too. ``adapter_model.safetensors`` carries the config in its metadata as well
+  (under ``base_model.model.``), for ``load_lora_adapter(out_dir,
+  weight_name="adapter_model.safetensors", prefix="base_model.model")``. Without that metadata
+  diffusers silently builds the adapter with ``lora_alpha = r`` (scale 1).
 
 The source is either a live module (a ``MarbleDiffusionModule``, a backbone, or the denoiser
 itself; the adapter is read through peft's ``get_peft_model_state_dict``) or a Lightning
@@ -33,6 +41,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "DIFFUSERS_LORA_FILE",
+    "LORA_ADAPTER_METADATA_KEY",
     "PEFT_LORA_FILE",
     "export_lora",
     "lora_config_dict",
@@ -45,6 +54,9 @@ PEFT_LORA_FILE = "adapter_model.safetensors"
 """File name of a peft adapter directory."""
 
 _FORMATS = ("auto", "diffusers", "peft")
+
+LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+"""safetensors metadata key under which diffusers reads an adapter's ``LoraConfig`` (JSON)."""
 
 
 def lora_config_dict(
@@ -76,6 +88,11 @@ def lora_config_dict(
         "use_dora": False,
         "init_lora_weights": True,
     }
+
+
+def _packed(config: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """``{"<prefix>.<key>": value}``: diffusers keeps the metadata entries under its ``prefix``."""
+    return {f"{prefix}.{key}": value for key, value in config.items()}
 
 
 def _unwrap_denoiser(source: nn.Module) -> nn.Module:
@@ -206,6 +223,7 @@ def export_lora(
     format: str = "auto",
     config: str | Path | None = None,
     lora_alpha: float | None = None,
+    diffusers_prefix: str = "transformer",
 ) -> Path:
     """Write one LoRA adapter of a trained model to ``out_dir``.
 
@@ -221,6 +239,9 @@ def export_lora(
             ``config.yaml`` the CLI saved next to the run's ``checkpoints/`` folder), read for
             ``lora_alpha`` and the backbone class.
         lora_alpha: checkpoint sources only: overrides the alpha found in the checkpoint/config.
+        diffusers_prefix: peft format only: key prefix of the diffusers-layout copy
+            (``pytorch_lora_weights.safetensors``); the ``prefix`` argument of diffusers'
+            ``load_lora_adapter``, whose default is ``"transformer"`` (also for a UNet).
 
     Returns:
         Path of the written weights file.
@@ -280,8 +301,23 @@ def export_lora(
             safe_serialization=True,
         )
         return out_dir / DIFFUSERS_LORA_FILE
+    # the LoraConfig rides in both files' metadata under diffusers' key, so that diffusers' own loader
+    # (``load_lora_adapter``) builds the adapter with lora_alpha / r, not its alpha-less default of
+    # scale 1 (which it silently falls back to when the metadata is missing)
     weights = {f"base_model.model.{k}": v for k, v in state.items()}
-    save_file(weights, str(out_dir / PEFT_LORA_FILE), metadata={"format": "pt"})
+    save_file(
+        weights,
+        str(out_dir / PEFT_LORA_FILE),
+        metadata={"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(_packed(lora_cfg, "base_model.model"), sort_keys=True)},
+    )
+    # diffusers' layout next to it: ``<prefix>.<module>.lora_{A,B}.weight`` with the prefixed config,
+    # the file ``load_lora_adapter(out_dir, use_safetensors=True)`` picks in a folder
+    prefixed = {f"{diffusers_prefix}.{k}": v for k, v in state.items()}
+    save_file(
+        prefixed,
+        str(out_dir / DIFFUSERS_LORA_FILE),
+        metadata={"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(_packed(lora_cfg, diffusers_prefix), sort_keys=True)},
+    )
     adapter_config = {
         "peft_type": "LORA",
         "task_type": None,

@@ -216,3 +216,91 @@ def test_export_from_marble_module_and_its_checkpoint(tiny_dir: str, tmp_path) -
     _check_diffusers_round_trip(tiny_dir, tmp_path / "live", expected, x, cond)
     export_lora(str(ckpt), tmp_path / "ckpt")  # alpha from the checkpoint's hyper-parameters
     _check_diffusers_round_trip(tiny_dir, tmp_path / "ckpt", expected, x, cond)
+
+
+def _tiny_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8,
+        norm_num_groups=4,
+        attention_head_dim=2,
+    )
+
+
+@pytest.mark.parametrize("from_checkpoint", [False, True])
+def test_unet_peft_export_loads_exactly_with_diffusers_loader(tmp_path, from_checkpoint: bool) -> None:
+    """The toy backbone's case (a UNet2DConditionModel, peft format): diffusers' own
+    ``load_lora_adapter`` rebuilds the adapter with scale alpha / r and reproduces the policy's
+    output bit for bit, from either file of the export; peft's loader too."""
+    from peft import PeftModel
+
+    unet = _tiny_unet()
+    base_state = {k: v.clone() for k, v in unet.state_dict().items()}
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
+    for name in ("policy", "old"):  # as the module does: the policy plus the old-policy adapter
+        unet.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets, init_lora_weights=False), adapter_name=name)
+    unet.set_adapter("policy")
+    x, t, c = torch.randn(2, 3, 8, 8), torch.tensor([10.0, 500.0]), torch.randn(2, 4, 8)
+    with torch.no_grad():
+        expected = unet(x, t, c).sample
+    holder = nn.Module()
+    holder.backbone = nn.Module()
+    holder.backbone.denoiser = unet
+    out = tmp_path / "peft"
+    if from_checkpoint:
+        ckpt = tmp_path / "toy.ckpt"
+        torch.save({"state_dict": holder.state_dict(), "hyper_parameters": {"lora_alpha": ALPHA}}, ckpt)
+        path = export_lora(str(ckpt), out)
+    else:
+        path = export_lora(holder, out)
+    assert path == out / PEFT_LORA_FILE and (out / DIFFUSERS_LORA_FILE).is_file()
+    with safe_open(str(out / DIFFUSERS_LORA_FILE), framework="pt") as f:
+        metadata = json.loads(f.metadata()["lora_adapter_metadata"])
+        assert all(k.startswith("transformer.") for k in f.keys())
+    assert metadata["transformer.r"] == RANK and metadata["transformer.lora_alpha"] == ALPHA
+
+    def fresh():
+        model = _tiny_unet()
+        model.load_state_dict(base_state)
+        return model
+
+    with torch.no_grad():
+        assert not torch.allclose(fresh()(x, t, c).sample, expected, atol=1e-3)  # the adapter matters
+    for kwargs in (
+        {"use_safetensors": True},  # picks pytorch_lora_weights.safetensors, prefix "transformer"
+        {"weight_name": PEFT_LORA_FILE, "prefix": "base_model.model"},
+    ):
+        model = fresh()
+        model.load_lora_adapter(str(out), **kwargs)
+        config = next(iter(model.peft_config.values()))
+        assert (config.r, config.lora_alpha) == (RANK, ALPHA), kwargs
+        with torch.no_grad():
+            assert torch.equal(model(x, t, c).sample, expected), kwargs
+    loaded = PeftModel.from_pretrained(fresh(), str(out))
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, c).sample, expected)
+
+
+def test_sd3_export_loads_with_model_level_loader(tiny_dir: str, tmp_path) -> None:
+    """The SD3 export also loads exactly through the transformer's own ``load_lora_adapter``."""
+    from diffusers import SD3Transformer2DModel
+
+    backbone = _adapted_backbone(tiny_dir)
+    cond = backbone.encode_prompts(["a red circle"])
+    x = torch.randn(1, *backbone.sample_shape, generator=torch.Generator().manual_seed(6))
+    expected = _transformer_out(backbone.denoiser, x, cond)
+    export_lora(backbone, tmp_path / "lora")
+    transformer = SD3Transformer2DModel.from_pretrained(tiny_dir, subfolder="transformer")
+    transformer.load_lora_adapter(str(tmp_path / "lora"), use_safetensors=True)
+    config = next(iter(transformer.peft_config.values()))
+    assert (config.r, config.lora_alpha) == (RANK, ALPHA)
+    torch.testing.assert_close(_transformer_out(transformer, x, cond), expected, atol=1e-6, rtol=1e-6)
