@@ -102,6 +102,17 @@ class ToyCLIPReward(OpenCLIPScoreReward):
             name=name,
         )
 
+    def _build(self):
+        # open_clip's model-config registry is per process: ``__init__`` registered the toy config
+        # in the process that built this reward, but a process that only unpickled it (a
+        # ``ddp_spawn`` / ``forkserver`` worker) has an empty registry, so register it here, lazily,
+        # in whichever process loads the model
+        import open_clip
+
+        if self.model_name not in open_clip.list_models():
+            open_clip.add_model_config(asset_path("toy_clip.json"))
+        return super()._build()
+
 
 def default_rewards() -> list[RewardModel]:
     """The five toy rewards in the order of ``configs/marble.yaml``."""
