@@ -199,7 +199,7 @@ class RewardEvalCallback(Callback):
              **metrics, **sem_metrics}
         )
         # rank-local per-image scores ([N, K], NaN where a reward does not apply), in prompt order
-        self.samples.append(torch.cat(per_sample) if per_sample else torch.zeros(0, len(names)))
+        self.samples.append(torch.cat(per_sample) if per_sample else torch.zeros(0, len(names), dtype=torch.float64))
         return metrics
 
     @staticmethod
