@@ -117,15 +117,14 @@ def main(argv: list[str] | None = None) -> None:
             for step in range(args.steps):
                 start = time.perf_counter()
                 rollout = module.rollout(prompts, step=step)
-                refresh = module._decide_refresh(0)
+                refresh = module.rule.harmonizes and module.coefficients.refresh_due(0)
                 result = module.compute_update(rollout, refresh=refresh)
                 module.apply_update(result)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - start)
                 module.step_index = step + 1
-                if module.mode == "amortized":
-                    module._steps_since_refresh = 1 if refresh else module._steps_since_refresh + 1
+                module.coefficients.end_step(refresh)
             if device.type == "cuda":
                 peaks[name] = torch.cuda.max_memory_allocated() / 2**30
             # detach this module's adapters so the next method starts from the bare transformer

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
             modules[engine] = make_module(k, "marble", engine, args)
         if args.old_differs:
             for module in modules.values():
-                module._old_is_policy = False  # v_old from the old adapter's own forward pass
+                module.adapters.old_is_policy = False  # v_old from the old adapter's own forward pass
         # one rollout, shared by every method (same prompts, images, advantages)
         start = time.perf_counter()
         with warnings.catch_warnings():

@@ -35,16 +35,24 @@ No Lightning import: this is pure autograd plumbing, tested against the ``"backw
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+log = logging.getLogger(__name__)
+
 __all__ = [
+    "GradientAccumulator",
+    "GradientEngine",
     "ENGINES",
     "PerSampleGradients",
     "UnsupportedModelError",
@@ -74,12 +82,17 @@ def flat_gradients(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> 
 
 
 def per_reward_gradients(
-    losses: Tensor, params: Sequence[Tensor], *, engine: str = "backward", retain_graph: bool = False
+    losses: Tensor | Sequence[Tensor],
+    params: Sequence[Tensor],
+    *,
+    engine: str = "backward",
+    retain_graph: bool = False,
 ) -> Tensor:
     """Gradients of ``K`` losses sharing one graph, as a ``[K, P]`` matrix.
 
     Args:
-        losses: ``[K]`` losses (one forward graph).
+        losses: ``[K]`` losses (one forward graph), or a list of ``K`` scalar losses (the
+            ``"backward"`` engine then differentiates each one directly, without a stack).
         params: the trainable parameters, in the order of the flattened columns.
         engine: ``"backward"`` (K calls) or ``"batched"`` (one vectorised call).
         retain_graph: keep the graph after the last call (e.g. to differentiate a KL term next).
@@ -87,10 +100,14 @@ def per_reward_gradients(
     Returns:
         ``[K, P]`` float tensor, row ``k`` = flattened ``grad losses[k]``.
     """
-    if losses.ndim != 1 or losses.numel() == 0:
-        raise ValueError(f"Parameter `losses` should have shape [K], K >= 1. Found {tuple(losses.shape)}.")
+    if not isinstance(losses, Tensor):
+        losses = list(losses)
+        if not losses or engine != "backward":
+            losses = torch.stack(losses) if losses else torch.zeros(0)
+    if isinstance(losses, Tensor) and (losses.ndim != 1 or losses.numel() == 0):
+        raise ValueError(f"`losses` should have shape [K], K >= 1, got {tuple(losses.shape)}")
     params = list(params)
-    k = losses.shape[0]
+    k = len(losses)
     if engine == "backward":
         rows = []
         for i in range(k):
@@ -400,3 +417,134 @@ def shard_direction(weights: Tensor, rows: Tensor) -> Tensor:
             f"Found `weights.shape = {tuple(weights.shape)}` and `rows.shape = {tuple(rows.shape)}`."
         )
     return weights.to(dtype=rows.dtype, device=rows.device) @ rows.detach()
+
+
+class GradientAccumulator:
+    """Sums, over the training timesteps of one update, the gradient rows of the loss rows.
+
+    Per timestep :meth:`add` gets the NFT terms and the losses (``R`` reward rows, then the KL
+    loss when ``use_kl``); :meth:`result` returns ``[R (+1), P]`` averaged over timesteps.
+    """
+
+    def capture(self) -> contextlib.AbstractContextManager:
+        """Context for the policy's forward pass of a timestep (hooks of the per-sample engine)."""
+        return contextlib.nullcontext()
+
+    def add(self, terms: Any, losses: list[Tensor], rows: Tensor, use_kl: bool, reuse_old: bool) -> None:
+        raise NotImplementedError
+
+    def result(self, n_timesteps: int, scales: Tensor, nft_scale: float) -> Tensor:
+        raise NotImplementedError
+
+
+class _LossGradients(GradientAccumulator):
+    """One autograd pass per loss row (``batched``: one vectorised call for all rows)."""
+
+    def __init__(self, params: Sequence[Tensor], batched: bool) -> None:
+        self.params = list(params)
+        self.batched = batched
+        self.total: Tensor | None = None
+
+    def add(self, terms: Any, losses: list[Tensor], rows: Tensor, use_kl: bool, reuse_old: bool) -> None:
+        if self.batched:
+            grads = per_reward_gradients(torch.stack(losses), self.params, engine="batched").float()
+        else:
+            grads = per_reward_gradients(losses, self.params).float()
+        self.total = grads if self.total is None else self.total + grads
+
+    def result(self, n_timesteps: int, scales: Tensor, nft_scale: float) -> Tensor:
+        assert self.total is not None
+        return self.total / n_timesteps
+
+
+class _PerSampleRows(GradientAccumulator):
+    """The exact per-sample engine: two backward passes per timestep whatever ``R``.
+
+    Every NFT loss row is ``s * (r @ P + (1 - r) @ N) * nft_scale`` with ``P``/``N`` the
+    per-sample gradients of ``L+_i``/``L-_i``; the rows are projected layer by layer, so ``[R, P]``
+    is held, never ``[B, P]``.
+    """
+
+    def __init__(self, engine: PerSampleGradients, params: Sequence[Tensor]) -> None:
+        self.engine = engine
+        self.params = list(params)
+        self.reward: Tensor | None = None
+        self.total: Tensor | None = None
+
+    def capture(self) -> contextlib.AbstractContextManager:
+        return self.engine.capture()
+
+    def add(self, terms: Any, losses: list[Tensor], rows: Tensor, use_kl: bool, reuse_old: bool) -> None:
+        n_r = rows.shape[0]
+        if reuse_old:
+            # v_old is v, so err- = err+ (to round-off) and L-_i has the gradient of -L+_i:
+            # r @ P + (1 - r) @ N = (2 r - 1) @ P, and no other backward is needed
+            part = self.engine.gradients(
+                terms.positive.sum(), retain_graph=use_kl, project=2.0 * rows.detach() - 1.0
+            ).float()
+            grads = per_reward_gradients(losses[n_r:], self.params).float() if use_kl else None
+        else:
+            # r @ P + (1 - r) @ N = r @ (P - N) + sum_i N_i: the per-sample pass on L+ - L-, plus
+            # one ordinary backward of sum_i L-_i, a [P] vector shared by every row
+            part = self.engine.gradients(
+                (terms.positive - terms.negative).sum(), retain_graph=True, project=rows.detach()
+            ).float()
+            plain = per_reward_gradients([terms.negative.sum(), *losses[n_r:]], self.params).float()
+            part += plain[0]
+            grads = plain[1:] if use_kl else None
+        self.reward = part if self.reward is None else self.reward + part
+        if grads is not None:
+            self.total = grads if self.total is None else self.total + grads
+
+    def result(self, n_timesteps: int, scales: Tensor, nft_scale: float) -> Tensor:
+        assert self.reward is not None
+        reward_part = nft_scale * self.reward / n_timesteps
+        reward_part = reward_part * scales[:, None].to(self.reward.dtype)
+        if self.total is None:
+            return reward_part
+        return torch.cat([reward_part, self.total / n_timesteps])
+
+
+class GradientEngine:
+    """How the gradient rows of an update are computed (one object per module).
+
+    Args:
+        name: ``"backward"``, ``"batched"``, ``"per_sample"`` or ``"auto"`` (``"per_sample"``
+            when it applies to the model, else ``"backward"``; the reason is logged).
+        model: the denoiser (for the per-sample engine's layer hooks).
+        params: the trainable parameters (column order of the rows).
+
+    Attributes:
+        name: the engine in use after ``"auto"`` / fallback.
+    """
+
+    def __init__(self, name: str, model: nn.Module, params: Sequence[nn.Parameter]) -> None:
+        if name not in (*ENGINES, "auto"):
+            raise ValueError(f"`gram` should be one of {('auto', *ENGINES)}, got {name!r}")
+        self.params = list(params)
+        self.per_sample: PerSampleGradients | None = None
+        self.name = name
+        if name in ("per_sample", "auto"):
+            try:
+                self.per_sample = PerSampleGradients(model, self.params)
+                self.name = "per_sample"
+            except UnsupportedModelError as err:
+                message = (
+                    f"gram={name!r}: the exact per-sample engine does not apply ({err}); "
+                    "using 'backward'"
+                )
+                if name == "per_sample":
+                    warnings.warn(message, stacklevel=3)
+                else:
+                    log.info(message)
+                self.name = "backward"
+
+    def accumulator(self, n_rows: int) -> GradientAccumulator:
+        """An accumulator for an update with ``n_rows`` loss rows.
+
+        A single row (an aggregated step) never needs per-reward gradients: one ordinary
+        backward (or the batched call) does it.
+        """
+        if self.per_sample is not None and n_rows > 1:
+            return _PerSampleRows(self.per_sample, self.params)
+        return _LossGradients(self.params, self.name == "batched")

@@ -35,9 +35,13 @@ from torch import Tensor
 
 __all__ = [
     "Harmonized",
+    "direction_cosines",
+    "gram_cosines",
     "harmonize",
     "harmonize_gram",
     "min_norm_coefficients",
+    "uniform_alpha",
+    "weights_from_alpha",
 ]
 
 Rescale = Literal["mean_norm", "none"]
@@ -394,3 +398,70 @@ def harmonize(
     )
     result.direction = result.weights.to(matrix.dtype) @ matrix
     return result
+
+
+def weights_from_alpha(alpha: Tensor, norms: Tensor, dropped: Tensor) -> Tensor:
+    """Effective weights ``w_k = m alpha_k / n_k`` on the raw gradients (float64).
+
+    Args:
+        alpha: ``[K]`` coefficients of the normalised gradients.
+        norms: ``[K]`` gradient norms ``n_k``.
+        dropped: ``[K]`` bool; dropped rewards get weight 0 and are left out of ``m``.
+
+    Returns:
+        ``[K]`` float64; ``m`` is the mean norm of the kept rewards (all zero if none is kept).
+    """
+    alpha = alpha.to(torch.float64)
+    norms = norms.to(torch.float64)
+    kept = ~dropped.to(torch.bool)
+    weights = torch.zeros_like(alpha)
+    if kept.any():
+        m = norms[kept].mean()
+        weights[kept] = m * alpha[kept] / norms[kept]
+    return weights
+
+
+def uniform_alpha(dropped: Tensor) -> Tensor:
+    """``[K]`` float64 coefficients ``1 / K_kept`` on the kept rewards, 0 on dropped ones."""
+    kept = (~dropped.to(torch.bool)).to(torch.float64)
+    return kept / kept.sum() if kept.sum() > 0 else kept
+
+
+def direction_cosines(direction: Tensor, grads: Tensor, dropped: Tensor) -> Tensor:
+    """``[K]`` float64 cosines ``cos(direction, g_k)`` on the CPU; NaN for dropped rewards.
+
+    Args:
+        direction: ``[P]`` update direction.
+        grads: ``[K, P]`` reward gradients.
+        dropped: ``[K]`` bool.
+    """
+    d = direction.double()
+    g = grads.double()
+    denom = d.norm() * g.norm(dim=1)
+    cos = torch.where(denom > 0, (g @ d) / denom.clamp_min(1e-300), torch.zeros_like(denom))
+    cos = cos.cpu()
+    cos[dropped.cpu()] = float("nan")
+    return cos
+
+
+def gram_cosines(gram: Tensor, weights: Tensor, dropped: Tensor) -> Tensor:
+    """``cos(d, g_k)`` for ``d = sum_l w_l g_l``, from the Gram matrix alone (float64, CPU).
+
+    ``cos_k = (G w)_k / (sqrt(w^T G w) n_k)``: what :func:`direction_cosines` gives, without the
+    ``[K, P]`` gradients (this is what ranks of a sharded model can compute). NaN for dropped
+    rewards; 0 when the direction is zero.
+
+    Args:
+        gram: ``[K, K]`` raw Gram matrix.
+        weights: ``[K]`` weights of the direction.
+        dropped: ``[K]`` bool.
+    """
+    g = gram.detach().double().cpu()
+    w = weights.detach().double().cpu()
+    projections = g @ w
+    d_norm = float(w @ projections) ** 0.5 if float(w @ projections) > 0 else 0.0
+    norms = g.diagonal().clamp_min(0).sqrt()
+    denom = d_norm * norms
+    cos = torch.where(denom > 0, projections / denom.clamp_min(1e-300), torch.zeros_like(denom))
+    cos[dropped.cpu().bool()] = float("nan")
+    return cos

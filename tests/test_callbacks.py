@@ -55,8 +55,9 @@ def test_trainer_checks_in_setup(tmp_path):
 
 
 def test_refresh_schedule_and_uniform_stage():
-    module = make_module("amortized", refresh_every=100)
+    module = make_module("amortized")
     fit(module, max_steps=5, callbacks=[HarmonizationCallback(refresh_every=2, uniform_after=3)])
+    assert module.hparams["refresh_every"] == 2 and module.hparams["uniform_after"] == 3
     assert [r["refresh"] for r in module.history] == [True, False, True, False, True]
     assert module.force_uniform
     names = module.reward_names
@@ -81,7 +82,7 @@ def test_ema_of_coefficients():
     torch.testing.assert_close(alpha[3], 0.5 * a0 + 0.5 * a2)
     torch.testing.assert_close(ema.alpha_ema, 0.25 * a0 + 0.25 * a2 + 0.5 * a4)
     torch.testing.assert_close(module.current_alpha, ema.alpha_ema)
-    assert module.alpha_transform is None  # removed at teardown
+    assert module.coefficients.smoother is None  # removed at teardown
     clone = EMACoefficientCallback(decay=0.5)
     clone.load_state_dict(ema.state_dict())
     torch.testing.assert_close(clone.alpha_ema, ema.alpha_ema)
@@ -161,3 +162,11 @@ def test_reward_eval_extra_rewards_are_scored_not_trained():
     with pytest.raises(ValueError, match="green"):
         fit(make_module("marble"), max_steps=1,
             callbacks=[RewardEvalCallback(["a"], extra_rewards=[ChannelMean(1, "green")])])
+
+
+def test_refresh_period_has_one_source_of_truth():
+    """A module refresh_every that differs from the callback's fails before training."""
+    module = make_module("amortized", refresh_every=3)
+    with pytest.raises(ValueError, match=r"refresh_every=2.*refresh_every=3"):
+        fit(module, max_steps=1, callbacks=[HarmonizationCallback(refresh_every=2)])
+    assert module.step_index == 0

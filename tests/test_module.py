@@ -9,6 +9,8 @@ import math
 import pytest
 import torch
 
+from marble_lightning.sampling import keyed_noise, training_timesteps
+
 from marble_lightning.harmonize import harmonize
 from marble_lightning.module import MODES, MarbleDiffusionModule
 from marble_lightning.nft import interpolation_coefficient
@@ -37,7 +39,7 @@ def _perturb(module: MarbleDiffusionModule, seed: int = 1) -> None:
         for p, q in zip(module.trainable_parameters, module.old_parameters):
             p.add_(0.3 * torch.randn(p.shape, generator=gen))
             q.copy_(p + 0.05 * torch.randn(p.shape, generator=gen))
-    module._old_is_policy = False
+    module.adapters.old_is_policy = False
 
 
 def _independent_gradients(module: MarbleDiffusionModule, rollout, timesteps, beta: float, a_max: float, kl_weight: float):
@@ -54,7 +56,10 @@ def _independent_gradients(module: MarbleDiffusionModule, rollout, timesteps, be
     kl_grad = torch.zeros(grads.shape[1], dtype=torch.float64)
     for j in timesteps:
         t = float(twin.time_grid()[j])
-        eps = module._noise(rollout.prompts[:: twin.group_size], twin.group_size, "train", rollout.step, 0, j)
+        eps = keyed_noise(
+            rollout.prompts[:: twin.group_size], twin.group_size, twin.backbone.sample_shape,
+            (twin.seed, "train", rollout.step, 0, j),
+        )
         x_t = (1 - t) * x0 + t * eps
         tt = torch.full((b,), t)
         with torch.no_grad():
@@ -121,7 +126,7 @@ def test_per_sample_refresh_with_old_equal_to_policy_and_kl(beta):
             p.add_(0.3 * torch.randn(p.shape, generator=gen))
             q.copy_(p)
     rollout = module.rollout(PROMPTS[:3], step=0)
-    assert module._old_is_policy
+    assert module.adapters.old_is_policy
     grads, kl_grad = _independent_gradients(module, rollout, [0, 1, 2], beta=beta, a_max=5.0, kl_weight=0.2)
     result = module.compute_update(rollout, refresh=True)
     assert grads.norm(dim=1).min() > 1e-4 and kl_grad.norm() > 1e-4
@@ -133,10 +138,10 @@ def test_train_timestep_subset_and_reuse_of_old_policy():
     """A random subset of the grid (same for the same step), and v_old = v when old == policy."""
     module = make_module("marble", sample_steps=4, train_timesteps=2)
     rollout = module.rollout(PROMPTS[:2], step=0)
-    assert module._old_is_policy
-    grads, _ = _independent_gradients(module, rollout, module._training_timesteps(0, 0), 1.0, 5.0, 0.0)
+    assert module.adapters.old_is_policy
+    grads, _ = _independent_gradients(module, rollout, training_timesteps(module.seed, 0, 0, 4, 2), 1.0, 5.0, 0.0)
     result = module.compute_update(rollout, refresh=True)
-    assert len(result.timesteps) == 2 and result.timesteps == module._training_timesteps(0, 0)
+    assert len(result.timesteps) == 2 and result.timesteps == training_timesteps(module.seed, 0, 0, 4, 2)
     torch.testing.assert_close(result.grads.double(), grads, rtol=1e-4, atol=1e-7)
 
 
@@ -351,7 +356,7 @@ def test_duplicate_reward_names_and_bad_backbone():
 
 
 @pytest.mark.parametrize(
-    ("reward", "match"), [(NaNReward(), r"step 0 .*'nan'.*non-finite"), (WrongShapeReward(), r"'wrong_shape'.*shape")]
+    ("reward", "match"), [(NaNReward(), r"'nan'.*non-finite(.|\n)*step 0"), (WrongShapeReward(), r"'wrong_shape'.*shape")]
 )
 def test_bad_reward_fails_at_first_step_with_state_untouched(reward, match):
     module = make_module("marble", rewards=[ChannelMean(0, "red"), reward])
@@ -383,7 +388,7 @@ def test_unet_denoiser_with_conv_lora_and_per_sample_engine():
             group_size=2, sample_steps=2, lora_rank=2, lora_alpha=4,
         )
         assert module.gram == gram
-        assert any("conv1" in name for name in module._policy_names)
+        assert any("conv1" in name for name in module.adapters.policy_names)
         _perturb(module, seed=2)
         rollout = module.rollout(PROMPTS[:2], step=0)
         directions.append(module.compute_update(rollout, refresh=True).direction)

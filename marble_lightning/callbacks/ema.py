@@ -40,13 +40,14 @@ class EMACoefficientCallback(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        check_module(pl_module, "EMACoefficientCallback", ("marble", "amortized"))
-        pl_module.alpha_transform = self.smooth
+        check_module(pl_module, "EMACoefficientCallback", harmonizing=True)
+        pl_module.coefficients.set_smoother(self.smooth)
+        pl_module.hparams["alpha_ema_decay"] = self.decay
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if getattr(pl_module, "alpha_transform", None) == self.smooth:
-            pl_module.alpha_transform = None
+        if pl_module.coefficients.smoother == self.smooth:
+            pl_module.coefficients.set_smoother(None)
 
     def smooth(self, alpha: Tensor) -> Tensor:
         """Fold a fresh ``alpha*`` ``[K]`` into the average and return ``alpha_ema`` ``[K]``."""

@@ -16,10 +16,14 @@ __all__ = ["HarmonizationCallback"]
 class HarmonizationCallback(Callback):
     """When to refresh the MARBLE coefficients, and when to switch to uniform alpha.
 
-    Before every training step it sets ``module.refresh_now = (step % refresh_every == 0)`` (so
-    step 0 always refreshes) and ``module.force_uniform = step >= uniform_after``. In the uniform
+    Before every training step it tells the module's
+    :class:`~marble_lightning.coefficients.Coefficients` to refresh when
+    ``step % refresh_every == 0`` (so step 0 always refreshes) and whether
+    ``step >= uniform_after`` (the uniform stage, this project's option: the paper's method has no
+    final uniform stage). The callback owns the refresh period: a different ``refresh_every`` on
+    the module is an error, and the module's hyperparameters record the callback's. In the uniform
     stage alpha is ``1/K`` over the non-dropped rewards, with the gradient norms of the latest
-    refresh (the paper's best schedule: dynamic most of training, uniform at the end).
+    refresh.
 
     Args:
         refresh_every: refresh period in training steps (rollouts), ``>= 1``.
@@ -38,14 +42,24 @@ class HarmonizationCallback(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        check_module(pl_module, "HarmonizationCallback", ("marble", "amortized"))
+        check_module(pl_module, "HarmonizationCallback", harmonizing=True)
+        own = pl_module.hparams.get("refresh_every")
+        if own is not None and own != self.refresh_every:
+            raise ValueError(
+                f"HarmonizationCallback(refresh_every={self.refresh_every}) conflicts with the "
+                f"module's refresh_every={own}; set it in one place (the callback)"
+            )
+        pl_module.coefficients.set_refresh_every(self.refresh_every, "HarmonizationCallback")
+        # the hyperparameters record the schedule that runs
+        pl_module.hparams["refresh_every"] = self.refresh_every
+        pl_module.hparams["uniform_after"] = self.uniform_after
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         step = pl_module.step_index
         refresh = step % self.refresh_every == 0
-        pl_module.refresh_now = refresh
-        pl_module.force_uniform = self.uniform_after is not None and step >= self.uniform_after
+        uniform = self.uniform_after is not None and step >= self.uniform_after
+        pl_module.coefficients.schedule(refresh=refresh, uniform=uniform)
         self.refreshes += int(refresh)
 
     @override

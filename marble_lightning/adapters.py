@@ -1,0 +1,119 @@
+"""The policy / old LoRA adapter pair on one denoiser.
+
+The denoiser (a diffusers model with ``PeftAdapterMixin``) carries two LoRA adapters of the same
+shape: ``"policy"`` (trained) and ``"old"`` (the sampling policy of the rollouts, a soft copy of
+the policy). ``"base"`` means adapters disabled (the frozen reference model).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["ADAPTERS", "BASE", "OLD", "POLICY", "LoraAdapterPair"]
+
+POLICY = "policy"
+OLD = "old"
+BASE = "base"
+ADAPTERS = (POLICY, OLD, BASE)
+_REQUIRED = ("add_adapter", "set_adapter", "disable_adapters", "enable_adapters")
+
+
+class LoraAdapterPair:
+    """Attach, switch, soft-update and write gradients of the policy and old LoRA adapters.
+
+    Args:
+        denoiser: the model to attach to (must support diffusers' PEFT adapters).
+        rank: LoRA rank.
+        alpha: LoRA alpha (scale ``alpha / rank``).
+        targets: module-name patterns for LoRA.
+        seed: seed of the LoRA initialisation (the global RNG is left untouched).
+
+    Attributes:
+        policy_names / old_names: the adapter parameter names in ``denoiser``, aligned, sorted.
+        policy_params / old_params: the parameters, aligned with the names.
+        old_is_policy: True while the old adapter is known to equal the policy (then the old
+            policy's forward can be skipped).
+    """
+
+    def __init__(self, denoiser: nn.Module, rank: int, alpha: float, targets: list[str], seed: int) -> None:
+        from peft import LoraConfig
+
+        for method in _REQUIRED:
+            if not hasattr(denoiser, method):
+                raise ValueError(
+                    f"backbone.denoiser ({type(denoiser).__name__}) lacks `{method}`; it must "
+                    "support diffusers' PEFT adapters (PeftAdapterMixin)"
+                )
+        self.denoiser = denoiser
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            try:
+                denoiser.add_adapter(config, adapter_name=POLICY)
+                with warnings.catch_warnings():  # a second adapter is intended here
+                    warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+                    denoiser.add_adapter(config, adapter_name=OLD)
+            except ValueError as err:
+                raise ValueError(f"could not attach LoRA to targets {targets}: {err}") from err
+        named = dict(denoiser.named_parameters())
+        self.policy_names = sorted(n for n in named if ".lora_" in n and f".{POLICY}." in n)
+        self.old_names = [n.replace(f".{POLICY}.", f".{OLD}.") for n in self.policy_names]
+        if not self.policy_names:
+            raise ValueError(f"LoRA targets {targets} matched no module of the denoiser")
+        self.policy_params = [named[n] for n in self.policy_names]
+        self.old_params = [named[n] for n in self.old_names]
+        with torch.no_grad():
+            for old, new in zip(self.old_params, self.policy_params):
+                old.copy_(new)
+        self.old_is_policy = True
+        self.activate(POLICY)
+
+    def activate(self, adapter: str) -> None:
+        """Make ``adapter`` ("policy", "old" or "base" = adapters disabled) the active one."""
+        if adapter == BASE:
+            self.denoiser.disable_adapters()
+        else:
+            self.denoiser.enable_adapters()
+            self.denoiser.set_adapter(adapter)
+        # PEFT toggles requires_grad when switching; only the policy LoRA is ever trainable.
+        for p in self.policy_params:
+            p.requires_grad_(True)
+        for p in self.old_params:
+            p.requires_grad_(False)
+
+    @contextmanager
+    def using(self, adapter: str) -> Iterator[None]:
+        """Context in which the denoiser runs ``adapter``; restores the policy afterwards."""
+        if adapter not in ADAPTERS:
+            raise ValueError(f"`adapter` should be one of {ADAPTERS}, got {adapter!r}")
+        self.activate(adapter)
+        try:
+            yield
+        finally:
+            self.activate(POLICY)
+
+    @torch.no_grad()
+    def soft_update(self, eta: float) -> None:
+        """``theta_old <- eta theta_old + (1 - eta) theta`` (``eta = 0``: copy the policy)."""
+        for old, new in zip(self.old_params, self.policy_params):
+            old.mul_(eta).add_(new.detach(), alpha=1.0 - eta)
+        self.old_is_policy = eta == 0.0
+
+    def write_gradients(self, flat: Tensor) -> None:
+        """Set ``p.grad`` of the policy parameters from one ``[P]`` vector (in parameter order)."""
+        offset = 0
+        for p in self.policy_params:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p).to(p.dtype).clone()
+            offset += n
+        if offset != flat.numel():
+            raise ValueError(f"gradient vector has {flat.numel()} entries, the policy has {offset}")
+
+    def state_keys(self, prefix: str) -> list[str]:
+        """Checkpoint keys of both adapters, each name prefixed with ``prefix``."""
+        return [prefix + n for n in self.policy_names + self.old_names]

@@ -1,0 +1,125 @@
+"""Keyed noise, the sampler's time grid and the deterministic Euler sampler (pure functions).
+
+Conventions of :mod:`marble_lightning.backbone`: ``t = 1`` is noise, ``t = 0`` is data, and the
+sampler integrates ``x_{t'} = x_t + (t' - t) v`` from 1 down to 0 on a decreasing grid.
+
+Noise is keyed: the noise of the ``c``-th copy of a prompt is drawn from a generator seeded by
+``(key..., occurrence of the prompt so far, prompt)``, so it depends neither on the rank nor on
+the order of the batch nor on the global RNG.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from marble_lightning.backbone import Conditioning
+from marble_lightning.seeding import generator
+
+__all__ = [
+    "Velocity",
+    "check_time_grid",
+    "euler_sample",
+    "keyed_noise",
+    "training_timesteps",
+    "uniform_time_grid",
+]
+
+Velocity = Callable[[Tensor, Tensor, Conditioning], Tensor]
+"""``velocity(x [B, ...], t [B], cond) -> v [B, ...]``."""
+
+
+def keyed_noise(
+    prompts: Sequence[str],
+    count: int,
+    shape: Sequence[int],
+    key: tuple[object, ...],
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """``[len(prompts) * count, *shape]`` standard normal noise keyed by ``(key, occurrence, prompt)``.
+
+    Args:
+        prompts: prompts, in batch order; a repeated prompt gets its next occurrence's noise.
+        count: samples per prompt (rows ``i * count ... (i + 1) * count - 1`` belong to prompt i).
+        shape: shape of one sample (e.g. ``(C, H, W)``).
+        key: what identifies the draw (seed, purpose, step, ...).
+        device: device of the result (drawn on the CPU, then moved).
+        dtype: dtype of the result.
+    """
+    seen: dict[str, int] = {}
+    chunks = []
+    for prompt in prompts:
+        occurrence = seen.get(prompt, 0)
+        seen[prompt] = occurrence + 1
+        gen = generator(*key, occurrence, prompt)
+        chunks.append(torch.randn((count, *shape), generator=gen))
+    return torch.cat(chunks).to(device=device, dtype=dtype)
+
+
+def uniform_time_grid(steps: int) -> Tensor:
+    """``[steps + 1]`` times ``1 - j / steps`` (float64)."""
+    return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+
+
+def check_time_grid(grid: Tensor, steps: int, source: str = "time_grid") -> Tensor:
+    """``grid`` as float64 on the CPU, checked to decrease from 1 to 0 with ``steps + 1`` points."""
+    grid = torch.as_tensor(grid, dtype=torch.float64).cpu()
+    if (
+        grid.shape != (steps + 1,)
+        or abs(float(grid[0]) - 1.0) > 1e-6
+        or abs(float(grid[-1])) > 1e-6
+        or bool((grid[1:] >= grid[:-1]).any())
+    ):
+        raise ValueError(
+            f"{source}({steps}) should decrease from 1 to 0 with {steps + 1} points, "
+            f"got {grid.tolist()}"
+        )
+    return grid
+
+
+@torch.no_grad()
+def euler_sample(
+    velocity: Velocity,
+    noise: Tensor,
+    cond: Conditioning,
+    grid: Tensor,
+    *,
+    uncond: Conditioning | None = None,
+    cfg_scale: float = 1.0,
+) -> Tensor:
+    """Integrate ``noise`` (at ``t = grid[0] = 1``) to ``t = 0`` with Euler steps on ``grid``.
+
+    With ``uncond`` the velocity is ``v_u + cfg_scale (v_c - v_u)`` (classifier-free guidance;
+    both halves in one batched call).
+
+    Returns:
+        ``[B, ...]`` samples at ``t = 0``, same shape and dtype as ``noise``.
+    """
+    x = noise
+    b = x.shape[0]
+    for i in range(grid.shape[0] - 1):
+        t, t_next = float(grid[i]), float(grid[i + 1])
+        tt = torch.full((b,), t, device=x.device, dtype=x.dtype)
+        if uncond is not None:
+            both = {key: torch.cat([uncond[key], cond[key]]) for key in cond}
+            v_u, v_c = velocity(torch.cat([x, x]), torch.cat([tt, tt]), both).chunk(2)
+            v = v_u + cfg_scale * (v_c - v_u)
+        else:
+            v = velocity(x, tt, cond)
+        x = x + (t_next - t) * v
+    return x
+
+
+def training_timesteps(seed: int, step: int, update: int, steps: int, count: int | None) -> list[int]:
+    """Indices into the sampler grid trained on at ``(step, update)``: all, or ``count`` random ones.
+
+    The subset is keyed by ``(seed, step, update)``, so every rank picks the same one.
+    """
+    if count is None or count >= steps:
+        return list(range(steps))
+    gen = generator(seed, "timesteps", step, update)
+    return sorted(torch.randperm(steps, generator=gen)[:count].tolist())
