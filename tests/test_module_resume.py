@@ -89,8 +89,6 @@ def test_checkpoint_of_other_lora_rank_is_rejected(tmp_path):
 
 _SCRIPT = textwrap.dedent(
     """
-    import sys, warnings
-    sys.path.insert(0, {tests!r})
     import torch
     torch.set_num_threads(1)
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -116,8 +114,7 @@ _SCRIPT = textwrap.dedent(
 
 def _script(tmp: Path, name: str, *, slow: bool, resume: str | None, steps: int, out: Path) -> Path:
     path = tmp / f"{name}.py"
-    tests = str(Path(__file__).parent)
-    path.write_text(_SCRIPT.format(tests=tests, slow=slow, ckpt_dir=str(tmp / name), resume=resume, steps=steps, out=str(out)))
+    path.write_text(_SCRIPT.format(slow=slow, ckpt_dir=str(tmp / name), resume=resume, steps=steps, out=str(out)))
     return path
 
 
