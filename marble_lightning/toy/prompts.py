@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
+from marble_lightning.checks import check_choice
 from marble_lightning.toy.world import (
     COUNTS,
     PALETTE,
@@ -60,8 +61,7 @@ def check_templates(templates: Iterable[str] | None) -> tuple[str, ...]:
         templates = [templates]
     out = tuple(templates)
     for name in out:
-        if name not in TEMPLATES:
-            raise ValueError(f"unknown toy prompt template {name!r}; expected one of {TEMPLATES}")
+        check_choice("templates", name, TEMPLATES)
     if not out:
         raise ValueError("no toy prompt templates selected (empty list)")
     return out

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from marble_lightning.checks import check_choice
+
 IMAGE_SIZE = 32
 """Height and width of every toy image, in pixels."""
 
@@ -106,12 +108,9 @@ class ObjectSpec:
     count: int = 1
 
     def __post_init__(self) -> None:
-        if self.shape not in SHAPES:
-            raise ValueError(f"unknown shape {self.shape!r}; expected one of {SHAPES}")
-        if self.color not in PALETTE:
-            raise ValueError(f"unknown colour {self.color!r}; expected one of {tuple(PALETTE)}")
-        if self.count not in COUNTS:
-            raise ValueError(f"count must be one of {COUNTS}, got {self.count!r}")
+        check_choice("shape", self.shape, SHAPES)
+        check_choice("color", self.color, PALETTE)
+        check_choice("count", self.count, COUNTS)
 
 
 @dataclass(frozen=True)
@@ -132,23 +131,18 @@ class SceneSpec:
     text: str | None = None
 
     def __post_init__(self) -> None:
+        check_choice("family", self.family, ("count", "relation", "text"))
         if self.family == "count":
             if len(self.objects) != 1 or self.relation is not None or self.text is not None:
                 raise ValueError(f"a count scene has exactly one object group, got {self}")
         elif self.family == "relation":
             if len(self.objects) != 2 or any(o.count != 1 for o in self.objects):
                 raise ValueError(f"a relation scene has two single objects, got {self}")
-            if self.relation not in RELATIONS:
-                raise ValueError(f"unknown relation {self.relation!r}; expected one of {RELATIONS}")
+            check_choice("relation", self.relation, RELATIONS)
             if self.objects[0].color == self.objects[1].color:
                 raise ValueError(f"the two objects of a relation need different colours: {self}")
-        elif self.family == "text":
-            if self.objects or self.text not in WORDS:
-                raise ValueError(f"a text scene needs a word from WORDS and no objects, got {self}")
-        else:
-            raise ValueError(
-                f"unknown scene family {self.family!r}; expected count, relation or text"
-            )
+        elif self.objects or self.text not in WORDS:  # text
+            raise ValueError(f"a text scene needs a word from WORDS and no objects, got {self}")
 
 
 @dataclass(frozen=True)
