@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import signal
 import sys
 from collections.abc import Sequence
@@ -37,6 +38,7 @@ import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.cli import LightningCLI
+from jsonargparse import Namespace
 from lightning.pytorch.loggers import CSVLogger
 
 from marble_lightning.interrupts import GracefulInterrupt, checkpoint_dir
@@ -302,14 +304,36 @@ class MarbleCLI(LightningCLI):
         for key, old, new in applied:
             print(f"marble: resume: {key}: checkpoint run {_show(old)}, now {_show(new)} (applied)", file=sys.stderr, flush=True)
 
-    # ------------------------------------------------------------------ instantiation
-    def before_instantiate_classes(self) -> None:
+    # ------------------------------------------------------------------ parsing
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Parse, give loggers without ``save_dir`` the ``default_root_dir``, then validate.
+
+        (TensorBoardLogger/CSVLogger require ``save_dir``; the shipped configs leave it out so
+        that ``--trainer.default_root_dir`` moves every output, so validation waits for it.)
+        """
+        if isinstance(args, (dict, Namespace)):
+            super().parse_arguments(parser, args)
+            return
+        self.config = parser.parse_args(args, _skip_validation=True)
+        self._fill_save_dirs()
+        try:
+            parser.validate(self.config)
+        except (TypeError, KeyError, ValueError) as err:
+            parser.error(str(err), err)
+
+    def _fill_save_dirs(self) -> None:
         """Loggers without an explicit ``save_dir`` write under ``trainer.default_root_dir``."""
+        if self.config.get("subcommand") is None and "trainer" not in self.config:
+            return
         root = self._root()
         for entry in _logger_entries(self._sub().get("trainer")):
             init = entry.get("init_args") if hasattr(entry, "get") else None
             if init is not None and "save_dir" in init and init.get("save_dir") is None:
                 init["save_dir"] = root
+
+    # ------------------------------------------------------------------ instantiation
+    def before_instantiate_classes(self) -> None:
+        self._fill_save_dirs()
 
     def instantiate_classes(self) -> None:
         try:
@@ -403,6 +427,9 @@ def _export_lora_command(argv: Sequence[str]) -> int:
         )
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
+    except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused a crafted file
+        first = str(err).splitlines()[0] if str(err) else ""
+        parser.error(f"cannot load {args.ckpt} safely (weights_only=True refused it; nothing was executed): {first}")
     print(f"marble: exported LoRA adapter {args.adapter!r} to {path}", flush=True)
     return 0
 

@@ -75,7 +75,8 @@ def load_state_dict_file(path: str | os.PathLike[str], reward: str) -> dict[str,
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file does not hold a mapping of tensors.
+        ValueError: the file does not hold a mapping of tensors, or cannot be read without
+            unpickling arbitrary objects (a crafted pickle is refused, never executed).
     """
     p = require_file(path, reward)
     if p.suffix == ".safetensors":
@@ -83,7 +84,14 @@ def load_state_dict_file(path: str | os.PathLike[str], reward: str) -> dict[str,
 
         state = load_file(str(p), device="cpu")
     else:
-        state = torch.load(str(p), map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(str(p), map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001  (unpickling errors come in many types)
+            first = str(err).splitlines()[0] if str(err) else ""
+            raise ValueError(
+                f"reward {reward!r}: cannot load {str(p)!r} safely (torch.load weights_only=True "
+                f"refused it; nothing was executed): {type(err).__name__}: {first}"
+            ) from err
         if (
             isinstance(state, dict)
             and "state_dict" in state

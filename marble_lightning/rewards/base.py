@@ -80,6 +80,57 @@ class RewardModel(nn.Module):
         return torch.where(mask, values.float(), torch.zeros((), device=values.device))
 
 
+def _describe_prompts(prompts: Sequence[str] | None, limit: int = 3) -> str:
+    if not prompts:
+        return "no prompt"
+    unique = list(dict.fromkeys(prompts))
+    shown = ", ".join(repr(p) for p in unique[:limit])
+    more = f" and {len(unique) - limit} more" if len(unique) > limit else ""
+    return f"prompt {shown}{more}" if len(unique) == 1 else f"prompts {shown}{more}"
+
+
+class RewardError(RuntimeError):
+    """A reward failed while scoring: names the reward, the step and the prompt(s).
+
+    Raised by :class:`MultiReward` (``raise RewardError(...) from err``), so the original
+    exception stays available as ``__cause__`` whatever its constructor looks like.
+
+    Args:
+        message: what went wrong (the original error's text); a single argument also works, so
+            ``type(err)(message)`` style re-raising keeps the type.
+        reward: the reward's name.
+        step: the rollout step (``None`` when the caller did not say).
+        prompts: the prompts being scored (the batch, or the one whose value was bad).
+
+    Attributes:
+        reward, step, prompts: as given.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reward: str | None = None,
+        step: int | None = None,
+        prompts: Sequence[str] | None = None,
+    ) -> None:
+        self.reward = reward
+        self.step = step
+        self.prompts = list(prompts) if prompts is not None else None
+        self.detail = message
+        if reward is not None:
+            where = f"step {step}" if step is not None else "unknown step"
+            message = f"reward {reward!r} failed at {where} on {_describe_prompts(self.prompts)}: {message}"
+        super().__init__(message)
+
+    def __reduce__(self):  # keep the keyword fields through pickling (multiprocessing)
+        return (_rebuild_reward_error, (self.detail, self.reward, self.step, self.prompts))
+
+
+def _rebuild_reward_error(message, reward, step, prompts) -> RewardError:
+    return RewardError(message, reward=reward, step=step, prompts=prompts)
+
+
 @dataclass
 class RewardBatch:
     """Scores of K rewards on B samples.
@@ -99,7 +150,8 @@ class MultiReward(nn.Module):
     """K rewards evaluated together -> :class:`RewardBatch`.
 
     Raises ``ValueError`` naming the reward when one returns a wrong shape or non-finite values
-    where it applies, and re-raises any exception from a reward with the reward's name attached.
+    where it applies, and :class:`RewardError` (naming the reward, the step and the prompts,
+    chained to the original exception) when a reward raises.
     """
 
     def __init__(self, rewards: Sequence[nn.Module]) -> None:
@@ -126,15 +178,19 @@ class MultiReward(nn.Module):
         return torch.stack(cols, dim=1)
 
     @torch.no_grad()
-    def forward(self, images: Tensor, prompts: Sequence[str]) -> RewardBatch:
+    def forward(self, images: Tensor, prompts: Sequence[str], step: int | None = None) -> RewardBatch:
+        """Score ``images`` with every reward; ``step`` (optional) is named in errors."""
         b = images.shape[0]
         mask = self.masks(prompts).to(images.device)
         cols = []
         for k, (name, reward) in enumerate(zip(self.names, self.rewards)):
             try:
                 value = reward(images, prompts)
-            except Exception as err:  # attach the reward's name, keep the original type
-                raise type(err)(f"reward {name!r} failed: {err}") from err
+            except RewardError:
+                raise
+            except Exception as err:  # one project type naming reward/step/prompt, chained
+                detail = f"{type(err).__name__}: {err}"
+                raise RewardError(detail, reward=name, step=step, prompts=prompts) from err
             if not isinstance(value, Tensor) or value.shape != (b,):
                 shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
                 raise ValueError(f"reward {name!r} returned shape {shape}, expected ({b},)")
