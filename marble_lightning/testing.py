@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from marble_lightning.backbone import Conditioning
+from marble_lightning.checks import check_choice, check_float
 from marble_lightning.rewards.base import RewardModel
 
 if TYPE_CHECKING:
@@ -106,9 +107,7 @@ class BrightnessReward(RewardModel):
         self, target: float = 1.0, keyword: str | None = None, name: str | None = None
     ) -> None:
         super().__init__(name)
-        if not 0.0 <= float(target) <= 1.0:
-            raise ValueError(f"BrightnessReward: target must lie in [0, 1], got {target!r}")
-        self.target = float(target)
+        self.target = check_float("target", target, minimum=0.0, maximum=1.0)
         self.keyword = keyword
 
     def applies_to(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -319,9 +318,7 @@ def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     known = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in known:
-        raise ValueError(f"Unknown torch dtype name {dtype!r}; expected one of {sorted(known)}.")
-    return known[dtype]
+    return known[check_choice("dtype", dtype, known)]
 
 
 # ------------------------------------------------------------ pixel-space module fixtures
