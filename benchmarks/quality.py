@@ -39,10 +39,10 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, environment_markdown  # noqa: E402
-from default_run import ALLOCATOR, run_seed  # noqa: E402
+from _common import environment, environment_markdown
+from default_run import ALLOCATOR, run_seed
 
-from marble_lightning.metrics import composite, normalize_scores  # noqa: E402
+from marble_lightning.metrics import composite, normalize_scores
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {
@@ -176,8 +176,8 @@ def main(argv: list[str] | None = None) -> None:
 
     first = results[args.methods[0]][0]["record"]
     names = first.get("eval_names", first["names"])
-    lines = [environment_markdown(), "", f"Seeds {args.seeds}; gains are held-out final minus base "
-             "(same prompts and evaluation seeds); composite/worst are standardised gains.", "",
+    lines = [environment_markdown(), "", (f"Seeds {args.seeds}; gains are held-out final minus base "
+             "(same prompts and evaluation seeds); composite/worst are standardised gains."), "",
              "| method | " + " | ".join(names) + " | composite | worst | worst cos < 0 |",
              "|---|" + "---|" * (len(names) + 3)]
     for m, runs in results.items():

@@ -342,7 +342,7 @@ class CompositeScore(RewardMetric):
     def normalized_means(self) -> Tensor:
         """``s_k`` for every member (NaN where unseen), float64 ``[K]`` (the local, unsynced states)."""
         s = normalize_scores(self._means(), self.ranges, self.clip)
-        return torch.tensor([s[n] for n in self.names], dtype=torch.float64)
+        return torch.tensor([s[n] for n in self.names], dtype=torch.float64, device=self.sums.device)
 
     def compute(self) -> Tensor:
         """The composite, a float32 scalar tensor (NaN when no member has been seen)."""
