@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ProjectionReward, environment, environment_markdown  # noqa: E402
+from marble_lightning.sampling import uniform_time_grid  # noqa: E402
 
 
 class LatentOnlyBackbone(nn.Module):
@@ -56,6 +57,10 @@ class LatentOnlyBackbone(nn.Module):
         out = self.denoiser(hidden_states=x.to(dtype), timestep=t * 1000, encoder_hidden_states=cond["text"],
                             pooled_projections=cond["pooled"], return_dict=False)[0]
         return out.to(x.dtype)
+
+    def time_grid(self, steps: int) -> Tensor:
+        """Uniform sampler times ``1 - j / steps`` (``[steps + 1]``, float64)."""
+        return uniform_time_grid(steps)
 
     def decode(self, x: Tensor) -> Tensor:
         rgb = torch.einsum("oc,bchw->bohw", self._rgb.to(x.dtype), x)

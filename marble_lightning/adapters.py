@@ -117,3 +117,16 @@ class LoraAdapterPair:
     def state_keys(self, prefix: str) -> list[str]:
         """Checkpoint keys of both adapters, each name prefixed with ``prefix``."""
         return [prefix + n for n in self.policy_names + self.old_names]
+
+    def check_state(self, state: dict, prefix: str) -> None:
+        """Raise unless ``state``'s keys are exactly this pair's adapter tensors (``prefix`` + name)."""
+        expected = set(self.state_keys(prefix))
+        missing = sorted(expected - set(state))
+        unexpected = sorted(key for key in state if key not in expected)
+        if missing or unexpected:
+            example = (missing or unexpected)[0]
+            raise ValueError(
+                f"checkpoint does not match this module's LoRA adapter tensors ({len(missing)} "
+                f"missing, {len(unexpected)} unexpected, e.g. {example!r}); was it written with "
+                "other lora_targets / lora_rank?"
+            )

@@ -1,6 +1,6 @@
 """Per-reward gradient engines: the ``[K, P]`` matrix whose rows are ``g_k = grad l_k``.
 
-MARBLE needs the Gram matrix of the per-reward gradients ``g_k`` (DESIGN.md §1) and then the
+MARBLE needs the Gram matrix of the per-reward gradients ``g_k`` (see :mod:`marble_lightning.harmonize`) and then the
 combination ``sum_k w_k g_k``. Three engines produce the same ``[K, P]`` matrix ``G`` (rows in the
 order of the trainable parameter list, each parameter flattened), so everything downstream (the
 single cross-rank mean reduction, ``harmonize``, writing ``.grad``) is shared:
@@ -300,25 +300,6 @@ def _conv2d_weight_per_sample(layer: nn.Conv2d, x: Tensor, delta: Tensor) -> Ten
             window = x_pad[:, :, top : top + sh * (ho - 1) + 1 : sh, left : left + sw * (wo - 1) + 1 : sw]
             out[:, :, :, i, j] = torch.bmm(d2, window.reshape(b, c, ho * wo).transpose(1, 2))
     return out
-
-
-def combine_per_sample(
-    positive: Tensor, negative: Tensor, r: Tensor, *, beta: float, a_max: float, batch_size: int
-) -> Tensor:
-    """``[K, P]`` per-reward gradients from accumulated per-sample gradients.
-
-    Args:
-        positive: ``[B, P]`` per-sample gradients of ``L+_i`` (summed over timesteps).
-        negative: ``[B, P]`` per-sample gradients of ``L-_i`` (summed over timesteps).
-        r: ``[K, B]`` interpolation coefficients.
-        beta, a_max: the NFT constants of :func:`marble_lightning.nft.nft_objective`.
-        batch_size: ``B`` of the mean in the NFT objective.
-
-    Returns:
-        ``[K, P]``: ``(a_max / (beta B)) * (r @ positive + (1 - r) @ negative)``.
-    """
-    r = r.to(positive.dtype)
-    return (a_max / (beta * batch_size)) * (r @ positive + (1.0 - r) @ negative)
 
 
 def process_group_sum(group: dist.ProcessGroup | None = None) -> Callable[[Tensor], Tensor]:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -34,32 +34,33 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from marble_lightning.adapters import POLICY, LoraAdapterPair
+from marble_lightning.adapters import LoraAdapterPair
 from marble_lightning.advantages import PerPromptStatTracker
 from marble_lightning.backbone import FlowBackbone
 from marble_lightning.checks import check_choice, check_float, check_int
 from marble_lightning.coefficients import Coefficients
 from marble_lightning.collective import Collective, LocalCollective, StrategyCollective
+from marble_lightning.generation import PolicySampling
 from marble_lightning.gram import GradientEngine
 from marble_lightning.harmonize import Harmonized, weights_from_alpha
-from marble_lightning.precision import ROLLOUT_PRECISIONS, autocast_context, resolve_rollout_precision
+from marble_lightning.precision import (
+    ROLLOUT_PRECISIONS,
+    autocast_context,
+    resolve_rollout_precision,
+)
 from marble_lightning.rewards.base import MultiReward
 from marble_lightning.rollout import Rollout, collect_rollout
 from marble_lightning.rules import DEFAULT_REFRESH_EVERY, MODES, make_rule
 from marble_lightning.sampling import (
-    check_time_grid,
-    euler_sample,
-    keyed_noise,
     training_timesteps,
-    uniform_time_grid,
 )
 from marble_lightning.schedules import OldPolicySchedule
-from marble_lightning.update import NFTUpdate, UpdateResult, plan_losses
+from marble_lightning.update import NFTUpdate, UpdateResult, plan_losses, step_metrics
 
 __all__ = ["MODES", "MarbleDiffusionModule", "Rollout", "UpdateResult"]
 
 
-class MarbleDiffusionModule(LightningModule):
+class MarbleDiffusionModule(PolicySampling, LightningModule):
     """Multi-reward RL fine-tuning of a flow-matching diffusion model (MARBLE and baselines).
 
     Args:
@@ -173,30 +174,42 @@ class MarbleDiffusionModule(LightningModule):
         check_choice("mode", mode, MODES)
         self.group_size = check_int("group_size", group_size)
         self.sample_steps = check_int("sample_steps", sample_steps)
-        if train_timesteps is not None:
-            check_int("train_timesteps", train_timesteps)
-            if train_timesteps > sample_steps:
-                raise ValueError(
-                    f"`train_timesteps` ({train_timesteps}) should be <= sample_steps ({sample_steps})"
-                )
+        if (
+            train_timesteps is not None
+            and check_int("train_timesteps", train_timesteps) > sample_steps
+        ):
+            raise ValueError(
+                f"`train_timesteps` ({train_timesteps}) should be <= sample_steps ({sample_steps})"
+            )
         self.train_timesteps = train_timesteps
-        self.cfg_scale = check_float("cfg_scale", cfg_scale, minimum=0.0)
-        self.beta = check_float("beta", beta, minimum=0.0, strict=True)
-        self.a_max = check_float("a_max", a_max, minimum=0.0, strict=True)
-        self.lr = check_float("lr", lr, minimum=0.0, strict=True)
-        self.kl_weight = check_float("kl_weight", kl_weight, minimum=0.0)
-        self.weight_decay = check_float("weight_decay", weight_decay, minimum=0.0)
+        positive = {"beta": beta, "a_max": a_max, "lr": lr, "lora_alpha": lora_alpha}
+        for name, value in positive.items():
+            check_float(name, value, minimum=0.0, strict=True)
+        for name, value in {
+            "cfg_scale": cfg_scale,
+            "kl_weight": kl_weight,
+            "weight_decay": weight_decay,
+        }.items():
+            check_float(name, value, minimum=0.0)
+        self.cfg_scale, self.beta, self.a_max, self.lr = (
+            float(cfg_scale),
+            float(beta),
+            float(a_max),
+            float(lr),
+        )
+        self.kl_weight, self.weight_decay = float(kl_weight), float(weight_decay)
         if grad_clip is not None:
             check_float("grad_clip", grad_clip, minimum=0.0, strict=True)
         self.grad_clip = grad_clip
         self.updates_per_rollout = check_int("updates_per_rollout", updates_per_rollout)
         check_int("lora_rank", lora_rank)
-        check_float("lora_alpha", lora_alpha, minimum=0.0, strict=True)
-        if diagnostics_every is not None:
-            check_int("diagnostics_every", diagnostics_every)
-        self.diagnostics_every = diagnostics_every
+        self.diagnostics_every = (
+            None if diagnostics_every is None else check_int("diagnostics_every", diagnostics_every)
+        )
         self.aggregate = check_choice("aggregate", aggregate, ("r", "advantage"))
-        self.rollout_precision = check_choice("rollout_precision", rollout_precision, ROLLOUT_PRECISIONS)
+        self.rollout_precision = check_choice(
+            "rollout_precision", rollout_precision, ROLLOUT_PRECISIONS
+        )
         self.seed = int(seed)
         self.old_schedule = OldPolicySchedule.from_config(old_policy)
         self._optimizer_factory = optimizer
@@ -208,8 +221,13 @@ class MarbleDiffusionModule(LightningModule):
         self.num_rewards = len(self.reward_names)
         self.mode = mode
         self.rule = make_rule(
-            mode, self.reward_names, reward_weights=reward_weights, fixed_alpha=fixed_alpha,
-            single_reward=single_reward, stages=stages, refresh_every=refresh_every,
+            mode,
+            self.reward_names,
+            reward_weights=reward_weights,
+            fixed_alpha=fixed_alpha,
+            single_reward=single_reward,
+            stages=stages,
+            refresh_every=refresh_every,
         )
         self.coefficients = Coefficients(
             self.rule.alpha(0),
@@ -217,16 +235,28 @@ class MarbleDiffusionModule(LightningModule):
             every_step=mode == "marble",
         )
 
-        targets = list(lora_targets) if lora_targets is not None else list(backbone.lora_target_modules)
+        targets = (
+            list(lora_targets) if lora_targets is not None else list(backbone.lora_target_modules)
+        )
         if not targets:
-            raise ValueError("`lora_targets` is empty and the backbone names no lora_target_modules")
+            raise ValueError(
+                "`lora_targets` is empty and the backbone names no lora_target_modules"
+            )
         self.backbone.requires_grad_(False)
-        self.adapters = LoraAdapterPair(backbone.denoiser, lora_rank, lora_alpha, targets, self.seed)
+        self.adapters = LoraAdapterPair(
+            backbone.denoiser, lora_rank, lora_alpha, targets, self.seed
+        )
         self.engine = GradientEngine(gram, backbone.denoiser, self.adapters.policy_params)
         self.gram = self.engine.name
         self.updater = NFTUpdate(
-            backbone, self.adapters, self.engine, beta=self.beta, a_max=self.a_max,
-            kl_weight=self.kl_weight, group_size=self.group_size, seed=self.seed,
+            backbone,
+            self.adapters,
+            self.engine,
+            beta=self.beta,
+            a_max=self.a_max,
+            kl_weight=self.kl_weight,
+            group_size=self.group_size,
+            seed=self.seed,
         )
         k = self.num_rewards
         self.tracker = PerPromptStatTracker(
@@ -256,16 +286,8 @@ class MarbleDiffusionModule(LightningModule):
 
     @property
     def last_harmonized(self) -> Harmonized | None:
+        """The :class:`~marble_lightning.harmonize.Harmonized` of the last refresh."""
         return self.coefficients.last
-
-    @property
-    def last_gram(self) -> Tensor | None:
-        return self.coefficients.gram
-
-    @property
-    def force_uniform(self) -> bool:
-        """Whether the uniform-alpha stage is on."""
-        return self.coefficients.uniform
 
     @property
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -301,69 +323,10 @@ class MarbleDiffusionModule(LightningModule):
         if self._scheduler_factory is None:
             return optimizer
         scheduler = self._scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    # ------------------------------------------------------------------ sampling
-    def time_grid(self, steps: int | None = None) -> Tensor:
-        """``[steps + 1]`` sampler times from 1 down to 0 (float64, CPU), the backbone's own."""
-        steps = self.sample_steps if steps is None else steps
-        own = getattr(self.backbone, "time_grid", None)
-        if own is None:
-            return uniform_time_grid(steps)
-        return check_time_grid(own(steps), steps, "backbone.time_grid")
-
-    def _param_dtype(self) -> torch.dtype:
-        return next(self.backbone.denoiser.parameters()).dtype
-
-    @torch.no_grad()
-    def sample_latents(
-        self, prompts: list[str], noise: Tensor, *, adapter: str = POLICY,
-        steps: int | None = None, cfg_scale: float | None = None,
-    ) -> Tensor:
-        """Integrate ``noise`` (``[B, C, H, W]`` at ``t = 1``) to ``t = 0`` with ``adapter``."""
-        steps = check_int("steps", self.sample_steps if steps is None else steps)
-        cfg = self.cfg_scale if cfg_scale is None else float(cfg_scale)
-        cond = self.backbone.encode_prompts(list(prompts))
-        uncond = self.backbone.encode_prompts([""] * len(prompts)) if cfg != 1.0 else None
-        with self.adapters.using(adapter):
-            return euler_sample(
-                self.backbone.velocity, noise, cond, self.time_grid(steps), uncond=uncond, cfg_scale=cfg
-            )
-
-    @torch.no_grad()
-    def sample(
-        self, prompts: list[str], *, seed: int | Sequence[int], adapter: str = POLICY,
-        steps: int | None = None, cfg_scale: float | None = None,
-    ) -> Tensor:
-        """Images ``[B, 3, H, W]`` in ``[0, 1]``, one per prompt, with fixed noise.
-
-        Args:
-            prompts: ``B`` prompts (repeat a prompt to get several images of it).
-            seed: an int (image ``i`` gets the noise of ``(seed, prompts[i], occurrence)``), or
-                ``B`` ints (image ``i`` gets ``(seed[i], prompts[i])``, independent of the rest of
-                the list). The module's ``seed`` is not part of the key, so evaluations of
-                different runs are paired.
-            adapter: ``"policy"``, ``"old"`` or ``"base"`` (adapters disabled).
-            steps: Euler steps (default: ``sample_steps``).
-            cfg_scale: guidance scale (default: ``cfg_scale``).
-        """
-        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"`prompts` should be a list of strings, got {prompts!r}")
-        shape, device, dtype = self.backbone.sample_shape, self.device, self._param_dtype()
-        if isinstance(seed, int):
-            noise = keyed_noise(prompts, 1, shape, ("sample", seed), device=device, dtype=dtype)
-        else:
-            seeds = [int(x) for x in seed]
-            if len(seeds) != len(prompts):
-                raise ValueError(
-                    f"`seed` should be an int or one int per prompt ({len(prompts)}), got {len(seeds)}"
-                )
-            noise = torch.cat([
-                keyed_noise([p], 1, shape, ("sample", x), device=device, dtype=dtype)
-                for p, x in zip(prompts, seeds)
-            ])
-        x0 = self.sample_latents(list(prompts), noise, adapter=adapter, steps=steps, cfg_scale=cfg_scale)
-        return self.backbone.decode(x0).float().clamp(0.0, 1.0)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     # ------------------------------------------------------------------ the step
     def _collective(self) -> Collective:
@@ -376,7 +339,9 @@ class MarbleDiffusionModule(LightningModule):
         if isinstance(batch, tuple):
             batch = list(batch)
         if not isinstance(batch, list) or not batch or not all(isinstance(p, str) for p in batch):
-            raise ValueError(f"a training batch should be a non-empty list of prompt strings, got {batch!r}")
+            raise ValueError(
+                f"a training batch should be a non-empty list of prompt strings, got {batch!r}"
+            )
         return batch
 
     def rollout(self, prompts: list[str], *, step: int | None = None) -> Rollout:
@@ -384,11 +349,21 @@ class MarbleDiffusionModule(LightningModule):
         if self._rollout_dtype is None:
             self._rollout_dtype = resolve_rollout_precision(self.rollout_precision, self.device)
         return collect_rollout(
-            self._check_batch(prompts), step=self.step_index if step is None else step,
-            backbone=self.backbone, adapters=self.adapters, rewards=self.rewards,
-            tracker=self.tracker, scalar_tracker=self.scalar_tracker, rule=self.rule,
-            collective=self._collective(), grid=self.time_grid(), group_size=self.group_size,
-            seed=self.seed, cfg_scale=self.cfg_scale, a_max=self.a_max, dtype=self._param_dtype(),
+            self._check_batch(prompts),
+            step=self.step_index if step is None else step,
+            backbone=self.backbone,
+            adapters=self.adapters,
+            rewards=self.rewards,
+            tracker=self.tracker,
+            scalar_tracker=self.scalar_tracker,
+            rule=self.rule,
+            collective=self._collective(),
+            grid=self.time_grid(),
+            group_size=self.group_size,
+            seed=self.seed,
+            cfg_scale=self.cfg_scale,
+            a_max=self.a_max,
+            dtype=self._param_dtype(),
             autocast=autocast_context(self._rollout_dtype, self.device),
         )
 
@@ -405,15 +380,27 @@ class MarbleDiffusionModule(LightningModule):
                 cosines of the direction with them.
         """
         plan = plan_losses(
-            rollout, self.rule, self.coefficients, step=self.step_index, refresh=refresh,
-            diagnostics=diagnostics and not refresh, aggregate=self.aggregate, a_max=self.a_max,
+            rollout,
+            self.rule,
+            self.coefficients,
+            step=self.step_index,
+            refresh=refresh,
+            diagnostics=diagnostics and not refresh,
+            aggregate=self.aggregate,
+            a_max=self.a_max,
         )
         return self.updater.compute(
-            rollout, plan, grid=self.time_grid(), update=update, refresh=refresh,
+            rollout,
+            plan,
+            grid=self.time_grid(),
+            update=update,
+            refresh=refresh,
             timesteps=training_timesteps(
                 self.seed, rollout.step, update, self.sample_steps, self.train_timesteps
             ),
-            coefficients=self.coefficients, collective=self._collective(), names=self.reward_names,
+            coefficients=self.coefficients,
+            collective=self._collective(),
+            names=self.reward_names,
         )
 
     def apply_update(self, result: UpdateResult) -> dict[str, float]:
@@ -421,7 +408,9 @@ class MarbleDiffusionModule(LightningModule):
         if result.skipped:
             warnings.warn(
                 f"step {self.step_index}: every reward gradient is ~0 (all rewards dropped); "
-                "skipping the optimizer step", RuntimeWarning, stacklevel=2,
+                "skipping the optimizer step",
+                RuntimeWarning,
+                stacklevel=2,
             )
             return {"skipped": 1.0}
         full = result.direction + result.kl_grad
@@ -462,10 +451,14 @@ class MarbleDiffusionModule(LightningModule):
         for update in range(self.updates_per_rollout):
             refresh = self.rule.harmonizes and self.coefficients.refresh_due(update)
             diagnostics = (
-                not refresh and self.diagnostics_every is not None and update == 0
+                not refresh
+                and self.diagnostics_every is not None
+                and update == 0
                 and step % self.diagnostics_every == 0
             )
-            result = self.compute_update(rollout, update=update, refresh=refresh, diagnostics=diagnostics)
+            result = self.compute_update(
+                rollout, update=update, refresh=refresh, diagnostics=diagnostics
+            )
             metrics.update(result.metrics)
             metrics.update(self.apply_update(result))
             refreshed = refreshed or result.refreshed
@@ -479,36 +472,30 @@ class MarbleDiffusionModule(LightningModule):
         self.coefficients.end_step(refreshed)
         self._log_step(step, metrics, refreshed, eta, len(rollout.prompts))
 
-    def _log_step(self, step: int, metrics: dict[str, float], refreshed: bool, eta: float, batch_size: int) -> None:
+    def _log_step(
+        self, step: int, metrics: dict[str, float], refreshed: bool, eta: float, batch_size: int
+    ) -> None:
         assert self.last_update is not None
         used = self.last_update.alpha
-        names = self.reward_names
-        for i, name in enumerate(names):
-            metrics[f"alpha/{name}"] = float(used[i])
-        h = self.coefficients.last
-        if refreshed and h is not None and self.coefficients.gram is not None:
-            for i, name in enumerate(names):
-                metrics[f"norm/{name}"] = float(h.norms[i])
-                metrics[f"alpha_star/{name}"] = float(h.alpha[i])
-            for i in range(self.num_rewards):
-                for j in range(i, self.num_rewards):
-                    metrics[f"gram/{names[i]}_{names[j]}"] = float(self.coefficients.gram[i, j])
-        metrics["refresh"] = float(refreshed)
-        metrics["old_policy/eta"] = eta
+        metrics.update(step_metrics(self.reward_names, used, self.coefficients, refreshed, eta))
         record: dict[str, Any] = {
             "step": step,
             "global_step": self.trainer.global_step if self._trainer is not None else 0,
             "refresh": refreshed,
             "alpha": [float(a) for a in used],
         }
-        for key, value in metrics.items():
-            if key.startswith(("reward/", "cos/", "loss/", "norm/")):
-                record[key] = value
+        record.update(
+            (k, v)
+            for k, v in metrics.items()
+            if k.startswith(("reward/", "cos/", "loss/", "norm/"))
+        )
         self.history.append(record)
         self.step_index = step + 1
         self.log_dict(
             {key: float(value) for key, value in metrics.items() if math.isfinite(value)},
-            on_step=True, on_epoch=False, batch_size=batch_size,
+            on_step=True,
+            on_epoch=False,
+            batch_size=batch_size,
         )
 
     # ------------------------------------------------------------------ checkpoints
@@ -530,23 +517,15 @@ class MarbleDiffusionModule(LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("state_dict", {})
-        expected = set(self._adapter_keys())
-        missing = sorted(expected - set(state))
-        unexpected = sorted(key for key in state if key not in expected)
-        if missing or unexpected:
-            example = (missing or unexpected)[0]
-            raise ValueError(
-                f"checkpoint does not match this module's LoRA adapter tensors ({len(missing)} "
-                f"missing, {len(unexpected)} unexpected, e.g. {example!r}); was it written with "
-                "other lora_targets / lora_rank?"
-            )
+        self.adapters.check_state(checkpoint.get("state_dict", {}), "backbone.denoiser.")
         extra = checkpoint.get("marble")
         if extra is None:
             return
         names = extra.get("reward_names", self.reward_names)
         if list(names) != self.reward_names:
-            raise ValueError(f"checkpoint was trained with rewards {names}, this module has {self.reward_names}")
+            raise ValueError(
+                f"checkpoint was trained with rewards {names}, this module has {self.reward_names}"
+            )
         self.tracker.load_state_dict(extra.get("tracker", {}))
         self.scalar_tracker.load_state_dict(extra.get("scalar_tracker", {}))
         self.coefficients.load_state_dict(extra)

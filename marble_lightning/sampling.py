@@ -22,6 +22,7 @@ __all__ = [
     "Velocity",
     "check_time_grid",
     "euler_sample",
+    "evaluation_noise",
     "keyed_noise",
     "training_timesteps",
     "uniform_time_grid",
@@ -58,6 +59,35 @@ def keyed_noise(
         gen = generator(*key, occurrence, prompt)
         chunks.append(torch.randn((count, *shape), generator=gen))
     return torch.cat(chunks).to(device=device, dtype=dtype)
+
+
+def evaluation_noise(
+    prompts: Sequence[str],
+    seed: int | Sequence[int],
+    shape: Sequence[int],
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """``[B, *shape]`` noise of evaluation images, independent of any training run's seed.
+
+    Args:
+        prompts: ``B`` prompts.
+        seed: an int (image ``i`` gets the noise of ``(seed, prompts[i], occurrence)``), or ``B``
+            ints (image ``i`` gets ``(seed[i], prompts[i])``, independent of the rest of the list:
+            use this to split an evaluation set into chunks or across ranks).
+    """
+    if isinstance(seed, int):
+        return keyed_noise(prompts, 1, shape, ("sample", seed), device=device, dtype=dtype)
+    seeds = [int(x) for x in seed]
+    if len(seeds) != len(prompts):
+        raise ValueError(
+            f"`seed` should be an int or one int per prompt ({len(prompts)}), got {len(seeds)}"
+        )
+    return torch.cat([
+        keyed_noise([p], 1, shape, ("sample", x), device=device, dtype=dtype)
+        for p, x in zip(prompts, seeds)
+    ])
 
 
 def uniform_time_grid(steps: int) -> Tensor:

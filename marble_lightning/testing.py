@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from marble_lightning.backbone import Conditioning
 from marble_lightning.checks import check_choice, check_float
 from marble_lightning.rewards.base import RewardModel
+from marble_lightning.sampling import uniform_time_grid
 
 if TYPE_CHECKING:
     from lightning.pytorch import Callback, Trainer
@@ -390,6 +391,10 @@ class TinySD3Backbone(nn.Module):
             timestep=t * 1000.0,
             return_dict=False,
         )[0]
+
+    def time_grid(self, steps: int) -> Tensor:
+        """Uniform sampler times ``1 - j / steps`` (``[steps + 1]``, float64)."""
+        return uniform_time_grid(steps)
 
     def decode(self, x: Tensor) -> Tensor:
         """``[-1, 1]`` pixels -> ``[0, 1]`` images (clamped)."""

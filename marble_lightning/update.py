@@ -39,7 +39,7 @@ from marble_lightning.rollout import Rollout, sync_device
 from marble_lightning.rules import TrainingRule
 from marble_lightning.sampling import keyed_noise
 
-__all__ = ["LossPlan", "NFTUpdate", "UpdateResult", "plan_losses"]
+__all__ = ["LossPlan", "NFTUpdate", "UpdateResult", "plan_losses", "step_metrics"]
 
 
 @dataclass
@@ -297,3 +297,23 @@ class NFTUpdate:
         result.timesteps = timesteps
         result.metrics = metrics
         return result
+
+
+def step_metrics(
+    names: list[str], alpha: Tensor, coefficients: Coefficients, refreshed: bool, eta: float
+) -> dict[str, float]:
+    """Per-step scalars beyond the update's own: ``alpha/<k>``, and on a refresh ``norm/<k>``,
+    ``alpha_star/<k>`` and the Gram matrix ``gram/<i>_<j>`` (upper triangle); ``refresh`` and
+    ``old_policy/eta``."""
+    metrics = {f"alpha/{name}": float(alpha[i]) for i, name in enumerate(names)}
+    h, gram = coefficients.last, coefficients.gram
+    if refreshed and h is not None and gram is not None:
+        for i, name in enumerate(names):
+            metrics[f"norm/{name}"] = float(h.norms[i])
+            metrics[f"alpha_star/{name}"] = float(h.alpha[i])
+        for i in range(len(names)):
+            for j in range(i, len(names)):
+                metrics[f"gram/{names[i]}_{names[j]}"] = float(gram[i, j])
+    metrics["refresh"] = float(refreshed)
+    metrics["old_policy/eta"] = eta
+    return metrics

@@ -59,7 +59,7 @@ def test_refresh_schedule_and_uniform_stage():
     fit(module, max_steps=5, callbacks=[HarmonizationCallback(refresh_every=2, uniform_after=3)])
     assert module.hparams["refresh_every"] == 2 and module.hparams["uniform_after"] == 3
     assert [r["refresh"] for r in module.history] == [True, False, True, False, True]
-    assert module.force_uniform
+    assert module.coefficients.uniform
     names = module.reward_names
     # uniform over the rewards kept at the latest refresh (a reward absent from the batch has a
     # zero gradient and is dropped, e.g. "green" when no prompt contains the word)

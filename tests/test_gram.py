@@ -10,7 +10,6 @@ from torch import nn
 from marble_lightning.gram import (
     PerSampleGradients,
     UnsupportedModelError,
-    combine_per_sample,
     per_reward_gradients,
 )
 from marble_lightning.nft import interpolation_coefficient, nft_objective, nft_terms
@@ -44,6 +43,12 @@ class ConvAttnNet(nn.Module):
         h = self.up(seq.transpose(1, 2).reshape(b, c, hh, ww))
         return self.conv_out(torch.nn.functional.silu(h))
 
+
+
+def combine_per_sample(positive, negative, r, *, beta, a_max, batch_size):
+    """Reference: ``(a_max / (beta B)) * (r @ P + (1 - r) @ N)`` from full per-sample matrices."""
+    r = r.to(positive.dtype)
+    return (a_max / (beta * batch_size)) * (r @ positive + (1.0 - r) @ negative)
 
 def lora_model(seed: int = 0) -> tuple[nn.Module, list[nn.Parameter]]:
     torch.manual_seed(seed)

@@ -21,7 +21,7 @@ class _DumpGram(Callback):
         self.grams: list[torch.Tensor] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.grams.append(pl_module.last_gram.clone())
+        self.grams.append(pl_module.coefficients.gram.clone())
 
     def on_train_end(self, trainer, pl_module) -> None:
         torch.save(

@@ -109,7 +109,7 @@ def test_refresh_direction_equals_harmonize_of_independent_gradients(gram):
     # the module caches what amortised steps need
     torch.testing.assert_close(module.cached_norms, grads.norm(dim=1), rtol=1e-4, atol=1e-8)
     torch.testing.assert_close(module.current_alpha, expected.alpha, rtol=1e-4, atol=1e-5)
-    assert module.last_gram.shape == (3, 3)
+    assert module.coefficients.gram.shape == (3, 3)
     # cosines: never negative for MARBLE (worst-reward cosine >= 0)
     assert float(result.cosines.min()) >= -1e-6
 

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from marble_lightning.checks import check_int
+from marble_lightning.sampling import uniform_time_grid
 from marble_lightning.toy.text_encoder import ToyTextEncoder, WordTokenizer, default_vocabulary
 from marble_lightning.toy.world import IMAGE_SIZE
 
@@ -272,6 +273,10 @@ class ToyBackbone(nn.Module):
             encoder_hidden_states=hidden.to(x.dtype),
             encoder_attention_mask=mask.to(x.dtype),
         ).sample
+
+    def time_grid(self, steps: int) -> Tensor:
+        """Uniform sampler times ``1 - j / steps`` (``[steps + 1]``, float64)."""
+        return uniform_time_grid(steps)
 
     def decode(self, x: Tensor) -> Tensor:
         """Pixels in ``[-1, 1]`` ``[B, 3, 32, 32]`` -> images in ``[0, 1]`` (clamped)."""
