@@ -131,6 +131,7 @@ def test_multiprocessing_strategies(tmp_path, single_process, start_method) -> N
     _assert_main_process_state(trainer, module, evaluator, checkpoint, ranks)
 
 
+@pytest.mark.slow
 def test_plain_ddp_spawn_string_after_registration(tmp_path, single_process) -> None:
     """``strategy="ddp_spawn"`` (Lightning's own name) once :func:`register_strategies` overrode it;
     the toy-world registry problem aside, this is what a user's Trainer gets."""
