@@ -37,14 +37,13 @@ from torch import Tensor, nn
 from marble_lightning.adapters import LoraAdapterPair
 from marble_lightning.advantages import PerPromptStatTracker
 from marble_lightning.backbone import FlowBackbone
-from marble_lightning.checks import check_choice, check_float, check_int
 from marble_lightning.coefficients import Coefficients
 from marble_lightning.collective import Collective, LocalCollective, StrategyCollective
 from marble_lightning.generation import PolicySampling
 from marble_lightning.gram import GradientEngine
 from marble_lightning.harmonize import Harmonized, weights_from_alpha
+from marble_lightning.hparams import validate_hparams
 from marble_lightning.precision import (
-    ROLLOUT_PRECISIONS,
     autocast_context,
     resolve_rollout_precision,
 )
@@ -171,46 +170,13 @@ class MarbleDiffusionModule(PolicySampling, LightningModule):
             )
         if rewards is None or len(list(rewards)) == 0:
             raise ValueError("`rewards` should hold at least one reward model, got K=0")
-        check_choice("mode", mode, MODES)
-        self.group_size = check_int("group_size", group_size)
-        self.sample_steps = check_int("sample_steps", sample_steps)
-        if (
-            train_timesteps is not None
-            and check_int("train_timesteps", train_timesteps) > sample_steps
-        ):
-            raise ValueError(
-                f"`train_timesteps` ({train_timesteps}) should be <= sample_steps ({sample_steps})"
-            )
-        self.train_timesteps = train_timesteps
-        positive = {"beta": beta, "a_max": a_max, "lr": lr, "lora_alpha": lora_alpha}
-        for name, value in positive.items():
-            check_float(name, value, minimum=0.0, strict=True)
-        for name, value in {
-            "cfg_scale": cfg_scale,
-            "kl_weight": kl_weight,
-            "weight_decay": weight_decay,
-        }.items():
-            check_float(name, value, minimum=0.0)
-        self.cfg_scale, self.beta, self.a_max, self.lr = (
-            float(cfg_scale),
-            float(beta),
-            float(a_max),
-            float(lr),
-        )
-        self.kl_weight, self.weight_decay = float(kl_weight), float(weight_decay)
-        if grad_clip is not None:
-            check_float("grad_clip", grad_clip, minimum=0.0, strict=True)
-        self.grad_clip = grad_clip
-        self.updates_per_rollout = check_int("updates_per_rollout", updates_per_rollout)
-        check_int("lora_rank", lora_rank)
-        self.diagnostics_every = (
-            None if diagnostics_every is None else check_int("diagnostics_every", diagnostics_every)
-        )
-        self.aggregate = check_choice("aggregate", aggregate, ("r", "advantage"))
-        self.rollout_precision = check_choice(
-            "rollout_precision", rollout_precision, ROLLOUT_PRECISIONS
-        )
-        self.seed = int(seed)
+        validate_hparams(self.hparams)
+        self.group_size, self.sample_steps = group_size, sample_steps
+        self.train_timesteps, self.updates_per_rollout = train_timesteps, updates_per_rollout
+        self.cfg_scale, self.beta, self.a_max = float(cfg_scale), float(beta), float(a_max)
+        self.lr, self.weight_decay, self.grad_clip = float(lr), float(weight_decay), grad_clip
+        self.kl_weight, self.diagnostics_every = float(kl_weight), diagnostics_every
+        self.aggregate, self.rollout_precision, self.seed = aggregate, rollout_precision, int(seed)
         self.old_schedule = OldPolicySchedule.from_config(old_policy)
         self._optimizer_factory = optimizer
         self._scheduler_factory = lr_scheduler
@@ -221,14 +187,9 @@ class MarbleDiffusionModule(PolicySampling, LightningModule):
         self.num_rewards = len(self.reward_names)
         self.mode = mode
         self.rule = make_rule(
-            mode,
-            self.reward_names,
-            reward_weights=reward_weights,
-            fixed_alpha=fixed_alpha,
-            single_reward=single_reward,
-            stages=stages,
-            refresh_every=refresh_every,
-        )
+            mode, self.reward_names, reward_weights=reward_weights, fixed_alpha=fixed_alpha,
+            single_reward=single_reward, stages=stages, refresh_every=refresh_every,
+        )  # fmt: skip
         self.coefficients = Coefficients(
             self.rule.alpha(0),
             refresh_every if refresh_every is not None else DEFAULT_REFRESH_EVERY,
@@ -249,15 +210,9 @@ class MarbleDiffusionModule(PolicySampling, LightningModule):
         self.engine = GradientEngine(gram, backbone.denoiser, self.adapters.policy_params)
         self.gram = self.engine.name
         self.updater = NFTUpdate(
-            backbone,
-            self.adapters,
-            self.engine,
-            beta=self.beta,
-            a_max=self.a_max,
-            kl_weight=self.kl_weight,
-            group_size=self.group_size,
-            seed=self.seed,
-        )
+            backbone, self.adapters, self.engine, beta=self.beta, a_max=self.a_max,
+            kl_weight=self.kl_weight, group_size=group_size, seed=self.seed,
+        )  # fmt: skip
         k = self.num_rewards
         self.tracker = PerPromptStatTracker(
             k, global_std=adv_global_std, window=adv_window, reward_names=self.reward_names

@@ -1,0 +1,44 @@
+"""Checks of ``MarbleDiffusionModule``'s hyperparameters, kept apart from the wiring.
+
+:func:`validate_hparams` refuses a bad value with a ``ValueError`` naming the argument and the
+value, before anything is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from marble_lightning.checks import check_choice, check_float, check_int
+from marble_lightning.precision import ROLLOUT_PRECISIONS
+from marble_lightning.rules import MODES
+
+__all__ = ["validate_hparams"]
+
+_POSITIVE = ("beta", "a_max", "lr", "lora_alpha")
+_NON_NEGATIVE = ("cfg_scale", "kl_weight", "weight_decay")
+_INTS = ("group_size", "sample_steps", "updates_per_rollout", "lora_rank")
+_OPTIONAL_INTS = ("train_timesteps", "diagnostics_every", "refresh_every")
+
+
+def validate_hparams(h: Mapping[str, Any]) -> None:
+    """Check the module's scalar hyperparameters (``h``: the ``__init__`` arguments by name)."""
+    check_choice("mode", h["mode"], MODES)
+    for name in _INTS:
+        check_int(name, h[name])
+    for name in _OPTIONAL_INTS:
+        if h.get(name) is not None:
+            check_int(name, h[name])
+    if h.get("train_timesteps") is not None and h["train_timesteps"] > h["sample_steps"]:
+        raise ValueError(
+            f"`train_timesteps` ({h['train_timesteps']}) should be <= sample_steps "
+            f"({h['sample_steps']})"
+        )
+    for name in _POSITIVE:
+        check_float(name, h[name], minimum=0.0, strict=True)
+    for name in _NON_NEGATIVE:
+        check_float(name, h[name], minimum=0.0)
+    if h.get("grad_clip") is not None:
+        check_float("grad_clip", h["grad_clip"], minimum=0.0, strict=True)
+    check_choice("aggregate", h["aggregate"], ("r", "advantage"))
+    check_choice("rollout_precision", h["rollout_precision"], ROLLOUT_PRECISIONS)
