@@ -35,10 +35,13 @@ from torch import Tensor
 
 __all__ = [
     "Harmonized",
+    "GroupHarmonized",
+    "bounded_min_norm_coefficients",
     "direction_cosines",
     "gram_cosines",
     "harmonize",
     "harmonize_gram",
+    "harmonize_groups_gram",
     "min_norm_coefficients",
     "uniform_alpha",
     "weights_from_alpha",
@@ -465,3 +468,225 @@ def gram_cosines(gram: Tensor, weights: Tensor, dropped: Tensor) -> Tensor:
     cos = torch.where(denom > 0, projections / denom.clamp_min(1e-300), torch.zeros_like(denom))
     cos[dropped.cpu().bool()] = float("nan")
     return cos
+
+
+# ---------------------------------------------------------------- groups, preferences, floor
+
+
+@dataclass
+class GroupHarmonized(Harmonized):
+    """:class:`Harmonized` of :func:`harmonize_groups_gram`, with the group-level solution.
+
+    Attributes:
+        group_alpha: ``[J]`` QP solution over the groups (``>= floor`` on kept groups, sum 1 over
+            them, 0 for groups whose members were all dropped or cancel out).
+        group_norms: ``[J]`` norms ``||h_j||`` of the combined normalised member gradients.
+    """
+
+    group_alpha: Tensor | None = None
+    group_norms: Tensor | None = None
+
+
+def _solve_bounded_min_norm(matrix: np.ndarray, floor: float, regularization: float) -> np.ndarray:
+    """``min x^T M x`` subject to ``sum(x) = 1`` and ``x >= floor`` (``K * floor <= 1``)."""
+    k = matrix.shape[0]
+    if floor == 0.0:
+        return _solve_min_norm(matrix, regularization)
+    if k == 1 or k * floor >= 1.0 - 1e-12:
+        return np.full(k, 1.0 / k)
+    scale = np.trace(matrix) / k
+    if scale <= 0.0:
+        return np.full(k, 1.0 / k)
+    normalized = matrix / scale
+    constraints = np.concatenate([np.ones((k, 1)), np.eye(k)], axis=1)
+    bounds = np.concatenate([np.ones(1), np.full(k, floor)])
+    eps = regularization
+    while True:
+        try:
+            x = quadprog.solve_qp(normalized + eps * np.eye(k), np.zeros(k), constraints, bounds, 1)[0]
+            break
+        except ValueError as error:
+            eps = max(eps * 100.0, 1e-12)
+            if eps > _MAX_REGULARIZATION:
+                raise ValueError(
+                    f"quadprog failed on the bounded min-norm problem (floor {floor}) even with "
+                    f"regularization {eps / 100:.1g}: {error}"
+                ) from error
+    excess = np.clip(x - floor, 0.0, None)
+    if excess.sum() <= 0.0:
+        return np.full(k, 1.0 / k)
+    return floor + (1.0 - k * floor) * excess / excess.sum()
+
+
+def _check_floor(floor: float, count: int) -> float:
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0.0 <= floor <= 1.0:
+        raise ValueError(f"Parameter `floor` should lie in [0, 1]. Found `floor = {floor!r}`.")
+    if count * floor > 1.0 + 1e-12:
+        raise ValueError(
+            f"Parameter `floor` is infeasible: {count} coefficients of at least {floor} cannot sum "
+            f"to 1 (needs `{count} * floor <= 1`, i.e. floor <= {1.0 / count:.6g})."
+        )
+    return float(floor)
+
+
+def bounded_min_norm_coefficients(
+    gram: Tensor, *, floor: float = 0.0, regularization: float = 1e-10
+) -> Tensor:
+    """:func:`min_norm_coefficients` with lower bounds: ``min a^T G a``, ``sum(a) = 1``, ``a >= floor``.
+
+    With ``floor = 0`` this is exactly :func:`min_norm_coefficients`.
+
+    Raises:
+        ValueError: as :func:`min_norm_coefficients`, and when ``K * floor > 1`` (infeasible).
+    """
+    matrix = _gram_to_numpy(gram)
+    floor = _check_floor(floor, matrix.shape[0])
+    alpha = _solve_bounded_min_norm(matrix, floor, regularization)
+    return torch.as_tensor(alpha, dtype=_float_dtype(gram), device=gram.device)
+
+
+def _check_groups(groups: Sequence[Sequence[int]] | None, k: int) -> list[list[int]]:
+    if groups is None:
+        return [[i] for i in range(k)]
+    parsed = [[int(i) for i in group] for group in groups]
+    flat = [i for group in parsed for i in group]
+    if any(not group for group in parsed):
+        raise ValueError(f"Parameter `groups` should hold non-empty groups. Found `groups = {parsed}`.")
+    if sorted(flat) != list(range(k)):
+        raise ValueError(
+            f"Parameter `groups` should partition the rewards 0..{k - 1} (each in exactly one "
+            f"group). Found `groups = {parsed}`."
+        )
+    return parsed
+
+
+def _check_positive(name: str, values: Sequence[float] | None, count: int) -> np.ndarray:
+    if values is None:
+        return np.ones(count)
+    array = np.asarray([float(v) for v in values], dtype=np.float64)
+    if array.shape != (count,) or not np.isfinite(array).all() or (array <= 0).any():
+        raise ValueError(
+            f"Parameter `{name}` should hold {count} positive finite numbers. Found `{name} = {list(values)}`."
+        )
+    return array
+
+
+def harmonize_groups_gram(
+    gram: Tensor,
+    *,
+    groups: Sequence[Sequence[int]] | None = None,
+    member_weights: Sequence[float] | None = None,
+    preference: Sequence[float] | None = None,
+    floor: float = 0.0,
+    rescale: Rescale = "mean_norm",
+    norm_tol: float = 1e-6,
+    abs_norm_tol: float = 0.0,
+    regularization: float = 1e-10,
+) -> GroupHarmonized:
+    """MARBLE over reward groups, with preference weights and a floor on the coefficients.
+
+    Rewards are dropped as in :func:`harmonize_gram`; the kept rewards' gradients are normalised,
+    ``g^_k = g_k / n_k``. Group ``j`` (a list of reward indices) gets the fixed combination of its
+    kept members ``h_j = sum_{k in j} c_k g^_k`` (``c`` = ``member_weights`` renormalised over the
+    kept members of each group; default equal), normalised like a reward: ``h^_j = h_j / ||h_j||``.
+    A preference weight ``p_j > 0`` enters the QP as ``u_j = h^_j / p_j``, and the QP is
+
+    .. math::
+
+        \\beta^* = \\arg\\min \\| \\sum_j \\beta_j u_j \\|^2 \\quad
+        \\text{s.t.}\\ \\sum_j \\beta_j = 1,\\ \\beta_j \\ge \\text{floor}.
+
+    With ``floor = 0`` its optimality conditions give ``h^_j . d >= p_j ||d||^2`` for ``d = sum_j
+    beta_j u_j``, with equality on the groups of positive weight: the guaranteed first-order
+    progress of each group is proportional to its preference (``p`` all equal: plain MARBLE on the
+    groups). ``floor > 0`` forces every kept group to get ``beta_j >= floor`` (feasible iff
+    ``J * floor <= 1``; ``J`` the number of groups).
+
+    The per-reward result is expressed on the normalised reward gradients: ``d = s * sum_k alpha_k
+    g^_k`` with ``alpha_k = beta_j c_k / (p_j ||h_j|| s)`` (``s`` makes ``alpha`` sum to 1), and
+    ``weights = m alpha / n`` as in :func:`harmonize_gram` (``m``: mean kept norm with
+    ``"mean_norm"``), so :func:`weights_from_alpha` reproduces them from ``alpha`` and the norms.
+    Groups of one reward with equal preferences and ``floor = 0`` reduce to :func:`harmonize_gram`.
+
+    Args:
+        gram: ``[K, K]`` raw Gram matrix of the reward gradients.
+        groups: a partition of ``range(K)`` into ``J`` groups (default: one group per reward).
+        member_weights: ``[K]`` positive fixed weights of each reward inside its group.
+        preference: ``[J]`` positive preference weights of the groups (default all 1).
+        floor: lower bound of every kept group's QP coefficient, ``0 <= floor``, ``J * floor <= 1``.
+        rescale, norm_tol, abs_norm_tol, regularization: as in :func:`harmonize_gram`.
+
+    Returns:
+        :class:`GroupHarmonized` (``direction=None``); ``cosines`` are those of the direction with
+        each reward gradient.
+
+    Raises:
+        ValueError: on an invalid ``gram``, groups, weights or an infeasible floor.
+    """
+    if rescale not in ("mean_norm", "none"):
+        raise ValueError(
+            f"Parameter `rescale` should be 'mean_norm' or 'none'. Found `rescale = {rescale!r}`."
+        )
+    for name, value in (("norm_tol", norm_tol), ("abs_norm_tol", abs_norm_tol), ("regularization", regularization)):
+        if not value >= 0.0:
+            raise ValueError(f"Parameter `{name}` should be non-negative. Found `{name} = {value}`.")
+    matrix = _gram_to_numpy(gram)
+    k = matrix.shape[0]
+    parsed = _check_groups(groups, k)
+    j_count = len(parsed)
+    members = _check_positive("member_weights", member_weights, k)
+    prefs = _check_positive("preference", preference, j_count)
+    floor = _check_floor(floor, j_count)
+
+    norms = np.sqrt(np.diag(matrix))
+    largest = norms.max()
+    dropped = (norms <= norm_tol * largest) | (norms <= abs_norm_tol) | (norms == 0.0)
+    safe = np.where(dropped, 1.0, norms)
+    unit = matrix / np.outer(safe, safe)  # normalised Gram of all rewards (dropped rows unused)
+    unit[dropped, :] = 0.0
+    unit[:, dropped] = 0.0
+
+    # C [K, J]: h_j = sum_k C_kj g^_k
+    combo = np.zeros((k, j_count))
+    for j, group in enumerate(parsed):
+        kept = [i for i in group if not dropped[i]]
+        if kept:
+            c = members[kept]
+            combo[kept, j] = c / c.sum()
+    group_gram = combo.T @ unit @ combo
+    group_norms = np.sqrt(np.clip(np.diag(group_gram), 0.0, None))
+    for j, group in enumerate(parsed):  # a kept reward alone is a unit vector by definition
+        if len(group) == 1 and not dropped[group[0]]:
+            group_norms[j] = 1.0
+    live = group_norms > max(norm_tol, 1e-12)  # all members dropped, or members cancel exactly
+    alpha = np.zeros(k)
+    weights = np.zeros(k)
+    cosines = np.zeros(k)
+    beta = np.zeros(j_count)
+    kept_rewards = ~dropped
+    if live.any():
+        idx = np.flatnonzero(live)
+        scaled = combo[:, idx] / (group_norms[idx] * prefs[idx])[None, :]  # u_j in g^ coordinates
+        u_gram = scaled.T @ unit @ scaled
+        beta[idx] = _solve_bounded_min_norm(u_gram, floor, regularization)
+        raw = scaled @ beta[idx]  # coefficients of d on the g^_k
+        alpha = raw / raw.sum()
+        m = norms[kept_rewards].mean() if rescale == "mean_norm" else 1.0
+        weights[kept_rewards] = m * alpha[kept_rewards] / norms[kept_rewards]
+        projections = unit @ alpha
+        squared_norm = float(alpha @ projections)
+        if squared_norm > max(100.0 * regularization, _STATIONARY_TOL):
+            cosines[kept_rewards] = np.clip(projections[kept_rewards] / np.sqrt(squared_norm), -1.0, 1.0)
+
+    dtype, device = _float_dtype(gram), gram.device
+    return GroupHarmonized(
+        direction=None,
+        alpha=torch.as_tensor(alpha, dtype=dtype, device=device),
+        norms=torch.as_tensor(norms, dtype=dtype, device=device),
+        weights=torch.as_tensor(weights, dtype=dtype, device=device),
+        cosines=torch.as_tensor(cosines, dtype=dtype, device=device),
+        dropped=torch.as_tensor(dropped, dtype=torch.bool, device=device),
+        gram=gram.detach(),
+        group_alpha=torch.as_tensor(beta, dtype=dtype, device=device),
+        group_norms=torch.as_tensor(group_norms, dtype=dtype, device=device),
+    )
