@@ -16,8 +16,8 @@ from marble_lightning.adapters import POLICY
 from marble_lightning.checks import check_int
 from marble_lightning.sampling import (
     check_time_grid,
-    euler_sample,
     evaluation_noise,
+    flow_sample,
 )
 
 __all__ = ["PolicySampling"]
@@ -56,13 +56,14 @@ class PolicySampling:
         cond = self.backbone.encode_prompts(list(prompts))
         uncond = self.backbone.encode_prompts([""] * len(prompts)) if cfg != 1.0 else None
         with self.adapters.using(adapter):
-            return euler_sample(
+            return flow_sample(
                 self.backbone.velocity,
                 noise,
                 cond,
                 self.time_grid(steps),
                 uncond=uncond,
                 cfg_scale=cfg,
+                solver=getattr(self, "solver", "euler"),
             )
 
     @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Keyed noise, the sampler's time grid and the deterministic Euler sampler (pure functions).
+"""Keyed noise, the sampler's time grid and the deterministic samplers (pure functions).
 
 Conventions of :mod:`marble_lightning.backbone`: ``t = 1`` is noise, ``t = 0`` is data, and the
 sampler integrates ``x_{t'} = x_t + (t' - t) v`` from 1 down to 0 on a decreasing grid.
@@ -10,6 +10,7 @@ the order of the batch nor on the global RNG.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -20,8 +21,11 @@ from marble_lightning.seeding import generator
 
 __all__ = [
     "Velocity",
+    "SOLVERS",
     "check_time_grid",
+    "dpm_solver_2m_sample",
     "euler_sample",
+    "flow_sample",
     "evaluation_noise",
     "keyed_noise",
     "training_timesteps",
@@ -142,6 +146,95 @@ def euler_sample(
             v = velocity(x, tt, cond)
         x = x + (t_next - t) * v
     return x
+
+
+SOLVERS = ("euler", "dpm2")
+"""Rollout/evaluation samplers: ``"euler"`` (first order) and ``"dpm2"`` (DPM-Solver++(2M))."""
+
+
+def _guided(velocity: Velocity, x: Tensor, t: float, cond: Conditioning,
+            uncond: Conditioning | None, cfg_scale: float) -> Tensor:
+    tt = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
+    if uncond is None:
+        return velocity(x, tt, cond)
+    both = {key: torch.cat([uncond[key], cond[key]]) for key in cond}
+    v_u, v_c = velocity(torch.cat([x, x]), torch.cat([tt, tt]), both).chunk(2)
+    return v_u + cfg_scale * (v_c - v_u)
+
+
+@torch.no_grad()
+def dpm_solver_2m_sample(
+    velocity: Velocity,
+    noise: Tensor,
+    cond: Conditioning,
+    grid: Tensor,
+    *,
+    uncond: Conditioning | None = None,
+    cfg_scale: float = 1.0,
+) -> Tensor:
+    """Integrate the flow ODE from ``grid[0]`` to ``grid[-1] = 0`` with DPM-Solver++(2M).
+
+    Deterministic, second order, one velocity evaluation per step (the cost of Euler). With
+    ``x_t = (1 - t) x0 + t eps`` (``alpha_t = 1 - t``, ``sigma_t = t``,
+    ``lambda_t = log(alpha_t / sigma_t)``) the data prediction is ``D_i = x - t_i v`` and a step
+    ``t -> t'`` (``h = lambda_t' - lambda_t``) is
+
+    .. math::
+
+        x' = \\frac{t'}{t} x - (1 - t') (e^{-h} - 1)
+             \\Big(D_i + \\frac{1}{2 r} (D_i - D_{i-1})\\Big), \\qquad
+        r = \\frac{\\lambda_t - \\lambda_{t_{i-1}}}{h}
+
+    (first order, without the ``r`` term, on the first step, on a step from ``t = 1`` where
+    ``lambda = -inf``, right after it, and on the final step to ``t = 0``, which returns the data
+    prediction ``D``): what diffusers' ``DPMSolverMultistepScheduler`` computes with
+    ``use_flow_sigmas=True, prediction_type="flow_prediction", algorithm_type="dpmsolver++",
+    solver_order=2`` and ``lower_order_final``, on any decreasing grid ending at 0.
+
+    Returns:
+        ``[B, ...]`` samples at ``t = grid[-1]``, same shape and dtype as ``noise``.
+    """
+    x = noise
+    prev_d: Tensor | None = None
+    prev_lambda = -math.inf
+    for i in range(grid.shape[0] - 1):
+        t, t_next = float(grid[i]), float(grid[i + 1])
+        v = _guided(velocity, x, t, cond, uncond, cfg_scale)
+        d = x - t * v
+        if t_next <= 0.0:
+            x = d
+            break
+        lam = math.log((1.0 - t) / t) if t < 1.0 else -math.inf
+        lam_next = math.log((1.0 - t_next) / t_next)
+        if lam == -math.inf:  # alpha_t = 0: the exact limit of the first-order step
+            x = t_next * x + (1.0 - t_next) * d
+        else:
+            h = lam_next - lam
+            correction = d
+            if prev_d is not None and prev_lambda > -math.inf:
+                r = (lam - prev_lambda) / h
+                correction = d + (d - prev_d) / (2.0 * r)
+            x = (t_next / t) * x - (1.0 - t_next) * math.expm1(-h) * correction
+        prev_d, prev_lambda = d, lam
+    return x
+
+
+def flow_sample(
+    velocity: Velocity,
+    noise: Tensor,
+    cond: Conditioning,
+    grid: Tensor,
+    *,
+    uncond: Conditioning | None = None,
+    cfg_scale: float = 1.0,
+    solver: str = "euler",
+) -> Tensor:
+    """:func:`euler_sample` or :func:`dpm_solver_2m_sample`, as ``solver`` (one of :data:`SOLVERS`) says."""
+    if solver == "euler":
+        return euler_sample(velocity, noise, cond, grid, uncond=uncond, cfg_scale=cfg_scale)
+    if solver == "dpm2":
+        return dpm_solver_2m_sample(velocity, noise, cond, grid, uncond=uncond, cfg_scale=cfg_scale)
+    raise ValueError(f"`solver` should be one of {SOLVERS}, got {solver!r}")
 
 
 def training_timesteps(seed: int, step: int, update: int, steps: int, count: int | None) -> list[int]:
