@@ -2,8 +2,9 @@
 
 Two output formats:
 
-* ``"diffusers"`` (SD3 backbones): ``<out_dir>/pytorch_lora_weights.safetensors`` written by
-  ``StableDiffusion3Pipeline.save_lora_weights`` with keys ``transformer.<module>.lora_A.weight``
+* ``"diffusers"`` (SD3, FLUX, Qwen-Image and Wan backbones): ``<out_dir>/pytorch_lora_weights.safetensors``
+  written by the family pipeline's ``save_lora_weights`` (``StableDiffusion3Pipeline``,
+  ``FluxPipeline``, ``QwenImagePipeline``, ``WanPipeline``) with keys ``transformer.<module>.lora_A.weight``
   / ``lora_B.weight`` and the adapter's ``LoraConfig`` (rank, alpha, targets) in the file's
   metadata, so that ``pipeline.load_lora_weights(out_dir)`` restores the exact scale
   ``alpha / r``.
@@ -209,6 +210,20 @@ def _run_config(ckpt_path: Path, config: str | Path | None) -> dict[str, Any]:
     return loaded if isinstance(loaded, dict) else {}
 
 
+_DIFFUSERS_PIPELINES = {
+    "SD3Backbone": "StableDiffusion3Pipeline",
+    "SD3Transformer2DModel": "StableDiffusion3Pipeline",
+    "FluxBackbone": "FluxPipeline",
+    "FluxTransformer2DModel": "FluxPipeline",
+    "QwenImageBackbone": "QwenImagePipeline",
+    "QwenImageTransformer2DModel": "QwenImagePipeline",
+    "WanBackbone": "WanPipeline",
+    "WanTransformer3DModel": "WanPipeline",
+}
+"""Backbone / transformer class name -> the diffusers pipeline whose ``save_lora_weights`` writes
+the ``"diffusers"`` format (and whose ``load_lora_weights`` reads it back)."""
+
+
 def _is_sd3_state(state: Mapping[str, Tensor]) -> bool:
     return any(".attn.add_q_proj." in k or ".attn.to_add_out." in k for k in state) or any(
         k.startswith("transformer_blocks.") for k in state
@@ -233,8 +248,8 @@ def export_lora(
         out_dir: output directory (created).
         adapter_name: adapter to export (``"policy"``: the trained policy).
         format: ``"diffusers"`` (SD3 LoRA file for ``load_lora_weights``), ``"peft"``
-            (``PeftModel`` adapter directory) or ``"auto"``: diffusers for an
-            ``SD3Backbone``/SD3 transformer, peft otherwise.
+            (``PeftModel`` adapter directory) or ``"auto"``: diffusers for an SD3, FLUX,
+            Qwen-Image or Wan backbone/transformer, peft otherwise.
         config: checkpoint sources only: the run's LightningCLI config (default: the
             ``config.yaml`` the CLI saved next to the run's ``checkpoints/`` folder), read for
             ``lora_alpha`` and the backbone class.
@@ -256,9 +271,10 @@ def export_lora(
     if isinstance(source, nn.Module):
         state, lora_cfg = lora_state_from_model(source, adapter_name)
         backbone = getattr(source, "backbone", source)
-        is_sd3 = type(backbone).__name__ == "SD3Backbone" or type(
-            _unwrap_denoiser(source)
-        ).__name__ == ("SD3Transformer2DModel")
+        # issue 20: any family with a diffusers LoRA loader (SD3, FLUX, Qwen-Image, Wan)
+        pipeline_name = _DIFFUSERS_PIPELINES.get(type(backbone).__name__) or _DIFFUSERS_PIPELINES.get(
+            type(_unwrap_denoiser(source)).__name__
+        )
     else:
         path = Path(source)
         if not path.is_file():
@@ -286,14 +302,18 @@ def export_lora(
         lora_cfg = lora_config_dict(rank, alpha, sorted(ranks), rank_pattern)
         backbone_cfg = _find_in_config(run_config, "backbone")
         class_path = backbone_cfg.get("class_path", "") if isinstance(backbone_cfg, Mapping) else ""
-        is_sd3 = class_path.endswith("SD3Backbone") if class_path else _is_sd3_state(state)
+        if class_path:
+            pipeline_name = _DIFFUSERS_PIPELINES.get(class_path.rsplit(".", 1)[-1])
+        else:
+            pipeline_name = "StableDiffusion3Pipeline" if _is_sd3_state(state) else None
     if format == "auto":
-        format = "diffusers" if is_sd3 else "peft"
+        format = "diffusers" if pipeline_name else "peft"
     out_dir.mkdir(parents=True, exist_ok=True)
     if format == "diffusers":
-        from diffusers import StableDiffusion3Pipeline
+        import diffusers
 
-        StableDiffusion3Pipeline.save_lora_weights(
+        # the family's own pipeline writes the file its load_lora_weights reads (SD3 by default)
+        getattr(diffusers, pipeline_name or "StableDiffusion3Pipeline").save_lora_weights(
             str(out_dir),
             transformer_lora_layers=state,
             transformer_lora_adapter_metadata=dict(lora_cfg),

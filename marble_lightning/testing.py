@@ -669,3 +669,248 @@ def save_tiny_owlv2(folder: str | Path, image_size: int = 32, seed: int = 0) -> 
     image_processor = Owlv2ImageProcessor(size={"height": image_size, "width": image_size})
     Owlv2Processor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
     return folder
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny FLUX.1 / Qwen-Image / Wan pipelines (issue 20: one backbone per family)
+# --------------------------------------------------------------------------------------------
+
+TINY_FLUX_RESOLUTION = 32
+"""Image side (pixels) of :func:`build_tiny_flux_pipeline`; latent ``[4, 16, 16]``."""
+TINY_QWEN_IMAGE_RESOLUTION = 32
+"""Image side (pixels) of :func:`build_tiny_qwen_image_pipeline`; latent ``[4, 8, 8]``."""
+TINY_WAN_RESOLUTION = 32
+"""Frame side (pixels) of :func:`build_tiny_wan_pipeline`; latent ``[4, 2, 4, 4]`` for 5 frames."""
+TINY_WAN_FRAMES = 5
+"""Frames of a tiny Wan clip (``(5 - 1) / 4 + 1 = 2`` latent frames)."""
+
+_TINY_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>", "<|endoftext|>")
+
+
+def _tiny_byte_tokenizer(max_length: int = 512):
+    """A byte-level ``PreTrainedTokenizerFast`` (no merges: one token per byte) built locally.
+
+    Ids 0-5 are the special tokens ``<pad>``, ``</s>``, ``<unk>``, ``<|im_start|>``,
+    ``<|im_end|>``, ``<|endoftext|>``; then the 256 byte symbols (262 tokens). Stands in for
+    T5's / UMT5's / Qwen2's tokenizers, which the pipelines call only through the generic
+    tokenizer API.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {s: i for i, s in enumerate(_TINY_SPECIAL_TOKENS)}
+    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[symbol] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+        additional_special_tokens=list(_TINY_SPECIAL_TOKENS[3:]), model_max_length=max_length,
+    )
+
+
+def _tiny_t5_encoder(seed: int, vocab_size: int, umt5: bool = False):
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    config_cls, model_cls = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    config = config_cls(
+        vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )
+    torch.manual_seed(seed)
+    return model_cls(config).eval()
+
+
+def _save_pipeline(pipe: Any, directory: Path) -> str:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe.save_pretrained(str(directory), safe_serialization=True)
+    return str(directory)
+
+
+def build_tiny_flux_pipeline(
+    directory: str | Path, *, seed: int = 0, latent_channels: int = 4, guidance_embeds: bool = True
+) -> str:
+    """Build a tiny random ``FluxPipeline`` (FLUX.1-dev layout) and save it to ``directory``.
+
+    * ``transformer``: ``FluxTransformer2DModel`` with 1 double- and 1 single-stream block,
+      2 heads of width 16 (rope axes 4 + 6 + 6), packed input ``4 * latent_channels``,
+      the guidance embedding of FLUX.1-dev (``guidance_embeds``);
+    * ``vae``: ``AutoencoderKL`` with two levels (factor 2), FLUX's scaling/shift factors;
+    * ``text_encoder``: 2-layer ``CLIPTextModel`` (pooled width 32) on the byte-level CLIP tokenizer;
+    * ``text_encoder_2``: 2-layer ``T5EncoderModel`` (width 32) on a byte-level tokenizer;
+    * ``scheduler``: ``FlowMatchEulerDiscreteScheduler`` with FLUX.1-dev's dynamic shifting.
+
+    Images are :data:`TINY_FLUX_RESOLUTION` (32) pixels; latents ``[4, 16, 16]``, packed ``[64, 16]``.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    clip_tokenizer = _tiny_clip_tokenizer(directory / "_vocab")
+    t5_tokenizer = _tiny_byte_tokenizer()
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4 * latent_channels, num_layers=1, num_single_layers=1,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+        pooled_projection_dim=_TINY_CLIP_WIDTH, guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16), layers_per_block=1, latent_channels=latent_channels,
+        norm_num_groups=4, sample_size=TINY_FLUX_RESOLUTION, scaling_factor=0.3611,
+        shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+        mid_block_add_attention=False,
+    ).eval()
+    clip_config = CLIPTextConfig(
+        vocab_size=len(clip_tokenizer), hidden_size=_TINY_CLIP_WIDTH, intermediate_size=37,
+        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=_TINY_MAX_TOKENS,
+        bos_token_id=len(clip_tokenizer) - 2, eos_token_id=len(clip_tokenizer) - 1,
+        pad_token_id=len(clip_tokenizer) - 1, hidden_act="gelu",
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(clip_config).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    pipe = FluxPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer,
+        text_encoder_2=_tiny_t5_encoder(seed + 3, len(t5_tokenizer)), tokenizer_2=t5_tokenizer,
+        transformer=transformer,
+    )
+    return _save_pipeline(pipe, directory)
+
+
+def build_tiny_qwen_image_pipeline(directory: str | Path, *, seed: int = 0, latent_channels: int = 4) -> str:
+    """Build a tiny random ``QwenImagePipeline`` and save it to ``directory``.
+
+    * ``transformer``: ``QwenImageTransformer2DModel``, 2 dual-stream blocks, 2 heads of width
+      16 (rope axes 8 + 4 + 4), packed input ``4 * latent_channels``, text width 16;
+    * ``vae``: ``AutoencoderKLQwenImage`` with three levels (spatial factor 4), ``latent_channels``;
+    * ``text_encoder``: a 2-layer ``Qwen2_5_VLForConditionalGeneration`` of width 16 (1-block
+      vision tower, unused) on a byte-level tokenizer with Qwen's chat special tokens;
+    * ``scheduler``: Qwen-Image's ``FlowMatchEulerDiscreteScheduler`` config (dynamic,
+      exponential shifting, ``shift_terminal`` 0.02).
+
+    Images are :data:`TINY_QWEN_IMAGE_RESOLUTION` (32) pixels, latents ``[4, 8, 8]``.
+    """
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    log3 = 1.0986122886681098  # Qwen-Image's base_shift = max_shift = log(3)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = _tiny_byte_tokenizer(max_length=2048)
+    vocab = len(tokenizer)
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=4 * latent_channels, out_channels=latent_channels, num_layers=2,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+        guidance_embeds=False, axes_dims_rope=(8, 4, 4),
+    ).eval()
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLQwenImage(
+        base_dim=4, z_dim=latent_channels, dim_mult=[1, 2, 4], num_res_blocks=1,
+        temperal_downsample=[False, True], latents_mean=[0.1 * i for i in range(latent_channels)],
+        latents_std=[1.0 + 0.1 * i for i in range(latent_channels)],
+    ).eval()
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": vocab,
+            "max_position_embeddings": 2048, "rope_theta": 1000000.0,
+            "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+            "bos_token_id": 1, "eos_token_id": 1, "pad_token_id": 0,
+        },
+        vision_config={
+            "depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
+            "out_hidden_size": 16, "patch_size": 2, "spatial_merge_size": 1,
+            "temporal_patch_size": 1, "in_chans": 3, "window_size": 8, "fullatt_block_indexes": [0],
+        },
+        vocab_size=vocab, hidden_size=16, image_token_id=vocab - 1, video_token_id=vocab - 2,
+        vision_start_token_id=vocab - 3, bos_token_id=1, eos_token_id=1,
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256, base_shift=log3, invert_sigmas=False, max_image_seq_len=8192,
+        max_shift=log3, num_train_timesteps=1000, shift=1.0, shift_terminal=0.02,
+        stochastic_sampling=False, time_shift_type="exponential", use_beta_sigmas=False,
+        use_dynamic_shifting=True, use_exponential_sigmas=False, use_karras_sigmas=False,
+    )
+    pipe = QwenImagePipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        transformer=transformer,
+    )
+    return _save_pipeline(pipe, directory)
+
+
+def build_tiny_wan_pipeline(directory: str | Path, *, seed: int = 0, latent_channels: int = 4) -> str:
+    """Build a tiny random ``WanPipeline`` (Wan 2.1 text-to-video layout) and save it to ``directory``.
+
+    * ``transformer``: ``WanTransformer3DModel``, 2 blocks, 2 heads of width 12, patch
+      ``(1, 2, 2)``, text width 32, ``latent_channels`` in/out;
+    * ``vae``: ``AutoencoderKLWan`` with base width 3 (spatial factor 8, temporal factor 4);
+    * ``text_encoder``: 2-layer ``UMT5EncoderModel`` (width 32) on a byte-level tokenizer;
+    * ``scheduler``: ``FlowMatchEulerDiscreteScheduler(shift=3.0)``.
+
+    Clips are :data:`TINY_WAN_FRAMES` (5) frames of :data:`TINY_WAN_RESOLUTION` pixels; latents
+    ``[4, 2, 4, 4]``.
+    """
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = _tiny_byte_tokenizer()
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+        in_channels=latent_channels, out_channels=latent_channels, text_dim=32, freq_dim=256,
+        ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    ).eval()
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=latent_channels, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.1 * i for i in range(latent_channels)],
+        latents_std=[1.0 + 0.1 * i for i in range(latent_channels)],
+    ).eval()
+    pipe = WanPipeline(
+        tokenizer=tokenizer, text_encoder=_tiny_t5_encoder(seed + 2, len(tokenizer), umt5=True),
+        vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer,
+    )
+    return _save_pipeline(pipe, directory)
+
+
+__all__ += [
+    "TINY_FLUX_RESOLUTION",
+    "TINY_QWEN_IMAGE_RESOLUTION",
+    "TINY_WAN_FRAMES",
+    "TINY_WAN_RESOLUTION",
+    "build_tiny_flux_pipeline",
+    "build_tiny_qwen_image_pipeline",
+    "build_tiny_wan_pipeline",
+]

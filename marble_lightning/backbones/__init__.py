@@ -1,0 +1,16 @@
+"""Diffusers-pipeline backbones beyond SD3: one per model family, sharing :mod:`._diffusers`.
+
+* :class:`FluxBackbone` -- FLUX.1-dev / schnell (``FluxPipeline``);
+* :class:`QwenImageBackbone` -- Qwen-Image (``QwenImagePipeline``);
+* :class:`WanBackbone` -- Wan 2.1 / 2.2 text-to-video (``WanPipeline``; 5-D latents, video output).
+
+``SD3Backbone`` stays in :mod:`marble_lightning.sd3` (re-exported here).
+"""
+
+from marble_lightning.backbones._diffusers import DiffusersBackbone
+from marble_lightning.backbones.flux import FluxBackbone
+from marble_lightning.backbones.qwen_image import QwenImageBackbone
+from marble_lightning.backbones.wan import WanBackbone
+from marble_lightning.sd3 import SD3Backbone
+
+__all__ = ["DiffusersBackbone", "FluxBackbone", "QwenImageBackbone", "SD3Backbone", "WanBackbone"]
