@@ -86,6 +86,10 @@ class PerPromptStatTracker:
         self.on_nonfinite: NonFinitePolicy = on_nonfinite
         self.reward_names: list[str] | None = None if reward_names is None else list(reward_names)
         self._history: dict[str, list[list[float]]] = {}
+        self.reward_ema: float | None = None  # decay of normalize_rewards (None: off)
+        self._ema_mean: Tensor | None = None
+        self._ema_var: Tensor | None = None
+        self._ema_seen: Tensor | None = None
 
     @property
     def prompts(self) -> list[str]:
@@ -207,9 +211,50 @@ class PerPromptStatTracker:
                 advantages[rows_k, k] = (values[rows_k, k] - seen.mean()) / (std + self.eps)
         return torch.as_tensor(advantages, dtype=torch.float32).to(rewards.device)
 
+    @torch.no_grad()
+    def normalize_rewards(self, values: Tensor, mask: Tensor) -> Tensor:
+        """EMA normalisation of ``[B, K]`` rewards when ``reward_ema`` is set (else ``values``).
+
+        Per reward, the running mean and variance fold in the batch's valid values
+        (``m <- d m + (1 - d) mean``, ``v <- d v + (1 - d) var``; the first batch initialises
+        them), then ``(values - m) / (sqrt(v) + eps)``; masked entries become 0. Call it once per
+        step on the gathered batch (every rank then holds the same state).
+        """
+        if self.reward_ema is None:
+            return values
+        x = values.detach().to(torch.float64).cpu()
+        valid = mask.detach().cpu().bool()
+        count = valid.sum(dim=0)
+        safe = torch.where(valid, x, torch.zeros_like(x))
+        mean = safe.sum(dim=0) / count.clamp_min(1)
+        var = (torch.where(valid, x - mean, torch.zeros_like(x)) ** 2).sum(dim=0) / count.clamp_min(1)
+        seen = count > 0
+        if self._ema_mean is None or self._ema_var is None or self._ema_seen is None:
+            self._ema_mean, self._ema_var = mean.clone(), var.clone()
+            self._ema_seen = seen.clone()
+        else:
+            d = float(self.reward_ema)
+            first = seen & ~self._ema_seen
+            blend = seen & self._ema_seen
+            self._ema_mean = torch.where(first, mean, torch.where(blend, d * self._ema_mean + (1 - d) * mean, self._ema_mean))
+            self._ema_var = torch.where(first, var, torch.where(blend, d * self._ema_var + (1 - d) * var, self._ema_var))
+            self._ema_seen = self._ema_seen | seen
+        out = (x - self._ema_mean) / (self._ema_var.sqrt() + self.eps)
+        out = torch.where(valid, out, torch.zeros_like(out))
+        return out.to(device=values.device, dtype=values.dtype)
+
     def state_dict(self) -> dict[str, Any]:
         """Plain-python state: the options and every prompt's history."""
+        extra: dict[str, Any] = {}
+        if self.reward_ema is not None and self._ema_seen is not None:
+            assert self._ema_mean is not None and self._ema_var is not None
+            extra["reward_ema"] = {
+                "mean": self._ema_mean.tolist(),
+                "var": self._ema_var.tolist(),
+                "seen": self._ema_seen.tolist(),
+            }
         return {
+            **extra,
             "num_rewards": self.num_rewards,
             "global_std": self.global_std,
             "eps": self.eps,
@@ -248,3 +293,8 @@ class PerPromptStatTracker:
                 restored = [values[-self.window :] for values in restored]
             history[prompt] = restored
         self._history = history
+        ema = state.get("reward_ema")
+        if ema is not None:
+            self._ema_mean = torch.tensor(ema["mean"], dtype=torch.float64)
+            self._ema_var = torch.tensor(ema["var"], dtype=torch.float64)
+            self._ema_seen = torch.tensor(ema["seen"], dtype=torch.bool)

@@ -12,6 +12,7 @@ from typing import Any
 from marble_lightning.checks import check_choice, check_float, check_int
 from marble_lightning.precision import ROLLOUT_PRECISIONS
 from marble_lightning.rules import MODES
+from marble_lightning.sampling import SOLVERS
 
 __all__ = ["validate_hparams"]
 
@@ -42,3 +43,4 @@ def validate_hparams(h: Mapping[str, Any]) -> None:
         check_float("grad_clip", h["grad_clip"], minimum=0.0, strict=True)
     check_choice("aggregate", h["aggregate"], ("r", "advantage"))
     check_choice("rollout_precision", h["rollout_precision"], ROLLOUT_PRECISIONS)
+    check_choice("solver", h.get("solver", "euler"), SOLVERS)

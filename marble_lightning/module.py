@@ -47,6 +47,7 @@ from marble_lightning.precision import (
     autocast_context,
     resolve_rollout_precision,
 )
+from marble_lightning.options import HarmonizationOptions, attach_harmonization
 from marble_lightning.rewards.base import MultiReward
 from marble_lightning.rollout import Rollout, collect_rollout
 from marble_lightning.rules import DEFAULT_REFRESH_EVERY, MODES, make_rule
@@ -111,6 +112,7 @@ class MarbleDiffusionModule(PolicySampling, LightningModule):
             step (e.g. ``CosineAnnealingLR`` with ``eta_min`` for a cosine decay to a floor);
             ``None``: constant learning rate.
         seed: seed of the LoRA initialisation and of every noise draw.
+        harmonization: :class:`~marble_lightning.options.HarmonizationOptions`. solver: euler/dpm2
 
     Attributes:
         rule: the :class:`~marble_lightning.rules.TrainingRule` built from ``mode``.
@@ -159,6 +161,8 @@ class MarbleDiffusionModule(PolicySampling, LightningModule):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         seed: int = 0,
+        harmonization: HarmonizationOptions | None = None,
+        solver: str = "euler",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "rewards", "optimizer", "lr_scheduler"])
@@ -220,6 +224,7 @@ class MarbleDiffusionModule(PolicySampling, LightningModule):
         self.scalar_tracker = PerPromptStatTracker(
             1, global_std=adv_global_std, window=adv_window, reward_names=["weighted_sum"]
         )
+        self.solver, self.harmonization = solver, attach_harmonization(self, harmonization)
         self.step_index = 0
         self.history: list[dict[str, Any]] = []
         self.last_update: UpdateResult | None = None
@@ -319,7 +324,7 @@ class MarbleDiffusionModule(PolicySampling, LightningModule):
             cfg_scale=self.cfg_scale,
             a_max=self.a_max,
             dtype=self._param_dtype(),
-            autocast=autocast_context(self._rollout_dtype, self.device),
+            autocast=autocast_context(self._rollout_dtype, self.device), solver=self.solver,
         )
 
     def compute_update(

@@ -16,7 +16,7 @@ from marble_lightning.collective import Collective
 from marble_lightning.nft import interpolation_coefficient
 from marble_lightning.rewards.base import MultiReward, RewardBatch
 from marble_lightning.rules import TrainingRule, WeightedSumRule
-from marble_lightning.sampling import euler_sample, keyed_noise
+from marble_lightning.sampling import flow_sample, keyed_noise
 
 __all__ = ["Rollout", "collect_rollout", "sync_device"]
 
@@ -76,6 +76,7 @@ def collect_rollout(
     a_max: float,
     dtype: torch.dtype,
     autocast: contextlib.AbstractContextManager,
+    solver: str = "euler",
 ) -> Rollout:
     """Sample ``G`` images per prompt with the old policy, score them, compute advantages.
 
@@ -98,7 +99,7 @@ def collect_rollout(
         cond = backbone.encode_prompts(repeated)
         uncond = backbone.encode_prompts([""] * len(repeated)) if cfg_scale != 1.0 else None
         with adapters.using(OLD), autocast:
-            x0 = euler_sample(backbone.velocity, noise, cond, grid, uncond=uncond, cfg_scale=cfg_scale)
+            x0 = flow_sample(backbone.velocity, noise, cond, grid, uncond=uncond, cfg_scale=cfg_scale, solver=solver)
     x0 = x0.to(noise.dtype)
     images = backbone.decode(x0).float().clamp(0.0, 1.0)
     sync_device(device)
@@ -123,6 +124,8 @@ def collect_rollout(
     all_prompts = collective.gather_objects(repeated)
     all_values = collective.gather_rows(values).reshape(-1, k)
     all_mask = collective.gather_rows(mask.to(torch.uint8)).reshape(-1, k).bool()
+    raw_values = all_values  # the logged reward means stay in reward units
+    all_values = tracker.normalize_rewards(all_values, all_mask)  # identity unless reward_ema is set
     local = slice(collective.rank * len(repeated), (collective.rank + 1) * len(repeated))
     adv = tracker.update(all_prompts, all_values, all_mask)[local].to(x0.device)
     r = interpolation_coefficient(adv, a_max).T.contiguous()
@@ -137,7 +140,7 @@ def collect_rollout(
         scalar_r = interpolation_coefficient(scalar_adv, a_max)
 
     for i, name in enumerate(rewards.names):
-        valid = all_values[all_mask[:, i], i].double()
+        valid = raw_values[all_mask[:, i], i].double()
         metrics[f"reward/{name}_mean"] = float(valid.mean()) if valid.numel() else float("nan")
         metrics[f"reward/{name}_std"] = (
             float(valid.std(unbiased=False)) if valid.numel() else float("nan")

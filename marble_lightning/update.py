@@ -35,6 +35,7 @@ from marble_lightning.nft import (
     nft_objective,
     nft_terms,
 )
+from marble_lightning.options import ResolvedHarmonization
 from marble_lightning.rollout import Rollout, sync_device
 from marble_lightning.rules import TrainingRule
 from marble_lightning.sampling import keyed_noise
@@ -169,6 +170,7 @@ class NFTUpdate:
         self.kl_weight = kl_weight
         self.group_size = group_size
         self.seed = seed
+        self.harmonization: ResolvedHarmonization | None = None  # options of the refresh's QP
 
     def _gradient_rows(
         self, rollout: Rollout, plan: LossPlan, grid: Tensor, timesteps: list[int], update: int
@@ -256,7 +258,10 @@ class NFTUpdate:
             assert coefficients is not None
             g64 = reward_rows.double()
             gram = g64 @ g64.T
-            h = harmonize_gram(gram)
+            if self.harmonization is None:
+                h = harmonize_gram(gram)
+            else:
+                h = self.harmonization.harmonize(gram, step=rollout.step, update=update, seed=self.seed)
             alpha, weights = coefficients.record_refresh(h, gram)
             direction = weights.to(reward_rows.dtype) @ reward_rows
             cosines = gram_cosines(gram, weights, h.dropped)
