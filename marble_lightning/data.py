@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from marble_lightning.checks import check_int
 from marble_lightning.seeding import generator
 
-__all__ = ["PromptBatches", "PromptDataModule", "resolve_prompts"]
+__all__ = ["EvaluationPrompts", "PromptBatches", "PromptDataModule", "resolve_prompts"]
 
 PromptSource = str | Sequence[str]
 
@@ -82,6 +82,17 @@ def resolve_prompts(source: PromptSource, *, what: str = "prompts") -> list[str]
 
 
 def _identity(batch: Any) -> Any:
+    return batch
+
+
+def check_prompt_batch(batch: Any) -> list[str]:
+    """A training batch as a non-empty list of prompt strings (a str or tuple is accepted)."""
+    if isinstance(batch, str):
+        batch = [batch]
+    if isinstance(batch, tuple):
+        batch = list(batch)
+    if not isinstance(batch, list) or not batch or not all(isinstance(p, str) for p in batch):
+        raise ValueError(f"a training batch should be a non-empty list of prompt strings, got {batch!r}")
     return batch
 
 
@@ -239,8 +250,13 @@ class PromptDataModule(LightningDataModule):
             mapping of the same keys to per-stratum counts (``P`` is their sum).
         seed: seed of the per-epoch shuffle.
         heldout_prompts: optional evaluation prompts (same forms), exposed as
-            :attr:`heldout` for evaluation callbacks.
+            :attr:`heldout` for evaluation callbacks and served by ``val_dataloader`` /
+            ``test_dataloader`` / ``predict_dataloader`` (``marble validate | test | predict``).
         num_workers: dataloader workers (``0``: load in the main process).
+        eval_images_per_prompt: images per held-out prompt; copy ``c`` uses seed
+            ``eval_seed + c`` (``>= 1``).
+        eval_seed: first noise seed of the evaluation images.
+        eval_batch_size: images per evaluation batch (``>= 1``).
     """
 
     def __init__(
@@ -250,6 +266,9 @@ class PromptDataModule(LightningDataModule):
         seed: int = 0,
         heldout_prompts: str | list[str] | None = None,
         num_workers: int = 0,
+        eval_images_per_prompt: int = 1,
+        eval_seed: int = 1000,
+        eval_batch_size: int = 16,
     ) -> None:
         super().__init__()
         # in checkpoints (datamodule_hyper_parameters); not merged into the loggers' hparams, where a
@@ -273,6 +292,9 @@ class PromptDataModule(LightningDataModule):
         self.prompts_per_step = prompts_per_step
         self.seed = int(seed)
         self.num_workers = num_workers
+        self.eval_images_per_prompt = check_int("eval_images_per_prompt", eval_images_per_prompt)
+        self.eval_seed = int(eval_seed)
+        self.eval_batch_size = check_int("eval_batch_size", eval_batch_size)
         self._train: list[str] | dict[str, list[str]] | None = None
         self._heldout: list[str] | None = None
 
@@ -326,3 +348,53 @@ class PromptDataModule(LightningDataModule):
         rank, world = self._rank_world()
         dataset = PromptBatches(self.train_strata, self.prompts_per_step, self.seed, rank, world)
         return _ResumableLoader(dataset, self._progress, num_workers=self.num_workers)
+
+    def _evaluation_loader(self) -> DataLoader:
+        prompts = self.heldout
+        if not prompts:
+            raise ValueError(
+                "evaluation needs held-out prompts: set `data.heldout_prompts` (a list, a text "
+                "file or 'toy:heldout')"
+            )
+        rank, world = self._rank_world()
+        dataset = EvaluationPrompts(
+            prompts, self.eval_images_per_prompt, self.eval_seed, self.eval_batch_size, rank, world
+        )
+        return DataLoader(dataset, batch_size=None, num_workers=0)
+
+    def val_dataloader(self) -> DataLoader | list:
+        fitting = self.trainer is not None and self.trainer.state.fn == "fit"
+        if fitting and not self.heldout:
+            return []  # no validation during fit without held-out prompts
+        return self._evaluation_loader()
+
+    def test_dataloader(self) -> DataLoader:
+        return self._evaluation_loader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._evaluation_loader()
+
+
+class EvaluationPrompts(IterableDataset):
+    """Batches ``{"prompts": [...], "seeds": [...]}`` of this rank's share of an evaluation set.
+
+    The set is every prompt times ``images_per_prompt`` copies (copy ``c`` has seed ``seed + c``);
+    rank ``r`` of ``W`` takes items ``r, r + W, ...``, so no item is scored twice and the union
+    over ranks is the whole set, whatever ``W``.
+    """
+
+    def __init__(
+        self, prompts: Sequence[str], images_per_prompt: int, seed: int, batch_size: int,
+        rank: int = 0, world: int = 1,
+    ) -> None:  # fmt: skip
+        items = [(p, seed + c) for p in prompts for c in range(images_per_prompt)]
+        self.items = items[rank::world]
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.items) // self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, list]]:
+        for start in range(0, len(self.items), self.batch_size):
+            chunk = self.items[start : start + self.batch_size]
+            yield {"prompts": [p for p, _ in chunk], "seeds": [s for _, s in chunk]}

@@ -44,3 +44,17 @@ def validate_hparams(h: Mapping[str, Any]) -> None:
     check_choice("aggregate", h["aggregate"], ("r", "advantage"))
     check_choice("rollout_precision", h["rollout_precision"], ROLLOUT_PRECISIONS)
     check_choice("solver", h.get("solver", "euler"), SOLVERS)
+
+
+def cli_inputs(given: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The backbone / rewards / optimizer configurations (``class_path`` dicts) LightningCLI used.
+
+    Stored with the hyperparameters, they make a checkpoint self-describing:
+    ``MarbleDiffusionModule.load_from_checkpoint(path)`` rebuilds the backbone (frozen weights
+    re-loaded from their source, not from the checkpoint) and the rewards. Objects built in
+    Python are not serialisable and are left out (pass them to ``load_from_checkpoint``).
+    """
+    if not given:
+        return {}
+    keys = ("backbone", "rewards", "optimizer", "lr_scheduler")
+    return {key: given[key] for key in keys if given.get(key) is not None}

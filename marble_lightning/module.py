@@ -1,30 +1,20 @@
 """``MarbleDiffusionModule``: multi-reward DiffusionNFT fine-tuning with MARBLE harmonisation.
 
-One training step (``training_step``, manual optimisation):
-
-1. **Rollout** (:func:`~marble_lightning.rollout.collect_rollout`, no grad): ``P`` prompts, ``G``
-   images each, sampled by the *old* LoRA adapter with the Euler sampler of
-   :mod:`marble_lightning.sampling`; the ``K`` rewards score them and
-   :class:`~marble_lightning.advantages.PerPromptStatTracker` gives per-reward advantages.
-2. **Update** (:class:`~marble_lightning.update.NFTUpdate`, ``updates_per_rollout`` optimizer
-   steps): the training rule (:mod:`marble_lightning.rules`) decides the loss rows; a MARBLE
-   refresh harmonises the ``K`` per-reward gradients (min-norm QP), other steps take one
-   aggregated gradient. The KL gradient is added after harmonisation; the direction is written to
-   the policy LoRA's ``p.grad``, clipped, and the optimizer steps (DDP's gradient hooks are never
-   used: the gradient rows are reduced across ranks once, explicitly).
-3. **Old policy**: ``theta_old <- eta theta_old + (1 - eta) theta``
-   (:class:`~marble_lightning.schedules.OldPolicySchedule`).
-
-Determinism: every noise draw is keyed by ``(seed, purpose, step, prompt, occurrence)``
-(:mod:`marble_lightning.seeding`), so resumed runs and runs on more devices see the same noise.
-Checkpoints hold only the two LoRA adapters plus the tracker, the coefficients, counters and the
-per-step history (``checkpoint["marble"]``); base weights come from the backbone's configuration.
+One training step (manual optimisation): a **rollout** (:mod:`marble_lightning.rollout`: the old
+LoRA adapter samples ``G`` images per prompt, the ``K`` rewards score them, per-prompt advantages);
+an **update** (:mod:`marble_lightning.update`: the training rule of :mod:`marble_lightning.rules`
+sets the loss rows; a MARBLE refresh harmonises the ``K`` per-reward gradients, other steps take
+one aggregated gradient; the gradient rows are reduced across ranks once, the direction is written
+to the policy LoRA's ``p.grad`` and the optimizer steps); then the **old policy** moves towards the
+policy (:class:`~marble_lightning.schedules.OldPolicySchedule`). Every noise draw is keyed
+(:mod:`marble_lightning.seeding`), so resumed and multi-device runs see the same noise.
+Checkpoints hold the two LoRA adapters and ``checkpoint["marble"]`` (tracker, coefficients,
+counters, history); base weights come from the backbone's own source.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -32,6 +22,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 
 from marble_lightning.adapters import LoraAdapterPair
@@ -39,12 +30,15 @@ from marble_lightning.advantages import PerPromptStatTracker
 from marble_lightning.backbone import FlowBackbone
 from marble_lightning.coefficients import Coefficients
 from marble_lightning.collective import Collective, LocalCollective, StrategyCollective
+from marble_lightning.data import check_prompt_batch
+from marble_lightning.evaluation import EvaluationSteps
 from marble_lightning.generation import PolicySampling
 from marble_lightning.gram import GradientEngine
 from marble_lightning.harmonize import Harmonized, weights_from_alpha
-from marble_lightning.hparams import validate_hparams
+from marble_lightning.hparams import cli_inputs, validate_hparams
 from marble_lightning.precision import (
     autocast_context,
+    check_trainer_precision,
     resolve_rollout_precision,
 )
 from marble_lightning.options import HarmonizationOptions, attach_harmonization
@@ -55,12 +49,18 @@ from marble_lightning.sampling import (
     training_timesteps,
 )
 from marble_lightning.schedules import OldPolicySchedule
-from marble_lightning.update import NFTUpdate, UpdateResult, plan_losses, step_metrics
+from marble_lightning.update import (
+    NFTUpdate,
+    UpdateResult,
+    apply_direction,
+    plan_losses,
+    step_metrics,
+)
 
 __all__ = ["MODES", "MarbleDiffusionModule", "Rollout", "UpdateResult"]
 
 
-class MarbleDiffusionModule(PolicySampling, LightningModule):
+class MarbleDiffusionModule(EvaluationSteps, PolicySampling, LightningModule):
     """Multi-reward RL fine-tuning of a flow-matching diffusion model (MARBLE and baselines).
 
     Args:
@@ -165,7 +165,9 @@ class MarbleDiffusionModule(PolicySampling, LightningModule):
         solver: str = "euler",
     ) -> None:
         super().__init__()
+        given = _given_hyperparameters.get()  # LightningCLI's configuration, if it built us
         self.save_hyperparameters(ignore=["backbone", "rewards", "optimizer", "lr_scheduler"])
+        self.hparams.update(cli_inputs(given))
         if not isinstance(backbone, FlowBackbone):
             raise TypeError(
                 "`backbone` should implement FlowBackbone (denoiser, sample_shape, "
@@ -292,40 +294,18 @@ class MarbleDiffusionModule(PolicySampling, LightningModule):
     def _collective(self) -> Collective:
         return StrategyCollective(self._trainer) if self._trainer is not None else LocalCollective()
 
-    @staticmethod
-    def _check_batch(batch: Any) -> list[str]:
-        if isinstance(batch, str):
-            batch = [batch]
-        if isinstance(batch, tuple):
-            batch = list(batch)
-        if not isinstance(batch, list) or not batch or not all(isinstance(p, str) for p in batch):
-            raise ValueError(
-                f"a training batch should be a non-empty list of prompt strings, got {batch!r}"
-            )
-        return batch
-
     def rollout(self, prompts: list[str], *, step: int | None = None) -> Rollout:
         """Sample ``G`` images per prompt with the old policy, score them, compute advantages."""
         if self._rollout_dtype is None:
             self._rollout_dtype = resolve_rollout_precision(self.rollout_precision, self.device)
         return collect_rollout(
-            self._check_batch(prompts),
-            step=self.step_index if step is None else step,
-            backbone=self.backbone,
-            adapters=self.adapters,
-            rewards=self.rewards,
-            tracker=self.tracker,
-            scalar_tracker=self.scalar_tracker,
-            rule=self.rule,
-            collective=self._collective(),
-            grid=self.time_grid(),
-            group_size=self.group_size,
-            seed=self.seed,
-            cfg_scale=self.cfg_scale,
-            a_max=self.a_max,
-            dtype=self._param_dtype(),
+            check_prompt_batch(prompts), step=self.step_index if step is None else step,
+            backbone=self.backbone, adapters=self.adapters, rewards=self.rewards,
+            tracker=self.tracker, scalar_tracker=self.scalar_tracker, rule=self.rule,
+            collective=self._collective(), grid=self.time_grid(), group_size=self.group_size,
+            seed=self.seed, cfg_scale=self.cfg_scale, a_max=self.a_max, dtype=self._param_dtype(),
             autocast=autocast_context(self._rollout_dtype, self.device), solver=self.solver,
-        )
+        )  # fmt: skip
 
     def compute_update(
         self, rollout: Rollout, *, update: int = 0, refresh: bool = False, diagnostics: bool = False
@@ -340,58 +320,24 @@ class MarbleDiffusionModule(PolicySampling, LightningModule):
                 cosines of the direction with them.
         """
         plan = plan_losses(
-            rollout,
-            self.rule,
-            self.coefficients,
-            step=self.step_index,
-            refresh=refresh,
-            diagnostics=diagnostics and not refresh,
-            aggregate=self.aggregate,
-            a_max=self.a_max,
+            rollout, self.rule, self.coefficients, step=self.step_index, refresh=refresh,
+            diagnostics=diagnostics and not refresh, aggregate=self.aggregate, a_max=self.a_max,
+        )  # fmt: skip
+        timesteps = training_timesteps(
+            self.seed, rollout.step, update, self.sample_steps, self.train_timesteps
         )
         return self.updater.compute(
-            rollout,
-            plan,
-            grid=self.time_grid(),
-            update=update,
-            refresh=refresh,
-            timesteps=training_timesteps(
-                self.seed, rollout.step, update, self.sample_steps, self.train_timesteps
-            ),
-            coefficients=self.coefficients,
-            collective=self._collective(),
+            rollout, plan, grid=self.time_grid(), update=update, refresh=refresh,
+            timesteps=timesteps, coefficients=self.coefficients, collective=self._collective(),
             names=self.reward_names,
-        )
+        )  # fmt: skip
 
     def apply_update(self, result: UpdateResult) -> dict[str, float]:
-        """Write ``direction + kl_grad`` into ``p.grad``, clip, step optimizer and scheduler."""
-        if result.skipped:
-            warnings.warn(
-                f"step {self.step_index}: every reward gradient is ~0 (all rewards dropped); "
-                "skipping the optimizer step",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            return {"skipped": 1.0}
-        full = result.direction + result.kl_grad
-        if not bool(torch.isfinite(full).all()):
-            raise FloatingPointError(
-                f"non-finite update direction at step {self.step_index}; parameters left unchanged"
-            )
-        params = self.adapters.policy_params
-        self.adapters.write_gradients(full)
-        if self.grad_clip is not None:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-        else:
-            norm = full.norm()
-        opt = self.optimizers()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        """Write the direction into ``p.grad``, clip, step optimizer and scheduler."""
         scheduler = self.lr_schedulers() if self._trainer is not None else None
-        if scheduler is not None:
-            scheduler.step()
-        self.adapters.old_is_policy = False
-        return {"grad/norm": float(norm), "skipped": 0.0}
+        return apply_direction(
+            result, self.adapters, self.optimizers(), scheduler, self.grad_clip, self.step_index
+        )
 
     @torch.no_grad()
     def update_old_policy(self, step: int) -> float:
@@ -401,7 +347,7 @@ class MarbleDiffusionModule(PolicySampling, LightningModule):
         return eta
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
-        prompts = self._check_batch(batch)
+        prompts = check_prompt_batch(batch)
         step = self.step_index
         if not self.rule.harmonizes:
             self.coefficients.alpha = self.rule.alpha(step)
@@ -444,23 +390,33 @@ class MarbleDiffusionModule(PolicySampling, LightningModule):
             "refresh": refreshed,
             "alpha": [float(a) for a in used],
         }
-        record.update(
-            (k, v)
-            for k, v in metrics.items()
-            if k.startswith(("reward/", "cos/", "loss/", "norm/"))
-        )
+        kept = ("reward/", "cos/", "loss/", "norm/")
+        record.update((k, v) for k, v in metrics.items() if k.startswith(kept))
         self.history.append(record)
         self.step_index = step + 1
         self.log_dict(
             {key: float(value) for key, value in metrics.items() if math.isfinite(value)},
-            on_step=True,
-            on_epoch=False,
-            batch_size=batch_size,
-        )
+            on_step=True, on_epoch=False, batch_size=batch_size,
+        )  # fmt: skip
+
+    def setup(self, stage: str) -> None:
+        check_trainer_precision(self.trainer.precision)
 
     # ------------------------------------------------------------------ checkpoints
     def _adapter_keys(self) -> list[str]:
         return self.adapters.state_keys("backbone.denoiser.")
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Load the adapters (checkpoints hold nothing else); other keys of this module load too."""
+        missing = sorted(set(self._adapter_keys()) - set(state_dict))
+        if missing:
+            self.adapters.check_state(state_dict, "backbone.denoiser.")  # raises, naming a key
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        if strict and result.unexpected_keys:
+            raise ValueError(
+                f"unexpected keys in the state dict, e.g. {result.unexpected_keys[0]!r}"
+            )
+        return type(result)([], result.unexpected_keys)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keys = set(self._adapter_keys())

@@ -13,7 +13,14 @@ import logging
 
 import torch
 
-__all__ = ["ROLLOUT_PRECISIONS", "autocast_context", "native_bf16", "resolve_rollout_precision"]
+__all__ = [
+    "ROLLOUT_PRECISIONS",
+    "SUPPORTED_TRAINER_PRECISIONS",
+    "autocast_context",
+    "check_trainer_precision",
+    "native_bf16",
+    "resolve_rollout_precision",
+]
 
 log = logging.getLogger(__name__)
 
@@ -79,3 +86,21 @@ def autocast_context(precision: str, device: torch.device) -> contextlib.Abstrac
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+SUPPORTED_TRAINER_PRECISIONS = ("32-true", "64-true")
+"""Trainer precisions the module supports: it computes and writes its gradients itself, so a
+precision plugin's loss scaling (``16-mixed``) or whole-step autocast (``bf16-mixed``) does not
+apply. Use the backbone's ``torch_dtype`` for low-precision base weights and
+``rollout_precision`` for a fast sampler."""
+
+
+def check_trainer_precision(precision: str) -> None:
+    """Raise a ``ValueError`` naming the supported options for an unsupported trainer precision."""
+    if str(precision) not in SUPPORTED_TRAINER_PRECISIONS:
+        raise ValueError(
+            f"Trainer(precision={precision!r}) is not supported by MarbleDiffusionModule, which "
+            f"computes and writes its gradients itself; use one of {SUPPORTED_TRAINER_PRECISIONS}, "
+            "with the backbone's `torch_dtype` for bf16/fp16 base weights and "
+            "`rollout_precision` for a low-precision sampler"
+        )

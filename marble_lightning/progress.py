@@ -15,7 +15,7 @@ with the training bar rebuilt around ``trainer.global_step`` / ``trainer.max_ste
   step with ``prog_bar=False``, read from ``trainer.callback_metrics``), the last held-out
   ``eval/mean`` when a :class:`~marble_lightning.callbacks.RewardEvalCallback` ran, and whatever
   the module logs with ``prog_bar=True``.
-* Each evaluation pass of a ``RewardEvalCallback`` (base at fit start, every ``every_n_steps``,
+* Each evaluation pass of a ``RewardEvalCallback`` (base at train start, every ``every_n_steps``,
   at fit end) gets its own bar, ``Eval (base)`` / ``Eval (policy)``, advanced after each sampled
   chunk and hidden when the pass ends.
 

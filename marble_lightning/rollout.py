@@ -107,7 +107,7 @@ def collect_rollout(
 
     start = time.perf_counter()
     try:
-        batch: RewardBatch = rewards(images, repeated)
+        batch: RewardBatch = rewards(images, repeated, step=step)
     except Exception as err:
         if hasattr(err, "add_note"):
             err.add_note(f"while scoring the rollout of step {step}; no training state was changed")

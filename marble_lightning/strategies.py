@@ -69,7 +69,7 @@ class MarbleMultiProcessingLauncher(_MultiProcessingLauncher):
         data = extra.get(_KEY)
         if data is None:
             return
-        checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+        checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         restore_fit_state(trainer, checkpoint)
 
 

@@ -16,7 +16,9 @@ every rank harmonises the same matrix and gets the same coefficients.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -40,7 +42,14 @@ from marble_lightning.rollout import Rollout, sync_device
 from marble_lightning.rules import TrainingRule
 from marble_lightning.sampling import keyed_noise
 
-__all__ = ["LossPlan", "NFTUpdate", "UpdateResult", "plan_losses", "step_metrics"]
+__all__ = [
+    "LossPlan",
+    "NFTUpdate",
+    "UpdateResult",
+    "apply_direction",
+    "plan_losses",
+    "step_metrics",
+]
 
 
 @dataclass
@@ -193,8 +202,12 @@ class NFTUpdate:
         for j in timesteps:
             t = float(grid[j])
             eps = keyed_noise(
-                prompts, self.group_size, self.backbone.sample_shape,
-                (self.seed, "train", rollout.step, update, j), device=x0.device, dtype=x0.dtype,
+                prompts,
+                self.group_size,
+                self.backbone.sample_shape,
+                (self.seed, "train", rollout.step, update, j),
+                device=x0.device,
+                dtype=x0.dtype,
             )
             tt = torch.full((b,), t, device=x0.device, dtype=x0.dtype)
             x_t = (1.0 - t) * x0 + t * eps
@@ -270,9 +283,15 @@ class NFTUpdate:
                 metrics[f"loss/{name}"] = float(mean_losses[i])
             metrics["loss/nft"] = float((weights.double() * mean_losses[:k]).sum())
             result = UpdateResult(
-                direction=direction, kl_grad=kl_grad, alpha=alpha.double(),
-                weights=weights.double(), refreshed=True, harmonized=h, grads=reward_rows,
-                cosines=cosines, skipped=bool(h.dropped.all()),
+                direction=direction,
+                kl_grad=kl_grad,
+                alpha=alpha.double(),
+                weights=weights.double(),
+                refreshed=True,
+                harmonized=h,
+                grads=reward_rows,
+                cosines=cosines,
+                skipped=bool(h.dropped.all()),
             )
         else:
             direction = reward_rows[0]
@@ -288,9 +307,13 @@ class NFTUpdate:
             metrics["loss/nft"] = float(mean_losses[0])
             weights = plan.weights
             result = UpdateResult(
-                direction=direction, kl_grad=kl_grad, alpha=plan.alpha.double(),
-                weights=None if weights is None else weights.double(), refreshed=False,
-                grads=grads, cosines=cosines,
+                direction=direction,
+                kl_grad=kl_grad,
+                alpha=plan.alpha.double(),
+                weights=None if weights is None else weights.double(),
+                refreshed=False,
+                grads=grads,
+                cosines=cosines,
                 skipped=weights is not None and float(weights.sum()) <= 0,
             )
         metrics["time/qp"] = time.perf_counter() - start
@@ -322,3 +345,41 @@ def step_metrics(
     metrics["refresh"] = float(refreshed)
     metrics["old_policy/eta"] = eta
     return metrics
+
+
+def apply_direction(
+    result: UpdateResult,
+    adapters: LoraAdapterPair,
+    optimizer: Any,
+    scheduler: Any,
+    grad_clip: float | None,
+    step: int,
+) -> dict[str, float]:
+    """Write ``direction + kl_grad`` into the policy's ``p.grad``, clip, step optimizer (and
+    scheduler, once per optimizer step); returns ``grad/norm`` (before clipping) and ``skipped``.
+
+    Raises:
+        FloatingPointError: on a non-finite direction (parameters are left unchanged).
+    """
+    if result.skipped:
+        warnings.warn(
+            f"step {step}: every reward gradient is ~0 (all rewards dropped); "
+            "skipping the optimizer step", RuntimeWarning, stacklevel=3,
+        )  # fmt: skip
+        return {"skipped": 1.0}
+    full = result.direction + result.kl_grad
+    if not bool(torch.isfinite(full).all()):
+        raise FloatingPointError(
+            f"non-finite update direction at step {step}; parameters left unchanged"
+        )
+    adapters.write_gradients(full)
+    if grad_clip is not None:
+        norm = torch.nn.utils.clip_grad_norm_(adapters.policy_params, grad_clip)
+    else:
+        norm = full.norm()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if scheduler is not None:
+        scheduler.step()
+    adapters.old_is_policy = False
+    return {"grad/norm": float(norm), "skipped": 0.0}

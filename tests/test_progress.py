@@ -65,7 +65,7 @@ class _StubEval(RewardEvalCallback):
     def setup(self, trainer, pl_module, stage):
         self.prompts = list(self.source)
 
-    def on_fit_start(self, trainer, pl_module):
+    def on_train_start(self, trainer, pl_module):
         self.evaluate(trainer, pl_module, adapter="base")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -160,7 +160,7 @@ def test_evaluation_passes_get_their_own_bar() -> None:
     seen: list = []
     evaluator = _StubEval(seen)
     trainer = _fit(bar, max_steps=4, callbacks=[evaluator])
-    # base pass at fit start + policy passes at steps 2 and 4; 14 images in chunks of 4 -> 4 chunks
+    # base pass at train start + policy passes at steps 2 and 4; 14 images in chunks of 4 -> 4 chunks
     passes = [seen[i : i + 4] for i in range(0, len(seen), 4)]
     assert [p[0][0] for p in passes] == ["base", "policy", "policy"]
     for chunk in passes:

@@ -22,7 +22,7 @@ __all__ = ["RewardEvalCallback"]
 class RewardEvalCallback(Callback):
     """Held-out evaluation: per-reward means of the policy's images at fixed seeds.
 
-    At fit start it evaluates the base model (adapters disabled) once, then the policy every
+    At train start (after any validation sanity check) it evaluates the base model (adapters disabled) once, then the policy every
     ``every_n_steps`` training steps and at fit end. Logs ``eval/<name>`` (mean over the samples
     where the reward applies; NaN is not logged when it applies to none), ``eval/mean`` (mean of
     the per-reward means of the trained rewards, :func:`~marble_lightning.metrics.composite`) and
@@ -55,6 +55,8 @@ class RewardEvalCallback(Callback):
         log_images: log an image grid (first ``max_grid`` images) to loggers that support it.
         batch_size: prompts per sampling batch.
         max_grid: images in the grid.
+        use_ema: evaluate the policy with the weights of the trainer's
+            :class:`~marble_lightning.callbacks.PolicyEMACallback` (same metric names).
 
     Attributes:
         history: one dict per evaluation: ``step`` (rollouts done), ``global_step``, ``adapter``,
@@ -77,6 +79,7 @@ class RewardEvalCallback(Callback):
         log_images: bool = True,
         batch_size: int = 32,
         max_grid: int = 16,
+        use_ema: bool = False,
     ) -> None:
         if not isinstance(prompts, (str, list, tuple)):
             raise TypeError(f"`prompts` should be a path, 'toy:<split>' or a list of prompts, got {prompts!r}")
@@ -89,6 +92,7 @@ class RewardEvalCallback(Callback):
         self.batch_size = check_int("batch_size", batch_size, 1)
         self.max_grid = check_int("max_grid", max_grid, 0)
         self.log_images = bool(log_images)
+        self.use_ema = bool(use_ema)
         self.rewards = None if rewards is None else MultiReward(rewards)
         self.extra_rewards = MultiReward(extra_rewards) if extra_rewards else None
         self.prompts: list[str] = []
@@ -117,7 +121,8 @@ class RewardEvalCallback(Callback):
                 )
 
     @override
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # after Lightning's validation sanity check, which resets `trainer.callback_metrics`
         for own in (self.rewards, self.extra_rewards):
             if own is not None:
                 own.to(pl_module.device)
@@ -168,7 +173,8 @@ class RewardEvalCallback(Callback):
         for start in range(0, len(mine), self.batch_size):
             chunk = [p for p, _ in mine[start : start + self.batch_size]]
             seeds = [x for _, x in mine[start : start + self.batch_size]]
-            images = pl_module.sample(chunk, seed=seeds, adapter=adapter)
+            with self._weights(trainer, pl_module, adapter):
+                images = pl_module.sample(chunk, seed=seeds, adapter=adapter)
             scored = [rewards(images, chunk)]
             if self.extra_rewards is not None:
                 scored.append(self.extra_rewards(images, chunk))
@@ -201,6 +207,19 @@ class RewardEvalCallback(Callback):
         # rank-local per-image scores ([N, K], NaN where a reward does not apply), in prompt order
         self.samples.append(torch.cat(per_sample) if per_sample else torch.zeros(0, len(names), dtype=torch.float64))
         return metrics
+
+    def _weights(self, trainer: Trainer, pl_module: LightningModule, adapter: str) -> Any:
+        """The policy EMA's weights swapped in (``use_ema``, policy adapter), else a no-op."""
+        from contextlib import nullcontext
+
+        from marble_lightning.callbacks.policy_ema import PolicyEMACallback
+
+        if not self.use_ema or adapter != "policy":
+            return nullcontext()
+        ema = next((c for c in trainer.callbacks if isinstance(c, PolicyEMACallback)), None)
+        if ema is None:
+            raise ValueError("RewardEvalCallback(use_ema=True) needs a PolicyEMACallback in the trainer")
+        return ema.applied(pl_module)
 
     @staticmethod
     def _publish(trainer: Trainer, metrics: dict[str, float]) -> None:

@@ -7,7 +7,13 @@ training checkpoint).
 """
 
 from marble_lightning.rewards.aesthetic import AestheticReward
-from marble_lightning.rewards.base import MultiReward, RewardBatch, RewardModel, check_images
+from marble_lightning.rewards.base import (
+    MultiReward,
+    RewardBatch,
+    RewardError,
+    RewardModel,
+    check_images,
+)
 from marble_lightning.rewards.clip_score import CLIPScoreReward, OpenCLIPScoreReward
 from marble_lightning.rewards.composition import CompositionReward
 from marble_lightning.rewards.detection import Detection, Detector
@@ -33,6 +39,7 @@ __all__ = [
     "OwlDetector",
     "PickScoreReward",
     "RewardBatch",
+    "RewardError",
     "RewardModel",
     "check_images",
 ]
