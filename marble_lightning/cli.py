@@ -413,6 +413,7 @@ def _export_lora_command(argv: Sequence[str]) -> int:
     parser.add_argument("--adapter", default="policy", help="adapter to export (default: policy)")
     parser.add_argument("--format", default="auto", choices=["auto", "diffusers", "peft"])
     parser.add_argument("--lora-alpha", type=float, default=None, help="override lora_alpha")
+    parser.add_argument("--ema", action="store_true", help="export the policy EMA (PolicyEMACallback)")
     args = parser.parse_args(list(argv))
     from marble_lightning.lora_export import export_lora
 
@@ -424,6 +425,7 @@ def _export_lora_command(argv: Sequence[str]) -> int:
             format=args.format,
             config=args.config,
             lora_alpha=args.lora_alpha,
+            ema=args.ema,
         )
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))

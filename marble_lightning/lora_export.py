@@ -239,6 +239,7 @@ def export_lora(
     config: str | Path | None = None,
     lora_alpha: float | None = None,
     diffusers_prefix: str = "transformer",
+    ema: bool = False,
 ) -> Path:
     """Write one LoRA adapter of a trained model to ``out_dir``.
 
@@ -257,6 +258,8 @@ def export_lora(
         diffusers_prefix: peft format only: key prefix of the diffusers-layout copy
             (``pytorch_lora_weights.safetensors``); the ``prefix`` argument of diffusers'
             ``load_lora_adapter``, whose default is ``"transformer"`` (also for a UNet).
+        ema: checkpoint sources only: export the policy EMA of
+            :class:`~marble_lightning.callbacks.PolicyEMACallback` instead of the policy.
 
     Returns:
         Path of the written weights file.
@@ -268,6 +271,8 @@ def export_lora(
     if format not in _FORMATS:
         raise ValueError(f"export_lora: format={format!r}; expected one of {_FORMATS}")
     out_dir = Path(out_dir)
+    if ema and (isinstance(source, nn.Module) or adapter_name != "policy"):
+        raise ValueError("export_lora: ema=True exports the policy EMA of a checkpoint (a .ckpt path, adapter 'policy')")
     if isinstance(source, nn.Module):
         state, lora_cfg = lora_state_from_model(source, adapter_name)
         backbone = getattr(source, "backbone", source)
@@ -281,6 +286,10 @@ def export_lora(
             raise FileNotFoundError(f"export_lora: checkpoint {str(path)!r} does not exist")
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         state_dict = checkpoint.get("state_dict", checkpoint)
+        if ema:  # the EMA tensors carry the policy tensors' checkpoint names
+            from marble_lightning.callbacks.policy_ema import ema_state_from_checkpoint
+
+            state_dict = {**state_dict, **ema_state_from_checkpoint(checkpoint, path)}
         state, ranks = _lora_state_from_checkpoint(state_dict, adapter_name, path)
         run_config = _run_config(path, config)
         hparams = checkpoint.get("hyper_parameters") or {}
