@@ -51,6 +51,10 @@ def native_bf16(device: torch.device | str) -> bool:
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     if device.type != "cpu":
         return False
+    # bf16 kernels are dispatched only at AVX-512 (or AMX) capability; ATEN_CPU_CAPABILITY=avx2
+    # lowers it, and then bf16 runs on slow generic kernels whatever the hardware
+    if not torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX")):
+        return False
     probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
     if probe is not None:
         try:

@@ -9,6 +9,15 @@ from marble_lightning import precision
 from marble_lightning.precision import autocast_context, native_bf16, resolve_rollout_precision
 
 
+def test_auto_picks_float32_when_the_capability_is_avx2(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the hardware has bf16 but torch dispatches AVX2 kernels (an AVX2-only CPU, or
+    # ATEN_CPU_CAPABILITY=avx2): bf16 would run on generic kernels
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(precision, "_cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    assert resolve_rollout_precision("auto", "cpu") == "float32"
+
+
 def test_auto_picks_float32_without_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     # an AVX2-only CPU: neither torch's probe nor /proc/cpuinfo report avx512_bf16 / amx_bf16
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
@@ -21,12 +30,14 @@ def test_auto_picks_float32_without_native_bf16(monkeypatch: pytest.MonkeyPatch)
 def test_auto_picks_bfloat16_with_native_bf16(monkeypatch: pytest.MonkeyPatch, flags: set) -> None:
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(precision, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     assert resolve_rollout_precision("auto", "cpu") == "bfloat16"
 
 
 def test_auto_trusts_torch_probe(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     monkeypatch.setattr(precision, "_cpu_flags", lambda: set())
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     assert resolve_rollout_precision("auto", "cpu") == "bfloat16"
 
 
