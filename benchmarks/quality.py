@@ -48,6 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = {
     "marble (amortised)": "marble",
     "marble (full, per-step)": "toy_marble_full",
+    "marble (reference recipe)": "toy_marble_reference",
+    "equal alpha (reference ablation)": "toy_equal_alpha",
     "weighted sum": "toy_weighted_sum",
     "sequential": "toy_sequential",
     "decoupled (fixed uniform)": "toy_decoupled",
