@@ -58,3 +58,30 @@ def cli_inputs(given: Mapping[str, Any] | None) -> dict[str, Any]:
         return {}
     keys = ("backbone", "rewards", "optimizer", "lr_scheduler")
     return {key: given[key] for key in keys if given.get(key) is not None}
+
+
+STATE_DEFINING = ("mode", "lora_rank", "lora_alpha", "lora_targets", "seed")
+"""Hyperparameters whose change would make a checkpoint's saved state mean something else."""
+
+
+def check_resume(saved: Mapping[str, Any] | None, current: Mapping[str, Any]) -> None:
+    """Raise before anything is restored if a :data:`STATE_DEFINING` value differs.
+
+    Args:
+        saved: the checkpoint's ``hyper_parameters`` (``None``: nothing to compare).
+        current: the module's ``hparams``.
+
+    Raises:
+        ValueError: listing each differing key with the checkpoint's and the module's value.
+    """
+    if not saved:
+        return
+    differ = [
+        f"{key}: checkpoint {saved[key]!r}, module {current.get(key)!r}"
+        for key in STATE_DEFINING
+        if key in saved and saved[key] != current.get(key)
+    ]
+    if differ:
+        raise ValueError(
+            "checkpoint does not match this module (nothing was restored): " + "; ".join(differ)
+        )

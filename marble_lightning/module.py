@@ -35,7 +35,7 @@ from marble_lightning.evaluation import EvaluationSteps
 from marble_lightning.generation import PolicySampling
 from marble_lightning.gram import GradientEngine
 from marble_lightning.harmonize import Harmonized, weights_from_alpha
-from marble_lightning.hparams import cli_inputs, validate_hparams
+from marble_lightning.hparams import check_resume, cli_inputs, validate_hparams
 from marble_lightning.precision import (
     autocast_context,
     check_trainer_precision,
@@ -433,6 +433,7 @@ class MarbleDiffusionModule(EvaluationSteps, PolicySampling, LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_resume(checkpoint.get("hyper_parameters"), self.hparams)
         self.adapters.check_state(checkpoint.get("state_dict", {}), "backbone.denoiser.")
         extra = checkpoint.get("marble")
         if extra is None:

@@ -83,8 +83,22 @@ def test_checkpoint_of_other_lora_rank_is_rejected(tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=1)
     fit(module, max_steps=1, callbacks=[ckpt], enable_checkpointing=True)
     other = make_module("marble", lora_targets=["to_q", "to_k", "to_v", "to_out.0", "add_k_proj"])
-    with pytest.raises(ValueError, match="LoRA adapter tensors"):
+    with pytest.raises(ValueError, match="lora_targets: checkpoint"):
         fit(other, max_steps=2, ckpt_path=str(tmp_path / "last.ckpt"))
+
+
+@pytest.mark.parametrize(("key", "value"), [("lora_rank", 4), ("lora_alpha", 8)])
+def test_changed_lora_setting_fails_naming_both_values_before_restoring(tmp_path, key, value):
+    module = make_module("marble")
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=1)
+    fit(module, max_steps=1, callbacks=[ckpt], enable_checkpointing=True)
+    other = make_module("marble", **{key: value})
+    before = [p.detach().clone() for p in other.trainable_parameters]
+    saved = module.hparams[key]
+    with pytest.raises(ValueError, match=rf"{key}: checkpoint {saved}, module {value}"):
+        fit(other, max_steps=2, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert other.step_index == 0 and other.history == [] and other.tracker.prompts == []
+    assert all(torch.equal(a, b) for a, b in zip(before, other.trainable_parameters))
 
 
 _SCRIPT = textwrap.dedent(
