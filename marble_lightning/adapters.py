@@ -104,10 +104,22 @@ class LoraAdapterPair:
             old.mul_(eta).add_(new.detach(), alpha=1.0 - eta)
         self.old_is_policy = eta == 0.0
 
+    def rebind(self) -> None:
+        """Re-read the parameters by name (FSDP's ``fully_shard`` replaces them with DTensors)."""
+        named = dict(self.denoiser.named_parameters())
+        self.policy_params = [named[n] for n in self.policy_names]
+        self.old_params = [named[n] for n in self.old_names]
+
     def write_gradients(self, flat: Tensor) -> None:
-        """Set ``p.grad`` of the policy parameters from one ``[P]`` vector (in parameter order)."""
+        """Set ``p.grad`` of the policy parameters from one ``[P]`` vector (in parameter order).
+
+        Sharded (FSDP2 DTensor) parameters: ``flat`` holds this rank's local shards, in order.
+        """
         offset = 0
         for p in self.policy_params:
+            if hasattr(p, "to_local"):  # sharded (marble_lightning.sharding); DDP path unchanged
+                offset = _write_shard(p, flat, offset)
+                continue
             n = p.numel()
             p.grad = flat[offset : offset + n].view_as(p).to(p.dtype).clone()
             offset += n
@@ -130,3 +142,14 @@ class LoraAdapterPair:
                 f"missing, {len(unexpected)} unexpected, e.g. {example!r}); was it written with "
                 "other lora_targets / lora_rank?"
             )
+
+
+def _write_shard(p: Tensor, flat: Tensor, offset: int) -> int:
+    """``p.grad`` of a DTensor parameter from its local shard in ``flat[offset:]``; the new offset."""
+    from torch.distributed.tensor import DTensor
+
+    local = p.to_local()
+    n = local.numel()
+    piece = flat[offset : offset + n].view_as(local).to(p.dtype).clone()
+    p.grad = DTensor.from_local(piece, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+    return offset + n

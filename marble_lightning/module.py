@@ -49,6 +49,7 @@ from marble_lightning.sampling import (
     training_timesteps,
 )
 from marble_lightning.schedules import OldPolicySchedule
+from marble_lightning.sharding import configure_sharding
 from marble_lightning.update import (
     NFTUpdate,
     UpdateResult,
@@ -275,6 +276,9 @@ class MarbleDiffusionModule(EvaluationSteps, PolicySampling, LightningModule):
         self.backbone.eval()
         self.rewards.eval()
         return self
+
+    def configure_model(self) -> None:  # FSDP2 under ModelParallelStrategy, else a no-op
+        configure_sharding(self)
 
     def configure_optimizers(self) -> Any:
         params = self.adapters.policy_params
