@@ -195,6 +195,9 @@ class MultiReward(nn.Module):
                 shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
                 raise ValueError(f"reward {name!r} returned shape {shape}, expected ({b},)")
             value = value.to(images.device, torch.float32)
+            valid = getattr(reward, "last_valid", None)  # per-image failures (e.g. an HTTP judge)
+            if valid is not None:
+                mask[:, k] &= valid.to(mask.device)
             bad = mask[:, k] & ~torch.isfinite(value)
             if bad.any():
                 i = int(bad.nonzero()[0])
