@@ -30,7 +30,11 @@ def child(checkpointing: bool, device: str) -> dict:
     from diffusers import FluxTransformer2DModel
     from peft import LoraConfig
 
-    from marble_lightning.backbones.flux import FLUX_LORA_TARGET_MODULES, latent_image_ids, pack_latents
+    from marble_lightning.backbones.flux import (
+        FLUX_LORA_TARGET_MODULES,
+        latent_image_ids,
+        pack_latents,
+    )
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -46,13 +50,15 @@ def child(checkpointing: bool, device: str) -> dict:
     model.train()
     b, c, h, w, seq = 4, 16, 64, 64, 32
     x = torch.randn(b, c, h, w, device=device)
-    kwargs = dict(
-        hidden_states=pack_latents(x), timestep=torch.full((b,), 0.5, device=device),
-        guidance=torch.full((b,), 3.5, device=device), pooled_projections=torch.randn(b, 32, device=device),
-        encoder_hidden_states=torch.randn(b, seq, 64, device=device),
-        txt_ids=torch.zeros(seq, 3, device=device), img_ids=latent_image_ids(h, w, torch.device(device), torch.float32),
-        return_dict=False,
-    )
+    kwargs = {
+        "hidden_states": pack_latents(x), "timestep": torch.full((b,), 0.5, device=device),
+        "guidance": torch.full((b,), 3.5, device=device),
+        "pooled_projections": torch.randn(b, 32, device=device),
+        "encoder_hidden_states": torch.randn(b, seq, 64, device=device),
+        "txt_ids": torch.zeros(seq, 3, device=device),
+        "img_ids": latent_image_ids(h, w, torch.device(device), torch.float32),
+        "return_dict": False,
+    }
     saved = [0]
 
     def pack(t):

@@ -7,6 +7,7 @@ Usage::
     marble validate | test | predict --config ... --ckpt_path ...
     marble export-lora --ckpt RUN/checkpoints/last.ckpt --out lora_dir [--config RUN/config.yaml]
     marble make-tiny-sd3 --out build/tiny_sd3                # tiny random SD3 pipeline for tests
+    marble make-tiny-flux --out build/tiny_flux              # ... FLUX / qwen-image / wan twins
 
 ``fit`` and friends are LightningCLI subcommands over
 :class:`~marble_lightning.module.MarbleDiffusionModule` and
@@ -475,7 +476,38 @@ def _check_config_files(argv: Sequence[str]) -> None:
             _fail(f"marble: error: config file {path} is not valid YAML: {detail}")
 
 
-_EXTRA_COMMANDS = {"export-lora": _export_lora_command, "make-tiny-sd3": _make_tiny_sd3_command}
+_TINY_FAMILIES = {  # issue 20: `marble make-tiny-<family> --out D` (builder, description)
+    "flux": ("build_tiny_flux_pipeline", "FLUX.1-dev layout, 32 px, guidance embedding"),
+    "qwen-image": ("build_tiny_qwen_image_pipeline", "Qwen-Image layout, 32 px"),
+    "wan": ("build_tiny_wan_pipeline", "Wan 2.1 text-to-video layout, 5 frames of 32 px"),
+}
+
+
+def _make_tiny_family_command(family: str):
+    builder, what = _TINY_FAMILIES[family]
+
+    def command(argv: Sequence[str]) -> int:
+        parser = argparse.ArgumentParser(
+            prog=f"marble make-tiny-{family}",
+            description=f"Write a tiny randomly initialised {family} pipeline ({what}) for tests and CPU demos.",
+        )
+        parser.add_argument("--out", required=True, help="output directory")
+        parser.add_argument("--seed", type=int, default=0)
+        args = parser.parse_args(list(argv))
+        from marble_lightning import testing
+
+        path = getattr(testing, builder)(Path(args.out), seed=args.seed)
+        print(f"marble: tiny {family} pipeline written to {path}", flush=True)
+        return 0
+
+    return command
+
+
+_EXTRA_COMMANDS = {
+    "export-lora": _export_lora_command,
+    "make-tiny-sd3": _make_tiny_sd3_command,
+    **{f"make-tiny-{family}": _make_tiny_family_command(family) for family in _TINY_FAMILIES},
+}
 
 
 def main(args: Sequence[str] | None = None) -> None:
@@ -498,7 +530,8 @@ def main(args: Sequence[str] | None = None) -> None:
         save_config_kwargs={"overwrite": True},
         parser_kwargs={
             "description": "MARBLE multi-reward diffusion fine-tuning (LightningCLI). Extra commands: "
-            "`marble export-lora --ckpt C --out D` and `marble make-tiny-sd3 --out D` (see --help of each)."
+            "`marble export-lora --ckpt C --out D` and `marble make-tiny-{sd3,flux,qwen-image,wan} --out D` "
+            "(see --help of each)."
         },
         args=None if args is None else argv,  # None: LightningCLI reads sys.argv itself
         run=True,

@@ -102,11 +102,15 @@ def plot_rewards(
 
 
 def save_grid(images: Tensor, path: str | Path, nrow: int = 8, scale: int = 2) -> Path:
-    """Save images ``[N, 3, H, W]`` in ``[0, 1]`` as one PNG grid (nearest upscaling by ``scale``)."""
+    """Save images ``[N, 3, H, W]`` (or videos ``[N, F, 3, H, W]``, one row per clip) in ``[0, 1]``
+    as one PNG grid (nearest upscaling by ``scale``)."""
     from PIL import Image
     from torchvision.utils import make_grid
 
     images = images.detach().float().cpu().clamp(0, 1)
+    if images.ndim == 5:  # videos [N, F, 3, H, W] (issue 20): one row of frames per clip
+        nrow = images.shape[1]
+        images = images.flatten(0, 1)
     if scale > 1:
         images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
     grid = make_grid(images, nrow=nrow, padding=2, pad_value=0.5)

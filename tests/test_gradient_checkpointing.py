@@ -18,7 +18,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_backbones import FAMILIES, _backbone, _fit, _module  # noqa: E402
+from test_backbones import FAMILIES, _backbone, _fit, _module
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +39,12 @@ def test_checkpointing_gives_identical_updates(flux_dir: str, engine: str) -> No
         assert backbone.denoiser.is_gradient_checkpointing is checkpointing
         module = _module(backbone, "marble", gram=engine)
         assert module.gram == engine  # no fallback needed
-        calls = [0]
+        calls: list[int] = []
         block = backbone.denoiser.transformer_blocks[0]
-        block.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        block.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
         _fit(module, steps=2)
         results.append([p.detach().clone() for p in module.trainable_parameters])
-        block_calls.append(calls[0])
+        block_calls.append(len(calls))
     # the checkpointed blocks ran again in every backward (a pre-hook: the recomputation stops
     # early, once the tensors the backward needs are back, so a block's forward hook never fires)
     assert block_calls[1] > block_calls[0]

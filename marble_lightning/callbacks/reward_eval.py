@@ -247,11 +247,16 @@ class RewardEvalCallback(Callback):
             return
         from torchvision.utils import make_grid
 
-        grid = make_grid(images, nrow=math.ceil(math.sqrt(images.shape[0])), padding=1)
+        if images.ndim == 5:  # videos [N, F, 3, H, W] (issue 20): a frame strip, one row per clip
+            grid = make_grid(images.flatten(0, 1), nrow=images.shape[1], padding=1)
+        else:
+            grid = make_grid(images, nrow=math.ceil(math.sqrt(images.shape[0])), padding=1)
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_image"):
                 experiment.add_image(tag, grid, global_step=trainer.global_step)
+            if images.ndim == 5 and hasattr(experiment, "add_video") and _has_moviepy():
+                experiment.add_video(f"{tag}_video", images, global_step=trainer.global_step, fps=8)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -261,3 +266,10 @@ class RewardEvalCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
         self.samples = [torch.as_tensor(s) for s in state_dict.get("samples", [])]
+
+
+def _has_moviepy() -> bool:
+    """TensorBoard's ``add_video`` encodes GIFs with moviepy; without it only the frame strip is logged."""
+    import importlib.util
+
+    return importlib.util.find_spec("moviepy") is not None
