@@ -63,6 +63,7 @@ class Coefficients:
         self._request: bool | None = None
         self._smoother: AlphaSmoother | None = None
         self.scheduled_by: str | None = None
+        self.recorded: dict[str, Any] = {}  # what callbacks set, for the module's hparams
 
     # --------------------------------------------------------------- the callbacks' interface
     def schedule(self, *, refresh: bool | None, uniform: bool) -> None:
@@ -70,18 +71,22 @@ class Coefficients:
         self._request = None if refresh is None else bool(refresh)
         self.uniform = bool(uniform)
 
-    def set_smoother(self, smoother: AlphaSmoother | None) -> None:
-        """Map applied to each fresh ``alpha*`` to get the coefficients of the following steps."""
+    def set_smoother(self, smoother: AlphaSmoother | None, **record: Any) -> None:
+        """Map applied to each fresh ``alpha*`` to get the coefficients of the following steps;
+        ``record`` (e.g. ``alpha_ema_decay=0.8``) goes into the module's hyperparameters."""
         self._smoother = smoother
+        self.recorded.update(record)
 
     @property
     def smoother(self) -> AlphaSmoother | None:
         return self._smoother
 
-    def set_refresh_every(self, refresh_every: int, owner: str) -> None:
-        """Let ``owner`` (a callback) own the refresh period."""
+    def set_refresh_every(self, refresh_every: int, owner: str, **record: Any) -> None:
+        """Let ``owner`` (a callback) own the refresh period; ``refresh_every`` and ``record``
+        (e.g. ``uniform_after``) go into the module's hyperparameters."""
         self.refresh_every = check_int("refresh_every", refresh_every)
         self.scheduled_by = owner
+        self.recorded.update(refresh_every=self.refresh_every, **record)
 
     # --------------------------------------------------------------- used by the module
     def refresh_due(self, update: int) -> bool:

@@ -200,7 +200,7 @@ class MarbleDiffusionModule(EvaluationSteps, PolicySampling, LightningModule):
         self.coefficients = Coefficients(
             self.rule.alpha(0),
             refresh_every if refresh_every is not None else DEFAULT_REFRESH_EVERY,
-            every_step=mode == "marble",
+            every_step=self.rule.every_step,
         )
 
         targets = (
@@ -405,6 +405,7 @@ class MarbleDiffusionModule(EvaluationSteps, PolicySampling, LightningModule):
 
     def setup(self, stage: str) -> None:
         check_trainer_precision(self.trainer.precision)
+        self.hparams.update(self.coefficients.recorded)  # the schedule the callbacks set
 
     # ------------------------------------------------------------------ checkpoints
     def _adapter_keys(self) -> list[str]:

@@ -53,11 +53,13 @@ class TrainingRule:
     Attributes:
         scalarised: advantages of the weighted-sum scalar reward instead of per-reward ones.
         harmonizes: per-reward gradients are balanced by the min-norm QP (MARBLE).
+        every_step: (MARBLE) refresh at every step.
     """
 
     names: tuple[str, ...]
     scalarised = False
     harmonizes = False
+    every_step = False
 
     @property
     def k(self) -> int:

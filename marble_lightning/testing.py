@@ -477,18 +477,20 @@ TINY: dict[str, Any] = {
 """Options of :func:`make_module`: G=2, 2 sampler steps, LoRA rank 2, float32 rollouts."""
 
 
+_MODE_OPTIONS: dict[str, dict[str, Any]] = {
+    "single": {"single_reward": "red"},
+    "sequential": {"stages": [("red", 1), ("dark", 1)]},
+}
+"""The options :func:`make_module` adds for the modes that require one."""
+
+
 def make_module(
     mode: str = "marble", rewards: list | None = None, **kwargs: Any
 ) -> MarbleDiffusionModule:
     """A tiny module (8x8 SD3 transformer, G=2, 2 sampler steps, LoRA rank 2)."""
     from marble_lightning.module import MarbleDiffusionModule
 
-    options = dict(TINY)
-    if mode == "single":
-        options["single_reward"] = "red"
-    if mode == "sequential":
-        options["stages"] = [("red", 1), ("dark", 1)]
-    options.update(kwargs)
+    options = {**TINY, **_MODE_OPTIONS.get(mode, {}), **kwargs}
     rewards = rewards if rewards is not None else tiny_rewards()
     return MarbleDiffusionModule(TinySD3Backbone(), rewards, mode=mode, **options)
 

@@ -41,8 +41,7 @@ class EMACoefficientCallback(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         check_module(pl_module, "EMACoefficientCallback", harmonizing=True)
-        pl_module.coefficients.set_smoother(self.smooth)
-        pl_module.hparams["alpha_ema_decay"] = self.decay
+        pl_module.coefficients.set_smoother(self.smooth, alpha_ema_decay=self.decay)
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

@@ -49,10 +49,10 @@ class HarmonizationCallback(Callback):
                 f"HarmonizationCallback(refresh_every={self.refresh_every}) conflicts with the "
                 f"module's refresh_every={own}; set it in one place (the callback)"
             )
-        pl_module.coefficients.set_refresh_every(self.refresh_every, "HarmonizationCallback")
-        # the hyperparameters record the schedule that runs
-        pl_module.hparams["refresh_every"] = self.refresh_every
-        pl_module.hparams["uniform_after"] = self.uniform_after
+        # the module's hyperparameters record the schedule that runs
+        pl_module.coefficients.set_refresh_every(
+            self.refresh_every, "HarmonizationCallback", uniform_after=self.uniform_after
+        )
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
