@@ -29,12 +29,14 @@ class FlowBackbone(Protocol):
 
     Attributes:
         denoiser: the network LoRA adapters are attached to; only ``velocity`` calls it.
-        sample_shape: ``(C, H, W)`` of the model-space sample ``x``.
+        sample_shape: shape of one model-space sample ``x``: ``(C, H, W)`` for images,
+            ``(C, F, H, W)`` for videos (e.g. :class:`~marble_lightning.backbones.WanBackbone`);
+            the sampler, the noise and the NFT loss work for any shape.
         lora_target_modules: default module-name patterns for LoRA on ``denoiser``.
     """
 
     denoiser: nn.Module
-    sample_shape: tuple[int, int, int]
+    sample_shape: tuple[int, ...]
     lora_target_modules: list[str]
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
@@ -42,11 +44,12 @@ class FlowBackbone(Protocol):
         ...
 
     def velocity(self, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
-        """Predict ``v = eps - x0``. ``x``: ``[B, C, H, W]``; ``t``: ``[B]`` in ``[0, 1]``."""
+        """Predict ``v = eps - x0``. ``x``: ``[B, *sample_shape]``; ``t``: ``[B]`` in ``[0, 1]``."""
         ...
 
     def decode(self, x: Tensor) -> Tensor:
-        """Map model-space samples ``[B, C, H, W]`` to images ``[B, 3, H', W']`` in ``[0, 1]``."""
+        """Map model-space samples ``[B, *sample_shape]`` to images ``[B, 3, H', W']`` (videos:
+        ``[B, F, 3, H', W']``) in ``[0, 1]``; rewards receive exactly this."""
         ...
 
 
