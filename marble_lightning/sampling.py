@@ -25,6 +25,7 @@ __all__ = [
     "check_time_grid",
     "dpm_solver_2m_sample",
     "euler_sample",
+    "guided_velocity",
     "flow_sample",
     "evaluation_noise",
     "keyed_noise",
@@ -115,6 +116,23 @@ def check_time_grid(grid: Tensor, steps: int, source: str = "time_grid") -> Tens
     return grid
 
 
+def guided_velocity(
+    velocity: Velocity,
+    x: Tensor,
+    t: float,
+    cond: Conditioning,
+    uncond: Conditioning | None = None,
+    cfg_scale: float = 1.0,
+) -> Tensor:
+    """``v(x, t)``; with ``uncond``, ``v_u + cfg_scale (v_c - v_u)`` (both halves in one call)."""
+    tt = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
+    if uncond is None:
+        return velocity(x, tt, cond)
+    both = {key: torch.cat([uncond[key], cond[key]]) for key in cond}
+    v_u, v_c = velocity(torch.cat([x, x]), torch.cat([tt, tt]), both).chunk(2)
+    return v_u + cfg_scale * (v_c - v_u)
+
+
 @torch.no_grad()
 def euler_sample(
     velocity: Velocity,
@@ -134,32 +152,14 @@ def euler_sample(
         ``[B, ...]`` samples at ``t = 0``, same shape and dtype as ``noise``.
     """
     x = noise
-    b = x.shape[0]
     for i in range(grid.shape[0] - 1):
         t, t_next = float(grid[i]), float(grid[i + 1])
-        tt = torch.full((b,), t, device=x.device, dtype=x.dtype)
-        if uncond is not None:
-            both = {key: torch.cat([uncond[key], cond[key]]) for key in cond}
-            v_u, v_c = velocity(torch.cat([x, x]), torch.cat([tt, tt]), both).chunk(2)
-            v = v_u + cfg_scale * (v_c - v_u)
-        else:
-            v = velocity(x, tt, cond)
-        x = x + (t_next - t) * v
+        x = x + (t_next - t) * guided_velocity(velocity, x, t, cond, uncond, cfg_scale)
     return x
 
 
 SOLVERS = ("euler", "dpm2")
 """Rollout/evaluation samplers: ``"euler"`` (first order) and ``"dpm2"`` (DPM-Solver++(2M))."""
-
-
-def _guided(velocity: Velocity, x: Tensor, t: float, cond: Conditioning,
-            uncond: Conditioning | None, cfg_scale: float) -> Tensor:
-    tt = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
-    if uncond is None:
-        return velocity(x, tt, cond)
-    both = {key: torch.cat([uncond[key], cond[key]]) for key in cond}
-    v_u, v_c = velocity(torch.cat([x, x]), torch.cat([tt, tt]), both).chunk(2)
-    return v_u + cfg_scale * (v_c - v_u)
 
 
 @torch.no_grad()
@@ -199,7 +199,7 @@ def dpm_solver_2m_sample(
     prev_lambda = -math.inf
     for i in range(grid.shape[0] - 1):
         t, t_next = float(grid[i]), float(grid[i + 1])
-        v = _guided(velocity, x, t, cond, uncond, cfg_scale)
+        v = guided_velocity(velocity, x, t, cond, uncond, cfg_scale)
         d = x - t * v
         if t_next <= 0.0:
             x = d
