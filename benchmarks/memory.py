@@ -8,6 +8,7 @@ the bound "gradient buffers <= K x trainable parameters" for the per-reward grad
 
     python benchmarks/memory.py            # K in {2, 5, 8}
     python benchmarks/memory.py --quick
+    python benchmarks/memory.py --sharded  # per-rank memory, FSDP2 on 1 vs 2 ranks (memory_sharded.py)
 """
 
 from __future__ import annotations
@@ -77,6 +78,11 @@ def child(config_name: str, k: int, args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--sharded" in argv:  # the sharded column: its own launches (torchrun, 1 and 2 ranks)
+        from memory_sharded import main as sharded_main
+
+        return sharded_main([a for a in argv if a != "--sharded"])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 5, 8])

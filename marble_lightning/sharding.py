@@ -61,6 +61,7 @@ __all__ = [
     "export_lora_sharded",
     "full_lora_tensors",
     "shard_denoiser",
+    "shard_module",
 ]
 
 LORA_SHARDING = ("sharded", "replicated")
@@ -145,9 +146,21 @@ def configure_sharding(module: Any) -> bool:
     if not isinstance(strategy, ModelParallelStrategy):
         return False
     lora = getattr(strategy, "lora_sharding", "sharded")
+    shard_module(module, data_parallel_mesh(strategy), lora)
+    return True
+
+
+def shard_module(module: Any, mesh: Any, lora: str = "sharded") -> None:
+    """Shard a ``MarbleDiffusionModule``'s denoiser over the 1-D ``mesh`` (what
+    :func:`configure_sharding` does under a strategy; usable without a trainer, e.g. benchmarks).
+
+    Args:
+        module: the module (before its optimizer is built: the parameters are replaced).
+        mesh: 1-D data-parallel device mesh.
+        lora: ``"sharded"`` or ``"replicated"`` adapters.
+    """
     if lora not in LORA_SHARDING:
         raise ValueError(f"`lora_sharding` should be one of {LORA_SHARDING}, got {lora!r}")
-    mesh = data_parallel_mesh(strategy)
     adapters = module.adapters
     replicate = list(adapters.policy_params) + list(adapters.old_params) if lora == "replicated" else []
     shard_denoiser(module.backbone.denoiser, mesh, replicate=replicate)
@@ -158,7 +171,6 @@ def configure_sharding(module: Any) -> bool:
         module.gram = engine.name
         module.updater = ShardedNFTUpdate.from_update(module.updater, engine, mesh.get_group())
     module._sharded_lora = lora
-    return True
 
 
 # ------------------------------------------------------------------------ gradient rows on shards

@@ -22,7 +22,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from marble_lightning.callbacks import EMACoefficientCallback, HarmonizationCallback
 from marble_lightning.data import PromptDataModule
-from marble_lightning.sharding import MarbleModelParallelStrategy, export_lora_sharded, full_lora_tensors
+from marble_lightning.sharding import (
+    MarbleModelParallelStrategy,
+    export_lora_sharded,
+    full_lora_tensors,
+)
 from marble_lightning.testing import PROMPTS, make_module
 
 # plain SGD: Adam's normalisation would amplify float round-off in near-zero gradient entries
