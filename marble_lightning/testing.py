@@ -29,7 +29,7 @@ Pixel-space fixtures for the module tests (no VAE, no text encoder):
 Tiny reward checkpoints in the real on-disk formats, loaded by the rewards' public
 constructors exactly as a user's downloaded checkpoint would be (nothing touches the network):
 :func:`save_tiny_clip`, :func:`save_tiny_open_clip`, :func:`save_aesthetic_mlp`,
-:func:`save_tiny_owlv2`.
+:func:`save_tiny_owlv2`, :func:`save_tiny_image_reward` (the ImageReward release's key layout).
 """
 
 from __future__ import annotations
@@ -916,3 +916,111 @@ __all__ += [
     "build_tiny_qwen_image_pipeline",
     "build_tiny_wan_pipeline",
 ]
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny ImageReward checkpoint in the release's key layout (issue 19, item 8a)
+# --------------------------------------------------------------------------------------------
+
+TINY_IMAGE_REWARD: dict[str, Any] = {
+    "image_size": 32, "patch_size": 8, "vision_width": 32, "vision_layers": 2, "vision_heads": 2,
+    "text_width": 32, "text_layers": 2, "text_heads": 2, "text_positions": 40,
+    "mlp": (32, 24, 16, 8, 4, 1), "embed_dim": 16,
+}  # fmt: skip
+"""Sizes of :func:`save_tiny_image_reward` (the release: ViT-L/16 at 224, BERT-base, MLP 768-...-1)."""
+
+_TINY_BERT_WORDS = (
+    "a", "an", "the", "photo", "of", "cat", "dog", "red", "blue", "on", "with", "and", ",", ".", '"',
+)  # fmt: skip
+
+
+def save_tiny_image_reward(folder: str | Path, seed: int = 0) -> dict[str, Path]:
+    """Write a random tiny ImageReward in the release's on-disk layout (no ImageReward code used).
+
+    ``ImageReward.pt``: ``torch.save`` of a flat dict of tensors keyed like the release
+    (``blip.visual_encoder.{cls_token, pos_embed, patch_embed.proj, blocks.i.{norm1, attn.qkv,
+    attn.proj, norm2, mlp.fc1, mlp.fc2}, norm}``, ``blip.text_encoder.{embeddings.*,
+    encoder.layer.i.{attention, crossattention, intermediate, output}.*}``, ``blip.vision_proj``,
+    ``blip.text_proj``, ``mlp.layers.{0,2,4,6,7}``) with the sizes of :data:`TINY_IMAGE_REWARD`;
+    ``med_config.json`` (BLIP's BERT config: heads, eps, vocabulary incl. ``[DEC]``/``[ENC]``);
+    ``tokenizer/``: a BERT uncased WordPiece tokenizer on a small vocabulary (without ``[DEC]``/
+    ``[ENC]``, like ``bert-base-uncased``).
+
+    Returns:
+        ``{"checkpoint": ..., "med_config": ..., "tokenizer": ...}`` paths.
+    """
+    from transformers import BertTokenizer
+
+    c = TINY_IMAGE_REWARD
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    letters = "abcdefghijklmnopqrstuvwxyz0123456789"
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *letters, *(f"##{ch}" for ch in letters)]
+    words += [w for w in _TINY_BERT_WORDS if w not in words]
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)
+    tokenizer.save_pretrained(folder / "tokenizer")
+    vocab = len(words) + 2  # BLIP adds [DEC] and [ENC]
+
+    g = torch.Generator().manual_seed(seed)
+
+    def linear(prefix: str, n_out: int, n_in: int, into: dict[str, Tensor]) -> None:
+        into[f"{prefix}.weight"] = torch.randn(n_out, n_in, generator=g) / n_in**0.5
+        into[f"{prefix}.bias"] = 0.1 * torch.randn(n_out, generator=g)
+
+    def norm(prefix: str, width: int, into: dict[str, Tensor]) -> None:
+        into[f"{prefix}.weight"] = 1.0 + 0.1 * torch.randn(width, generator=g)
+        into[f"{prefix}.bias"] = 0.1 * torch.randn(width, generator=g)
+
+    state: dict[str, Tensor] = {}
+    vw, tw, patch = c["vision_width"], c["text_width"], c["patch_size"]
+    v = "blip.visual_encoder."
+    state[v + "cls_token"] = 0.5 * torch.randn(1, 1, vw, generator=g)
+    state[v + "pos_embed"] = 0.5 * torch.randn(1, (c["image_size"] // patch) ** 2 + 1, vw, generator=g)
+    state[v + "patch_embed.proj.weight"] = torch.randn(vw, 3, patch, patch, generator=g) / (3 * patch * patch) ** 0.5
+    state[v + "patch_embed.proj.bias"] = 0.1 * torch.randn(vw, generator=g)
+    for i in range(c["vision_layers"]):
+        b = f"{v}blocks.{i}."
+        norm(b + "norm1", vw, state)
+        linear(b + "attn.qkv", 3 * vw, vw, state)
+        linear(b + "attn.proj", vw, vw, state)
+        norm(b + "norm2", vw, state)
+        linear(b + "mlp.fc1", 4 * vw, vw, state)
+        linear(b + "mlp.fc2", vw, 4 * vw, state)
+    norm(v + "norm", vw, state)
+
+    t = "blip.text_encoder."
+    state[t + "embeddings.position_ids"] = torch.arange(c["text_positions"]).expand(1, -1).clone()
+    state[t + "embeddings.word_embeddings.weight"] = torch.randn(vocab, tw, generator=g)
+    state[t + "embeddings.position_embeddings.weight"] = 0.5 * torch.randn(c["text_positions"], tw, generator=g)
+    norm(t + "embeddings.LayerNorm", tw, state)
+    for i in range(c["text_layers"]):
+        b = f"{t}encoder.layer.{i}."
+        for block, kv_width in (("attention", tw), ("crossattention", vw)):
+            linear(f"{b}{block}.self.query", tw, tw, state)
+            linear(f"{b}{block}.self.key", tw, kv_width, state)
+            linear(f"{b}{block}.self.value", tw, kv_width, state)
+            linear(f"{b}{block}.output.dense", tw, tw, state)
+            norm(f"{b}{block}.output.LayerNorm", tw, state)
+        linear(b + "intermediate.dense", 4 * tw, tw, state)
+        linear(b + "output.dense", tw, 4 * tw, state)
+        norm(b + "output.LayerNorm", tw, state)
+    linear("blip.vision_proj", c["embed_dim"], vw, state)
+    linear("blip.text_proj", c["embed_dim"], tw, state)
+    dims = c["mlp"]
+    for index, n_in, n_out in zip((0, 2, 4, 6, 7), dims[:-1], dims[1:]):
+        linear(f"mlp.layers.{index}", n_out, n_in, state)
+
+    checkpoint = folder / "ImageReward.pt"
+    torch.save(state, checkpoint)
+    med_config = folder / "med_config.json"
+    med_config.write_text(json.dumps({
+        "architectures": ["BertModel"], "model_type": "bert", "hidden_act": "gelu",
+        "hidden_size": tw, "intermediate_size": 4 * tw, "num_attention_heads": c["text_heads"],
+        "num_hidden_layers": c["text_layers"], "layer_norm_eps": 1e-12,
+        "max_position_embeddings": c["text_positions"], "vocab_size": vocab, "pad_token_id": 0,
+        "type_vocab_size": 2, "encoder_width": vw, "add_cross_attention": True,
+        "attention_probs_dropout_prob": 0.1, "hidden_dropout_prob": 0.1, "initializer_range": 0.02,
+    }, indent=2))  # fmt: skip
+    return {"checkpoint": checkpoint, "med_config": med_config, "tokenizer": folder / "tokenizer"}
+
+__all__ += ["TINY_IMAGE_REWARD", "save_tiny_image_reward"]
