@@ -13,7 +13,13 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
 from marble_lightning.gram import GradientEngine
-from marble_lightning.nft import aggregate_coefficients, interpolation_coefficient, kl_loss, nft_objective, nft_terms
+from marble_lightning.nft import (
+    aggregate_coefficients,
+    interpolation_coefficient,
+    kl_loss,
+    nft_objective,
+    nft_terms,
+)
 
 torch.set_num_threads(1)
 

@@ -105,7 +105,7 @@ def test_fixed_plan_uses_unnormalised_weights():
     p = plan(make_rule("fixed", NAMES, fixed_alpha=fixed), None, rollout)
     row, total = hand_row(rollout.r, torch.tensor(fixed, dtype=torch.float64))
     torch.testing.assert_close(p.rows[0].double(), row, rtol=1e-6, atol=1e-7)
-    assert float(p.scales[0]) == pytest.approx(4.0)
+    assert float(p.scales[0]) == pytest.approx(total) == pytest.approx(4.0)
     assert p.weights.tolist() == fixed
     assert p.alpha.tolist() == pytest.approx([0.125, 0.375, 0.5])
 
