@@ -115,6 +115,9 @@ class LoraAdapterPair:
 
         Sharded (FSDP2 DTensor) parameters: ``flat`` holds this rank's local shards, in order.
         """
+        total = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in self.policy_params)
+        if flat.numel() != total:
+            raise ValueError(f"gradient vector has {flat.numel()} entries, the policy has {total}")
         offset = 0
         for p in self.policy_params:
             if hasattr(p, "to_local"):  # sharded (marble_lightning.sharding); DDP path unchanged
@@ -123,8 +126,6 @@ class LoraAdapterPair:
             n = p.numel()
             p.grad = flat[offset : offset + n].view_as(p).to(p.dtype).clone()
             offset += n
-        if offset != flat.numel():
-            raise ValueError(f"gradient vector has {flat.numel()} entries, the policy has {offset}")
 
     def state_keys(self, prefix: str) -> list[str]:
         """Checkpoint keys of both adapters, each name prefixed with ``prefix``."""

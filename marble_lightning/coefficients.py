@@ -155,9 +155,12 @@ class Coefficients:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.alpha = torch.as_tensor(state.get("current_alpha", self.alpha), dtype=torch.float64)
-        self.norms = state.get("cached_norms")
-        self.dropped = state.get("cached_dropped")
-        self.gram = state.get("last_gram")
+        def copy(value: Any) -> Any:
+            return value.clone() if isinstance(value, Tensor) else value
+
+        self.alpha = torch.as_tensor(state.get("current_alpha", self.alpha), dtype=torch.float64).clone()
+        self.norms = copy(state.get("cached_norms"))
+        self.dropped = copy(state.get("cached_dropped"))
+        self.gram = copy(state.get("last_gram"))
         self.steps_since_refresh = int(state.get("steps_since_refresh", 0))
         self.uniform = bool(state.get("force_uniform", False))

@@ -59,7 +59,11 @@ class LocalCollective:
 
 
 class StrategyCollective:
-    """Collectives of a Lightning trainer's strategy (the identity on one device)."""
+    """Collectives of a Lightning trainer's strategy (the identity on one device).
+
+    ``mean`` and ``sum`` may reduce their argument in place (Lightning's reduce does on more than
+    one rank): use the returned tensor, not the argument, afterwards.
+    """
 
     def __init__(self, trainer: Any) -> None:
         self.trainer = trainer

@@ -211,30 +211,34 @@ class PromptBatches(IterableDataset):
 class _ResumableLoader(DataLoader):
     """A ``DataLoader`` over :class:`PromptBatches` that Lightning checkpoints and restores.
 
-    ``progress()`` returns ``(epoch, batches processed in that epoch)`` from the trainer.
+    The position in the prompt stream is the number of batches consumed since the start of
+    training, ``g``: batch ``g`` is batch ``g % L`` of data epoch ``g // L`` (``L`` batches per
+    epoch), whatever epoch number the trainer is at (Lightning can count an epoch twice when it
+    resumes from a checkpoint written on an epoch's last batch). ``consumed()`` returns ``g`` from
+    the trainer; the checkpointed value wins right after a restore.
     """
 
-    def __init__(self, dataset: PromptBatches, progress: Callable[[], tuple[int, int]], **kwargs: Any) -> None:
+    def __init__(self, dataset: PromptBatches, consumed: Callable[[], int], **kwargs: Any) -> None:
         super().__init__(dataset, batch_size=None, collate_fn=_identity, **kwargs)
-        self._progress = progress
-        self._resume: tuple[int, int] | None = None
+        self._consumed = consumed
+        self._resume: int | None = None
 
     def __iter__(self) -> Any:
-        epoch, _ = self._progress()
-        dataset: PromptBatches = self.dataset  # type: ignore[assignment]
-        dataset.epoch = epoch
-        dataset.skip = 0
-        if self._resume is not None and self._resume[0] == epoch:
-            dataset.skip = min(self._resume[1], len(dataset))
+        start = self._consumed() if self._resume is None else self._resume
         self._resume = None
+        dataset: PromptBatches = self.dataset  # type: ignore[assignment]
+        dataset.epoch, dataset.skip = divmod(start, len(dataset))
         return super().__iter__()
 
     def state_dict(self) -> dict[str, int]:
-        epoch, done = self._progress()
-        return {"epoch": epoch, "batches_done": done}
+        return {"batches_consumed": self._consumed()}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self._resume = (int(state.get("epoch", 0)), int(state.get("batches_done", 0)))
+        if "batches_consumed" in state:
+            self._resume = int(state["batches_consumed"])
+        else:  # checkpoints written before the stream position was global
+            dataset: PromptBatches = self.dataset  # type: ignore[assignment]
+            self._resume = int(state.get("epoch", 0)) * len(dataset) + int(state.get("batches_done", 0))
 
 
 class PromptDataModule(LightningDataModule):
@@ -338,16 +342,16 @@ class PromptDataModule(LightningDataModule):
             return 0, 1
         return trainer.global_rank, trainer.world_size
 
-    def _progress(self) -> tuple[int, int]:
+    def _consumed(self) -> int:
         trainer = self.trainer
         if trainer is None:
-            return 0, 0
-        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            return 0
+        return trainer.fit_loop.epoch_loop.batch_progress.total.processed
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
         dataset = PromptBatches(self.train_strata, self.prompts_per_step, self.seed, rank, world)
-        return _ResumableLoader(dataset, self._progress, num_workers=self.num_workers)
+        return _ResumableLoader(dataset, self._consumed, num_workers=self.num_workers)
 
     def _evaluation_loader(self) -> DataLoader:
         prompts = self.heldout

@@ -11,6 +11,7 @@ the order of the batch nor on the global RNG.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -82,8 +83,8 @@ def evaluation_noise(
             ints (image ``i`` gets ``(seed[i], prompts[i])``, independent of the rest of the list:
             use this to split an evaluation set into chunks or across ranks).
     """
-    if isinstance(seed, int):
-        return keyed_noise(prompts, 1, shape, ("sample", seed), device=device, dtype=dtype)
+    if isinstance(seed, numbers.Integral) or (isinstance(seed, Tensor) and seed.ndim == 0):
+        return keyed_noise(prompts, 1, shape, ("sample", int(seed)), device=device, dtype=dtype)
     seeds = [int(x) for x in seed]
     if len(seeds) != len(prompts):
         raise ValueError(
@@ -242,6 +243,8 @@ def training_timesteps(seed: int, step: int, update: int, steps: int, count: int
 
     The subset is keyed by ``(seed, step, update)``, so every rank picks the same one.
     """
+    if count is not None and count < 1:
+        raise ValueError(f"`train_timesteps` should be None or an integer >= 1, got {count!r}")
     if count is None or count >= steps:
         return list(range(steps))
     gen = generator(seed, "timesteps", step, update)

@@ -84,12 +84,17 @@ def test_resumable_loader_skips_processed_batches():
     loader = dm.train_dataloader()
     full = list(loader)
     assert len(full) == 5 and all(isinstance(b, list) for b in full)
-    loader.load_state_dict({"epoch": 0, "batches_done": 3})
+    loader.load_state_dict({"batches_consumed": 3})
     assert list(loader) == full[3:]
-    assert list(loader) == full  # the skip applies to one pass only
-    loader.load_state_dict({"epoch": 7, "batches_done": 3})
-    assert list(loader) == full  # another epoch's state does not skip this one
-    assert loader.state_dict() == {"epoch": 0, "batches_done": 0}
+    assert list(loader) == full  # the restored position applies to one pass only
+    # batch g of the stream is batch g % 5 of data epoch g // 5
+    loader.load_state_dict({"batches_consumed": 7})
+    epoch1 = [dm.train_dataloader().dataset.batch(1, i) for i in range(5)]
+    assert list(loader) == epoch1[2:] and epoch1 != full
+    # checkpoints of the earlier (epoch, batches done in it) format still resume
+    loader.load_state_dict({"epoch": 1, "batches_done": 2})
+    assert list(loader) == epoch1[2:]
+    assert loader.state_dict() == {"batches_consumed": 0}
 
 
 def test_workers_yield_the_same_stream():

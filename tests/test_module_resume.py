@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from marble_lightning.callbacks import EMACoefficientCallback, HarmonizationCallback
 from marble_lightning.testing import fit, make_module
@@ -168,3 +168,29 @@ def test_sigkilled_run_resumes_from_last_checkpoint(tmp_path):
     assert first_step == resumed_from + 1
     for a, b in zip(torch.load(tmp_path / "ref.pt", weights_only=True), torch.load(tmp_path / "resumed.pt", weights_only=True)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+class _Batches(Callback):
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, ...]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.seen.append(tuple(batch))
+
+
+@pytest.mark.parametrize("stop", ["mid_epoch", "epoch_boundary"])
+def test_resume_sees_the_same_prompt_stream(tmp_path, stop):
+    """Resuming anywhere (also from a checkpoint written on an epoch's last batch, where
+    Lightning counts the epoch again) continues the prompt stream of the uninterrupted run."""
+    from marble_lightning.testing import PROMPTS
+
+    per_epoch = len(PROMPTS) // 2  # prompts_per_step=2
+    total = per_epoch + 2
+    full = _Batches()
+    fit(make_module("marble"), max_steps=total, callbacks=[full])
+    first, second = _Batches(), _Batches()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=1)
+    at = per_epoch if stop == "epoch_boundary" else per_epoch - 1
+    fit(make_module("marble"), max_steps=at, callbacks=[first, ckpt], enable_checkpointing=True)
+    fit(make_module("marble"), max_steps=total, callbacks=[second], ckpt_path=str(tmp_path / "last.ckpt"))
+    assert first.seen + second.seen == full.seen
