@@ -73,6 +73,18 @@ class LoraAdapterPair:
         self.old_is_policy = True
         self.activate(POLICY)
 
+    @classmethod
+    def for_backbone(
+        cls, backbone: nn.Module, rank: int, alpha: float, targets: list[str] | None, seed: int
+    ) -> LoraAdapterPair:
+        """Freeze ``backbone`` and attach the pair to its ``denoiser`` (``targets=None``: the
+        backbone's ``lora_target_modules``)."""
+        targets = list(targets) if targets is not None else list(backbone.lora_target_modules)
+        if not targets:
+            raise ValueError("`lora_targets` is empty and the backbone names no lora_target_modules")
+        backbone.requires_grad_(False)
+        return cls(backbone.denoiser, rank, alpha, targets, seed)
+
     def activate(self, adapter: str) -> None:
         """Make ``adapter`` ("policy", "old" or "base" = adapters disabled) the active one."""
         if adapter == BASE:

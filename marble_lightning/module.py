@@ -15,8 +15,7 @@ counters, history); base weights come from the backbone's own source.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -36,12 +35,12 @@ from marble_lightning.generation import PolicySampling
 from marble_lightning.gram import GradientEngine
 from marble_lightning.harmonize import Harmonized, weights_from_alpha
 from marble_lightning.hparams import check_resume, cli_inputs, validate_hparams
+from marble_lightning.options import HarmonizationOptions, attach_harmonization
 from marble_lightning.precision import (
     autocast_context,
     check_trainer_precision,
     resolve_rollout_precision,
 )
-from marble_lightning.options import HarmonizationOptions, attach_harmonization
 from marble_lightning.rewards.base import MultiReward
 from marble_lightning.rollout import Rollout, collect_rollout
 from marble_lightning.rules import DEFAULT_REFRESH_EVERY, MODES, make_rule
@@ -203,16 +202,8 @@ class MarbleDiffusionModule(EvaluationSteps, PolicySampling, LightningModule):
             every_step=self.rule.every_step,
         )
 
-        targets = (
-            list(lora_targets) if lora_targets is not None else list(backbone.lora_target_modules)
-        )
-        if not targets:
-            raise ValueError(
-                "`lora_targets` is empty and the backbone names no lora_target_modules"
-            )
-        self.backbone.requires_grad_(False)
-        self.adapters = LoraAdapterPair(
-            backbone.denoiser, lora_rank, lora_alpha, targets, self.seed
+        self.adapters = LoraAdapterPair.for_backbone(
+            backbone, lora_rank, lora_alpha, lora_targets, self.seed
         )
         self.engine = GradientEngine(gram, backbone.denoiser, self.adapters.policy_params)
         self.gram = self.engine.name
@@ -264,11 +255,9 @@ class MarbleDiffusionModule(EvaluationSteps, PolicySampling, LightningModule):
 
     weights_from = staticmethod(weights_from_alpha)
 
-    @contextmanager
-    def using_adapter(self, adapter: str) -> Iterator[None]:
+    def using_adapter(self, adapter: str) -> AbstractContextManager[None]:
         """Context in which the denoiser runs ``adapter`` ("policy", "old" or "base")."""
-        with self.adapters.using(adapter):
-            yield
+        return self.adapters.using(adapter)
 
     def train(self, mode: bool = True) -> MarbleDiffusionModule:
         """Set the training flag; backbone and rewards stay in eval mode (deterministic forwards)."""
@@ -288,11 +277,8 @@ class MarbleDiffusionModule(EvaluationSteps, PolicySampling, LightningModule):
             optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         if self._scheduler_factory is None:
             return optimizer
-        scheduler = self._scheduler_factory(optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        scheduler = {"scheduler": self._scheduler_factory(optimizer), "interval": "step"}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     # ------------------------------------------------------------------ the step
     def _collective(self) -> Collective:
