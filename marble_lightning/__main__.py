@@ -1,4 +1,5 @@
-"""``python -m marble_lightning ...`` runs the ``marble`` command line (see :mod:`marble_lightning.cli`)."""
+"""``python -m marble_lightning ...`` runs the ``marble`` command line (see
+:mod:`marble_lightning.cli`)."""
 
 from marble_lightning.cli import main
 

@@ -40,7 +40,9 @@ class LoraAdapterPair:
             policy's forward can be skipped).
     """
 
-    def __init__(self, denoiser: nn.Module, rank: int, alpha: float, targets: list[str], seed: int) -> None:
+    def __init__(
+        self, denoiser: nn.Module, rank: int, alpha: float, targets: list[str], seed: int
+    ) -> None:
         from peft import LoraConfig
 
         for method in _REQUIRED:
@@ -50,7 +52,9 @@ class LoraAdapterPair:
                     "support diffusers' PEFT adapters (PeftAdapterMixin)"
                 )
         self.denoiser = denoiser
-        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True)
+        config = LoraConfig(
+            r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True
+        )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             try:
@@ -81,7 +85,9 @@ class LoraAdapterPair:
         backbone's ``lora_target_modules``)."""
         targets = list(targets) if targets is not None else list(backbone.lora_target_modules)
         if not targets:
-            raise ValueError("`lora_targets` is empty and the backbone names no lora_target_modules")
+            raise ValueError(
+                "`lora_targets` is empty and the backbone names no lora_target_modules"
+            )
         backbone.requires_grad_(False)
         return cls(backbone.denoiser, rank, alpha, targets, seed)
 
@@ -127,7 +133,10 @@ class LoraAdapterPair:
 
         Sharded (FSDP2 DTensor) parameters: ``flat`` holds this rank's local shards, in order.
         """
-        total = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in self.policy_params)
+        total = sum(
+            p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+            for p in self.policy_params
+        )
         if flat.numel() != total:
             raise ValueError(f"gradient vector has {flat.numel()} entries, the policy has {total}")
         offset = 0
@@ -144,7 +153,8 @@ class LoraAdapterPair:
         return [prefix + n for n in self.policy_names + self.old_names]
 
     def check_state(self, state: dict, prefix: str) -> None:
-        """Raise unless ``state``'s keys are exactly this pair's adapter tensors (``prefix`` + name)."""
+        """Raise unless ``state``'s keys are exactly this pair's adapter tensors (``prefix`` +
+        name)."""
         expected = set(self.state_keys(prefix))
         missing = sorted(expected - set(state))
         unexpected = sorted(key for key in state if key not in expected)
@@ -158,11 +168,14 @@ class LoraAdapterPair:
 
 
 def _write_shard(p: Tensor, flat: Tensor, offset: int) -> int:
-    """``p.grad`` of a DTensor parameter from its local shard in ``flat[offset:]``; the new offset."""
+    """``p.grad`` of a DTensor parameter from its local shard in ``flat[offset:]``; the new
+    offset."""
     from torch.distributed.tensor import DTensor
 
     local = p.to_local()
     n = local.numel()
     piece = flat[offset : offset + n].view_as(local).to(p.dtype).clone()
-    p.grad = DTensor.from_local(piece, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+    p.grad = DTensor.from_local(
+        piece, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+    )
     return offset + n

@@ -62,17 +62,20 @@ class PerPromptStatTracker:
     ) -> None:
         if not isinstance(num_rewards, int) or num_rewards < 1:
             raise ValueError(
-                f"Parameter `num_rewards` should be a positive integer. Found `num_rewards = {num_rewards!r}`."
+                "Parameter `num_rewards` should be a positive integer. Found `num_rewards = "
+                f"{num_rewards!r}`."
             )
         if not eps >= 0.0:
             raise ValueError(f"Parameter `eps` should be non-negative. Found `eps = {eps}`.")
         if window is not None and (not isinstance(window, int) or window < 1):
             raise ValueError(
-                f"Parameter `window` should be None or a positive integer. Found `window = {window!r}`."
+                "Parameter `window` should be None or a positive integer. Found `window = "
+                f"{window!r}`."
             )
         if on_nonfinite not in ("raise", "drop"):
             raise ValueError(
-                f"Parameter `on_nonfinite` should be 'raise' or 'drop'. Found `on_nonfinite = {on_nonfinite!r}`."
+                "Parameter `on_nonfinite` should be 'raise' or 'drop'. Found `on_nonfinite = "
+                f"{on_nonfinite!r}`."
             )
         if reward_names is not None and len(reward_names) != num_rewards:
             raise ValueError(
@@ -227,7 +230,9 @@ class PerPromptStatTracker:
         count = valid.sum(dim=0)
         safe = torch.where(valid, x, torch.zeros_like(x))
         mean = safe.sum(dim=0) / count.clamp_min(1)
-        var = (torch.where(valid, x - mean, torch.zeros_like(x)) ** 2).sum(dim=0) / count.clamp_min(1)
+        var = (torch.where(valid, x - mean, torch.zeros_like(x)) ** 2).sum(dim=0) / count.clamp_min(
+            1
+        )
         seen = count > 0
         if self._ema_mean is None or self._ema_var is None or self._ema_seen is None:
             self._ema_mean, self._ema_var = mean.clone(), var.clone()
@@ -236,8 +241,12 @@ class PerPromptStatTracker:
             d = float(self.reward_ema)
             first = seen & ~self._ema_seen
             blend = seen & self._ema_seen
-            self._ema_mean = torch.where(first, mean, torch.where(blend, d * self._ema_mean + (1 - d) * mean, self._ema_mean))
-            self._ema_var = torch.where(first, var, torch.where(blend, d * self._ema_var + (1 - d) * var, self._ema_var))
+            self._ema_mean = torch.where(
+                first, mean, torch.where(blend, d * self._ema_mean + (1 - d) * mean, self._ema_mean)
+            )
+            self._ema_var = torch.where(
+                first, var, torch.where(blend, d * self._ema_var + (1 - d) * var, self._ema_var)
+            )
             self._ema_seen = self._ema_seen | seen
         out = (x - self._ema_mean) / (self._ema_var.sqrt() + self.eps)
         out = torch.where(valid, out, torch.zeros_like(out))

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 Conditioning = dict[str, Tensor]
-"""Batch-first tensors produced by :meth:`FlowBackbone.encode_prompts` (row ``i`` is prompt ``i``)."""
+"""Batch-first tensors produced by :meth:`FlowBackbone.encode_prompts` (row ``i`` is prompt
+``i``)."""
 
 
 @runtime_checkable

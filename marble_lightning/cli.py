@@ -36,15 +36,23 @@ from typing import Any, NoReturn
 
 import torch
 import yaml
+from jsonargparse import Namespace
 from lightning.pytorch import Trainer
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.cli import LightningCLI
-from jsonargparse import Namespace
 from lightning.pytorch.loggers import CSVLogger
 
 from marble_lightning.interrupts import GracefulInterrupt, checkpoint_dir
 
-__all__ = ["FIT_MARKER", "RESUME_AUTO", "RESUME_LAST", "SAFE_ON_RESUME", "MarbleCLI", "allocator_hint", "main"]
+__all__ = [
+    "FIT_MARKER",
+    "RESUME_AUTO",
+    "RESUME_LAST",
+    "SAFE_ON_RESUME",
+    "MarbleCLI",
+    "allocator_hint",
+    "main",
+]
 
 FIT_MARKER = "marble: fit finished, checkpoints in"
 """Prefix of the line printed on global rank 0 after a successful ``fit``."""
@@ -86,7 +94,8 @@ def allocator_hint(
 
 
 RESUME_LAST = "last"
-"""``--ckpt_path last``: resume the newest run of this root that has a ``last.ckpt`` (error if none)."""
+"""``--ckpt_path last``: resume the newest run of this root that has a ``last.ckpt`` (error if
+none)."""
 RESUME_AUTO = "auto"
 """``--ckpt_path auto``: like ``last`` when such a run exists, else start fresh (auto-resume)."""
 
@@ -112,7 +121,11 @@ def _show(value: Any) -> str:
 
 def _diff(prefix: str, old: Any, new: Any, out: list[tuple[str, Any, Any]]) -> None:
     """Leaf-level differences between two plain values, as ``(dotted key, old, new)``."""
-    if isinstance(old, dict) and isinstance(new, dict) and old.get("class_path") == new.get("class_path"):
+    if (
+        isinstance(old, dict)
+        and isinstance(new, dict)
+        and old.get("class_path") == new.get("class_path")
+    ):
         for key in sorted(set(old) | set(new)):
             _diff(f"{prefix}.{key}" if prefix else key, old.get(key), new.get(key), out)
     elif old != new:
@@ -196,10 +209,13 @@ class MarbleCLI(LightningCLI):
         found = []
         if runs.is_dir():
             for child in runs.iterdir():
-                number = child.name[len("version_"):]
-                if child.name.startswith("version_") and number.isdigit():
-                    if (child / "checkpoints" / "last.ckpt").is_file():
-                        found.append(int(number))
+                number = child.name[len("version_") :]
+                if (
+                    child.name.startswith("version_")
+                    and number.isdigit()
+                    and (child / "checkpoints" / "last.ckpt").is_file()
+                ):
+                    found.append(int(number))
         if not found:
             return None
         version = max(found)
@@ -223,7 +239,11 @@ class MarbleCLI(LightningCLI):
             if found is None:
                 where = self._runs_dir() / "version_*" / "checkpoints" / "last.ckpt"
                 if ckpt_path == RESUME_AUTO:
-                    print(f"marble: nothing to resume ({where} not found); starting a fresh run", file=sys.stderr, flush=True)
+                    print(
+                        f"marble: nothing to resume ({where} not found); starting a fresh run",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     self.config[sub]["ckpt_path"] = None
                     return
                 _fail(
@@ -244,14 +264,17 @@ class MarbleCLI(LightningCLI):
     def _load_checkpoint(path: str) -> dict[str, Any]:
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001  (unpickling errors come in many types)
+        except Exception as err:
             _fail(
-                f"marble: error: cannot load checkpoint {path} safely (torch.load weights_only=True "
-                f"refused or failed; nothing was executed or restored): {type(err).__name__}: "
-                f"{str(err).splitlines()[0] if str(err) else ''}"
+                f"marble: error: cannot load checkpoint {path} safely (torch.load "
+                "weights_only=True refused or failed; nothing was executed or restored): "
+                f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             )
         if not isinstance(checkpoint, dict):
-            _fail(f"marble: error: {path} is not a Lightning checkpoint (got {type(checkpoint).__name__})")
+            _fail(
+                f"marble: error: {path} is not a Lightning checkpoint (got "
+                f"{type(checkpoint).__name__})"
+            )
         return checkpoint
 
     def _check_compatible(self, path: str, checkpoint: dict[str, Any]) -> None:
@@ -280,30 +303,44 @@ class MarbleCLI(LightningCLI):
             try:
                 saved = yaml.safe_load(run_config.read_text())
                 now = yaml.safe_load(self._parser(sub).dump(requested, skip_none=False))
-            except Exception:  # noqa: BLE001  (the saved config is only a cross-check)
+            except Exception:
                 saved = None
         if isinstance(saved, dict):
             saved_model = saved.get("model") or {}
             now_model = now.get("model") or {}
             for key in ("backbone", "rewards"):
-                _diff(f"model.{key}", _plain(saved_model.get(key)), _plain(now_model.get(key)), conflicts)
+                _diff(
+                    f"model.{key}",
+                    _plain(saved_model.get(key)),
+                    _plain(now_model.get(key)),
+                    conflicts,
+                )
             if not data_hparams:
                 _diff("data", _plain(saved.get("data")), _plain(now.get("data")), conflicts)
             if saved.get("seed_everything") != now.get("seed_everything"):
-                conflicts.append(("seed_everything", saved.get("seed_everything"), now.get("seed_everything")))
+                conflicts.append(
+                    ("seed_everything", saved.get("seed_everything"), now.get("seed_everything"))
+                )
             old_trainer = {k: v for k, v in (saved.get("trainer") or {}).items() if k != "logger"}
             new_trainer = {k: v for k, v in (now.get("trainer") or {}).items() if k != "logger"}
             _diff("trainer", _plain(old_trainer), _plain(new_trainer), applied)
         if conflicts:
-            lines = [f"  {key}: checkpoint {_show(old)}, requested {_show(new)}" for key, old, new in conflicts]
+            lines = [
+                f"  {key}: checkpoint {_show(old)}, requested {_show(new)}"
+                for key, old, new in conflicts
+            ]
             _fail(
-                f"marble: error: cannot resume from {path}: {len(conflicts)} setting(s) differ from the "
-                "checkpoint's run (nothing was restored):\n" + "\n".join(lines) + "\n"
-                "Resume with the run's own settings (its config.yaml), or start a fresh run without "
-                "--ckpt_path."
+                f"marble: error: cannot resume from {path}: {len(conflicts)} setting(s) differ "
+                "from the checkpoint's run (nothing was restored):\n" + "\n".join(lines) + "\n"
+                "Resume with the run's own settings (its config.yaml), or start a fresh run "
+                "without --ckpt_path."
             )
         for key, old, new in applied:
-            print(f"marble: resume: {key}: checkpoint run {_show(old)}, now {_show(new)} (applied)", file=sys.stderr, flush=True)
+            print(
+                f"marble: resume: {key}: checkpoint run {_show(old)}, now {_show(new)} (applied)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     # ------------------------------------------------------------------ parsing
     def parse_arguments(self, parser: Any, args: Any) -> None:
@@ -339,14 +376,14 @@ class MarbleCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             if os.environ.get("MARBLE_TRACEBACK"):
                 raise
             cause = _root_cause(err)
             message = str(cause).strip() or type(cause).__name__
             _fail(
-                "marble: error: building the run from the config failed (set MARBLE_TRACEBACK=1 for "
-                f"the traceback):\n{type(cause).__name__}: {message}"
+                "marble: error: building the run from the config failed (set MARBLE_TRACEBACK=1 "
+                f"for the traceback):\n{type(cause).__name__}: {message}"
             )
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
@@ -368,7 +405,9 @@ class MarbleCLI(LightningCLI):
                 print(hint, file=sys.stderr, flush=True)
         if self._resume_path is not None and trainer.is_global_zero:
             for logger in trainer.loggers:  # CSVLogger would delete the earlier metrics.csv
-                metrics = Path(logger.log_dir) / "metrics.csv" if isinstance(logger, CSVLogger) else None
+                metrics = (
+                    Path(logger.log_dir) / "metrics.csv" if isinstance(logger, CSVLogger) else None
+                )
                 if metrics is not None and metrics.is_file():
                     part = 0
                     while (metrics.parent / f"metrics.part{part}.csv").exists():
@@ -385,9 +424,9 @@ class MarbleCLI(LightningCLI):
             if trainer.is_global_zero:
                 name = signal.Signals(interrupt.signum).name
                 print(
-                    f"marble: {name}: stopped after step {interrupt.steps_done}; resumable checkpoint "
-                    f"{os.path.abspath(interrupt.saved or directory)}; resume with the same command "
-                    "plus --ckpt_path last",
+                    f"marble: {name}: stopped after step {interrupt.steps_done}; resumable "
+                    f"checkpoint {os.path.abspath(interrupt.saved or directory)}; resume with the "
+                    "same command plus --ckpt_path last",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -399,8 +438,10 @@ class MarbleCLI(LightningCLI):
 def _export_lora_command(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="marble export-lora",
-        description="Export a trained LoRA adapter from a marble checkpoint: diffusers' SD3 LoRA file "
-        "(pipeline.load_lora_weights) for SD3 backbones, a peft adapter directory otherwise.",
+        description=(
+            "Export a trained LoRA adapter from a marble checkpoint: diffusers' SD3 LoRA file "
+            "(pipeline.load_lora_weights) for SD3 backbones, a peft adapter directory otherwise."
+        ),
     )
     parser.add_argument(
         "--ckpt", required=True, help="Lightning checkpoint (.ckpt) written by `marble fit`"
@@ -414,7 +455,9 @@ def _export_lora_command(argv: Sequence[str]) -> int:
     parser.add_argument("--adapter", default="policy", help="adapter to export (default: policy)")
     parser.add_argument("--format", default="auto", choices=["auto", "diffusers", "peft"])
     parser.add_argument("--lora-alpha", type=float, default=None, help="override lora_alpha")
-    parser.add_argument("--ema", action="store_true", help="export the policy EMA (PolicyEMACallback)")
+    parser.add_argument(
+        "--ema", action="store_true", help="export the policy EMA (PolicyEMACallback)"
+    )
     args = parser.parse_args(list(argv))
     from marble_lightning.lora_export import export_lora
 
@@ -432,7 +475,10 @@ def _export_lora_command(argv: Sequence[str]) -> int:
         parser.error(str(err))
     except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused a crafted file
         first = str(err).splitlines()[0] if str(err) else ""
-        parser.error(f"cannot load {args.ckpt} safely (weights_only=True refused it; nothing was executed): {first}")
+        parser.error(
+            f"cannot load {args.ckpt} safely (weights_only=True refused it; nothing was executed): "
+            f"{first}"
+        )
     print(f"marble: exported LoRA adapter {args.adapter!r} to {path}", flush=True)
     return 0
 
@@ -440,7 +486,9 @@ def _export_lora_command(argv: Sequence[str]) -> int:
 def _make_tiny_sd3_command(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="marble make-tiny-sd3",
-        description="Write a tiny randomly initialised SD3 pipeline (32 px, no T5) for tests and CPU demos.",
+        description=(
+            "Write a tiny randomly initialised SD3 pipeline (32 px, no T5) for tests and CPU demos."
+        ),
     )
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0)
@@ -489,7 +537,10 @@ def _make_tiny_family_command(family: str):
     def command(argv: Sequence[str]) -> int:
         parser = argparse.ArgumentParser(
             prog=f"marble make-tiny-{family}",
-            description=f"Write a tiny randomly initialised {family} pipeline ({what}) for tests and CPU demos.",
+            description=(
+                f"Write a tiny randomly initialised {family} pipeline ({what}) for tests and CPU "
+                "demos."
+            ),
         )
         parser.add_argument("--out", required=True, help="output directory")
         parser.add_argument("--seed", type=int, default=0)
@@ -529,9 +580,11 @@ def main(args: Sequence[str] | None = None) -> None:
         PromptDataModule,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={
-            "description": "MARBLE multi-reward diffusion fine-tuning (LightningCLI). Extra commands: "
-            "`marble export-lora --ckpt C --out D` and `marble make-tiny-{sd3,flux,qwen-image,wan} --out D` "
-            "(see --help of each)."
+            "description": (
+                "MARBLE multi-reward diffusion fine-tuning (LightningCLI). Extra commands: "
+                "`marble export-lora --ckpt C --out D` and "
+                "`marble make-tiny-{sd3,flux,qwen-image,wan} --out D` (see --help of each)."
+            )
         },
         args=None if args is None else argv,  # None: LightningCLI reads sys.argv itself
         run=True,

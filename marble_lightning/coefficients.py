@@ -67,7 +67,8 @@ class Coefficients:
 
     # --------------------------------------------------------------- the callbacks' interface
     def schedule(self, *, refresh: bool | None, uniform: bool) -> None:
-        """Decide the next step: ``refresh`` (``None``: the built-in period) and the uniform stage."""
+        """Decide the next step: ``refresh`` (``None``: the built-in period) and the uniform
+        stage."""
         self._request = None if refresh is None else bool(refresh)
         self.uniform = bool(uniform)
 
@@ -158,7 +159,9 @@ class Coefficients:
         def copy(value: Any) -> Any:
             return value.clone() if isinstance(value, Tensor) else value
 
-        self.alpha = torch.as_tensor(state.get("current_alpha", self.alpha), dtype=torch.float64).clone()
+        self.alpha = torch.as_tensor(
+            state.get("current_alpha", self.alpha), dtype=torch.float64
+        ).clone()
         self.norms = copy(state.get("cached_norms"))
         self.dropped = copy(state.get("cached_dropped"))
         self.gram = copy(state.get("last_gram"))

@@ -60,7 +60,10 @@ def resolve_prompts(source: PromptSource, *, what: str = "prompts") -> list[str]
             elif split == "heldout":
                 prompts = toy_prompts.heldout_prompts(templates)
             else:
-                raise ValueError(f"`{what}`: unknown toy split {split!r} in {source!r}; use 'toy:train' or 'toy:heldout'")
+                raise ValueError(
+                    f"`{what}`: unknown toy split {split!r} in {source!r}; use 'toy:train' or "
+                    "'toy:heldout'"
+                )
             if not prompts:
                 raise ValueError(f"`{what}`: {source!r} yields no prompts")
             return list(prompts)
@@ -92,7 +95,9 @@ def check_prompt_batch(batch: Any) -> list[str]:
     if isinstance(batch, tuple):
         batch = list(batch)
     if not isinstance(batch, list) or not batch or not all(isinstance(p, str) for p in batch):
-        raise ValueError(f"a training batch should be a non-empty list of prompt strings, got {batch!r}")
+        raise ValueError(
+            f"a training batch should be a non-empty list of prompt strings, got {batch!r}"
+        )
     return batch
 
 
@@ -103,13 +108,13 @@ def _strata(
     if isinstance(prompts, Mapping):
         if not isinstance(prompts_per_step, Mapping):
             raise ValueError(
-                f"with prompt strata {list(prompts)}, `prompts_per_step` should be a mapping of each stratum to a "
-                f"count, got {prompts_per_step!r}"
+                f"with prompt strata {list(prompts)}, `prompts_per_step` should be a mapping of "
+                f"each stratum to a count, got {prompts_per_step!r}"
             )
         if set(prompts) != set(prompts_per_step):
             raise ValueError(
-                f"`prompts_per_step` keys {sorted(prompts_per_step)} should equal the prompt strata "
-                f"{sorted(prompts)}"
+                f"`prompts_per_step` keys {sorted(prompts_per_step)} should equal the prompt "
+                f"strata {sorted(prompts)}"
             )
         if not prompts:
             raise ValueError("`train_prompts` is an empty mapping (no stratum)")
@@ -126,8 +131,6 @@ def _strata(
         )
     check_int("prompts_per_step", prompts_per_step)
     return [("", list(prompts), int(prompts_per_step))]
-
-
 
 
 class PromptBatches(IterableDataset):
@@ -167,8 +170,9 @@ class PromptBatches(IterableDataset):
             if len(group) < global_batch:
                 where = f"stratum {name!r}: " if name else ""
                 raise ValueError(
-                    f"{where}{len(group)} prompts cannot fill one global batch of prompts_per_step={count} "
-                    f"x world_size={world_size} = {global_batch}; lower prompts_per_step or add prompts"
+                    f"{where}{len(group)} prompts cannot fill one global batch of "
+                    f"prompts_per_step={count} x world_size={world_size} = {global_batch}; lower "
+                    "prompts_per_step or add prompts"
                 )
         self.prompts_per_step = sum(count for _, _, count in self.strata)
         self.seed = seed
@@ -238,7 +242,9 @@ class _ResumableLoader(DataLoader):
             self._resume = int(state["batches_consumed"])
         else:  # checkpoints written before the stream position was global
             dataset: PromptBatches = self.dataset  # type: ignore[assignment]
-            self._resume = int(state.get("epoch", 0)) * len(dataset) + int(state.get("batches_done", 0))
+            self._resume = int(state.get("epoch", 0)) * len(dataset) + int(
+                state.get("batches_done", 0)
+            )
 
 
 class PromptDataModule(LightningDataModule):
@@ -275,19 +281,24 @@ class PromptDataModule(LightningDataModule):
         eval_batch_size: int = 16,
     ) -> None:
         super().__init__()
-        # in checkpoints (datamodule_hyper_parameters); not merged into the loggers' hparams, where a
-        # `seed` differing from the module's would make Lightning raise "Error while merging hparams"
+        # in checkpoints (datamodule_hyper_parameters); not merged into the loggers' hparams, where
+        # a `seed` differing from the module's would make Lightning raise "Error while merging
+        # hparams"
         self.save_hyperparameters(logger=False)
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"`num_workers` should be an integer >= 0, got {num_workers!r}")
         if not isinstance(train_prompts, (str, Sequence, Mapping)):
             raise TypeError(
-                f"`train_prompts` should be a path, 'toy:<split>', a list or a mapping of those, got {train_prompts!r}"
+                "`train_prompts` should be a path, 'toy:<split>', a list or a mapping of those, "
+                f"got {train_prompts!r}"
             )
         if isinstance(train_prompts, Mapping):
             for name, source in train_prompts.items():
                 if not isinstance(source, (str, Sequence)):
-                    raise TypeError(f"`train_prompts[{name!r}]` should be a path, 'toy:<split>' or a list, got {source!r}")
+                    raise TypeError(
+                        f"`train_prompts[{name!r}]` should be a path, 'toy:<split>' or a list, got "
+                        f"{source!r}"
+                    )
             _strata({k: [] for k in train_prompts}, prompts_per_step)  # validates keys and counts
         else:
             _strata([], prompts_per_step)
@@ -309,7 +320,8 @@ class PromptDataModule(LightningDataModule):
             source = self.train_source
             if isinstance(source, Mapping):
                 self._train = {
-                    str(name): resolve_prompts(part, what=f"train_prompts[{name!r}]") for name, part in source.items()
+                    str(name): resolve_prompts(part, what=f"train_prompts[{name!r}]")
+                    for name, part in source.items()
                 }
             else:
                 self._train = resolve_prompts(source, what="train_prompts")

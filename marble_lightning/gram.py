@@ -1,9 +1,10 @@
 """Per-reward gradient engines: the ``[K, P]`` matrix whose rows are ``g_k = grad l_k``.
 
-MARBLE needs the Gram matrix of the per-reward gradients ``g_k`` (see :mod:`marble_lightning.harmonize`) and then the
-combination ``sum_k w_k g_k``. Three engines produce the same ``[K, P]`` matrix ``G`` (rows in the
-order of the trainable parameter list, each parameter flattened), so everything downstream (the
-single cross-rank mean reduction, ``harmonize``, writing ``.grad``) is shared:
+MARBLE needs the Gram matrix of the per-reward gradients ``g_k`` (see
+:mod:`marble_lightning.harmonize`) and then the combination ``sum_k w_k g_k``. Three engines produce
+the same ``[K, P]`` matrix ``G`` (rows in the order of the trainable parameter list, each parameter
+flattened), so everything downstream (the single cross-rank mean reduction, ``harmonize``, writing
+``.grad``) is shared:
 
 * ``"backward"``: ``K`` ``torch.autograd.grad`` calls over one retained graph (the paper's way).
 * ``"batched"``: one vectorised ``torch.autograd.grad(..., is_grads_batched=True)`` call.
@@ -119,17 +120,27 @@ def per_reward_gradients(
     if engine == "batched":
         eye = torch.eye(k, dtype=losses.dtype, device=losses.device)
         grads = torch.autograd.grad(
-            losses, params, grad_outputs=eye, is_grads_batched=True,
-            retain_graph=retain_graph, allow_unused=True,
+            losses,
+            params,
+            grad_outputs=eye,
+            is_grads_batched=True,
+            retain_graph=retain_graph,
+            allow_unused=True,
         )
         return torch.cat(
             [
-                (torch.zeros((k, p.numel()), dtype=p.dtype, device=p.device) if g is None else g.reshape(k, -1))
+                (
+                    torch.zeros((k, p.numel()), dtype=p.dtype, device=p.device)
+                    if g is None
+                    else g.reshape(k, -1)
+                )
                 for g, p in zip(grads, params, strict=True)
             ],
             dim=1,
         )
-    raise ValueError(f"Parameter `engine` should be 'backward' or 'batched'. Found `engine = {engine!r}`.")
+    raise ValueError(
+        f"Parameter `engine` should be 'backward' or 'batched'. Found `engine = {engine!r}`."
+    )
 
 
 @dataclass
@@ -169,7 +180,9 @@ class PerSampleGradients:
         owner: dict[int, tuple[nn.Module, str]] = {}
         for module_name, module in model.named_modules():
             for pname, p in module.named_parameters(recurse=False):
-                owner.setdefault(id(p), (module, f"{module_name}.{pname}" if module_name else pname))
+                owner.setdefault(
+                    id(p), (module, f"{module_name}.{pname}" if module_name else pname)
+                )
         self._layers: list[nn.Module] = []
         self._slots: list[tuple[nn.Module, str]] = []  # (layer, "weight" | "bias") per param
         for p in self.params:
@@ -177,18 +190,31 @@ class PerSampleGradients:
                 raise UnsupportedModelError("a trainable parameter is not a parameter of `model`")
             module, qualified = owner[id(p)]
             if isinstance(module, nn.Conv2d):
-                if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
+                if (
+                    module.groups != 1
+                    or module.padding_mode != "zeros"
+                    or isinstance(module.padding, str)
+                ):
                     raise UnsupportedModelError(
-                        f"{qualified}: only ungrouped, zero-padded Conv2d with explicit padding is supported"
+                        f"{qualified}: only ungrouped, zero-padded Conv2d with explicit padding is "
+                        "supported"
                     )
             elif not isinstance(module, nn.Linear):
                 raise UnsupportedModelError(
                     f"{qualified} belongs to a {type(module).__name__}; per-sample gradients are "
                     "implemented for nn.Linear and nn.Conv2d (LoRA adapters use only these)"
                 )
-            slot = "weight" if p is module.weight else "bias" if p is getattr(module, "bias", None) else None
+            slot = (
+                "weight"
+                if p is module.weight
+                else "bias"
+                if p is getattr(module, "bias", None)
+                else None
+            )
             if slot is None:
-                raise UnsupportedModelError(f"{qualified} is neither the weight nor the bias of its layer")
+                raise UnsupportedModelError(
+                    f"{qualified} is neither the weight nor the bias of its layer"
+                )
             if module not in self._layers:
                 self._layers.append(module)
             self._slots.append((module, slot))
@@ -212,7 +238,9 @@ class PerSampleGradients:
             cap.inputs.append(args[0].detach())
             cap.outputs.append(output)
 
-    def gradients(self, total: Tensor, *, retain_graph: bool = False, project: Tensor | None = None) -> Tensor:
+    def gradients(
+        self, total: Tensor, *, retain_graph: bool = False, project: Tensor | None = None
+    ) -> Tensor:
         """Per-sample gradients ``[B, P]`` of the summands of ``total = sum_i L_i``.
 
         Args:
@@ -226,7 +254,9 @@ class PerSampleGradients:
         outputs = [o for m in self._layers for o in self._captures[m].outputs]
         if not outputs:
             raise RuntimeError("no trainable layer ran with gradients inside `capture()`")
-        grads_out = torch.autograd.grad(total, outputs, retain_graph=retain_graph, allow_unused=True)
+        grads_out = torch.autograd.grad(
+            total, outputs, retain_graph=retain_graph, allow_unused=True
+        )
         per_layer: dict[tuple[nn.Module, str], Tensor] = {}
         call_index: dict[nn.Module, int] = {}
         for layer, delta in zip(layers, grads_out):
@@ -297,7 +327,9 @@ def _conv2d_weight_per_sample(layer: nn.Conv2d, x: Tensor, delta: Tensor) -> Ten
     for i in range(kh):
         for j in range(kw):
             top, left = i * dh, j * dw
-            window = x_pad[:, :, top : top + sh * (ho - 1) + 1 : sh, left : left + sw * (wo - 1) + 1 : sw]
+            window = x_pad[
+                :, :, top : top + sh * (ho - 1) + 1 : sh, left : left + sw * (wo - 1) + 1 : sw
+            ]
             out[:, :, :, i, j] = torch.bmm(d2, window.reshape(b, c, ho * wo).transpose(1, 2))
     return out
 
@@ -360,10 +392,13 @@ def sharded_gram(rows: Tensor, all_reduce_sum: Callable[[Tensor], Tensor] | None
     if not isinstance(rows, Tensor) or rows.ndim != 2 or rows.shape[0] == 0:
         shape = tuple(rows.shape) if isinstance(rows, Tensor) else type(rows).__name__
         raise ValueError(
-            f"Parameter `rows` should have shape [K, P_local] with K >= 1. Found `rows.shape = {shape}`."
+            "Parameter `rows` should have shape [K, P_local] with K >= 1. Found `rows.shape = "
+            f"{shape}`."
         )
     if not rows.is_floating_point():
-        raise ValueError(f"Parameter `rows` should be a floating tensor. Found `rows.dtype = {rows.dtype}`.")
+        raise ValueError(
+            f"Parameter `rows` should be a floating tensor. Found `rows.dtype = {rows.dtype}`."
+        )
     local = rows.detach().to(torch.float64)
     gram = local @ local.T
     if all_reduce_sum is None:
@@ -383,7 +418,8 @@ def shard_direction(weights: Tensor, rows: Tensor) -> Tensor:
 
     Args:
         weights: ``[K]`` effective weights (``harmonize_gram(G).weights``), identical on every rank.
-        rows: ``[K, P_r]`` this rank's per-reward gradient columns, as given to :func:`sharded_gram`.
+        rows: ``[K, P_r]`` this rank's per-reward gradient columns, as given to
+            :func:`sharded_gram`.
 
     Returns:
         ``[P_r]`` direction columns in ``rows``' dtype and device; concatenating the ranks' parts
@@ -395,7 +431,8 @@ def shard_direction(weights: Tensor, rows: Tensor) -> Tensor:
     if weights.ndim != 1 or rows.ndim != 2 or rows.shape[0] != weights.shape[0]:
         raise ValueError(
             "Parameters `weights` and `rows` should have shapes [K] and [K, P_local]. "
-            f"Found `weights.shape = {tuple(weights.shape)}` and `rows.shape = {tuple(rows.shape)}`."
+            f"Found `weights.shape = {tuple(weights.shape)}` and `rows.shape = "
+            f"{tuple(rows.shape)}`."
         )
     return weights.to(dtype=rows.dtype, device=rows.device) @ rows.detach()
 
@@ -411,7 +448,9 @@ class GradientAccumulator:
         """Context for the policy's forward pass of a timestep (hooks of the per-sample engine)."""
         return contextlib.nullcontext()
 
-    def add(self, terms: Any, losses: list[Tensor], rows: Tensor, use_kl: bool, reuse_old: bool) -> None:
+    def add(
+        self, terms: Any, losses: list[Tensor], rows: Tensor, use_kl: bool, reuse_old: bool
+    ) -> None:
         raise NotImplementedError
 
     def result(self, n_timesteps: int, scales: Tensor, nft_scale: float) -> Tensor:
@@ -426,7 +465,9 @@ class _LossGradients(GradientAccumulator):
         self.batched = batched
         self.total: Tensor | None = None
 
-    def add(self, terms: Any, losses: list[Tensor], rows: Tensor, use_kl: bool, reuse_old: bool) -> None:
+    def add(
+        self, terms: Any, losses: list[Tensor], rows: Tensor, use_kl: bool, reuse_old: bool
+    ) -> None:
         if self.batched:
             grads = per_reward_gradients(torch.stack(losses), self.params, engine="batched").float()
         else:
@@ -455,7 +496,9 @@ class _PerSampleRows(GradientAccumulator):
     def capture(self) -> contextlib.AbstractContextManager:
         return self.engine.capture()
 
-    def add(self, terms: Any, losses: list[Tensor], rows: Tensor, use_kl: bool, reuse_old: bool) -> None:
+    def add(
+        self, terms: Any, losses: list[Tensor], rows: Tensor, use_kl: bool, reuse_old: bool
+    ) -> None:
         n_r = rows.shape[0]
         if reuse_old:
             # v_old is v, so err- = err+ (to round-off) and L-_i has the gradient of -L+_i:

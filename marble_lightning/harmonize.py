@@ -180,8 +180,9 @@ def _solve_min_norm(matrix: np.ndarray, regularization: float) -> np.ndarray:
             eps = max(eps * 100.0, 1e-12)
             if eps > _MAX_REGULARIZATION:
                 raise ValueError(
-                    f"quadprog failed on the min-norm problem even with regularization {eps / 100:.1g}: "
-                    f"{error}. Eigenvalues of the normalised `gram`: {np.linalg.eigvalsh(normalized)}."
+                    "quadprog failed on the min-norm problem even with regularization "
+                    f"{eps / 100:.1g}: {error}. Eigenvalues of the normalised `gram`: "
+                    f"{np.linalg.eigvalsh(normalized)}."
                 ) from error
     alpha = np.clip(alpha, 0.0, None)
     return alpha / alpha.sum()
@@ -217,7 +218,8 @@ def min_norm_coefficients(gram: Tensor, *, regularization: float = 1e-10) -> Ten
     """
     if not regularization >= 0.0:
         raise ValueError(
-            f"Parameter `regularization` should be non-negative. Found `regularization = {regularization}`."
+            "Parameter `regularization` should be non-negative. Found `regularization = "
+            f"{regularization}`."
         )
     matrix = _gram_to_numpy(gram)
     alpha = _solve_min_norm(matrix, regularization)
@@ -276,11 +278,13 @@ def harmonize_gram(
         )
     if not abs_norm_tol >= 0.0:
         raise ValueError(
-            f"Parameter `abs_norm_tol` should be non-negative. Found `abs_norm_tol = {abs_norm_tol}`."
+            "Parameter `abs_norm_tol` should be non-negative. Found `abs_norm_tol = "
+            f"{abs_norm_tol}`."
         )
     if not regularization >= 0.0:
         raise ValueError(
-            f"Parameter `regularization` should be non-negative. Found `regularization = {regularization}`."
+            "Parameter `regularization` should be non-negative. Found `regularization = "
+            f"{regularization}`."
         )
     matrix = _gram_to_numpy(gram)
     k = matrix.shape[0]
@@ -332,8 +336,8 @@ def _stack_gradients(grads: Tensor | Sequence[Tensor]) -> Tensor:
         sizes = [row.numel() for row in rows]
         if len(set(sizes)) > 1:
             raise ValueError(
-                "Parameter `grads` should hold one gradient per reward, all with the same number of "
-                f"elements. Found sizes {sizes}."
+                "Parameter `grads` should hold one gradient per reward, all with the same number "
+                f"of elements. Found sizes {sizes}."
             )
         if not rows:
             raise ValueError(
@@ -342,7 +346,8 @@ def _stack_gradients(grads: Tensor | Sequence[Tensor]) -> Tensor:
         matrix = torch.stack([row.reshape(-1) for row in rows])
     if matrix.shape[0] == 0:
         raise ValueError(
-            f"Parameter `grads` should have at least one row. Found `grads.shape = {tuple(matrix.shape)}`."
+            "Parameter `grads` should have at least one row. Found `grads.shape = "
+            f"{tuple(matrix.shape)}`."
         )
     return matrix
 
@@ -503,7 +508,9 @@ def _solve_bounded_min_norm(matrix: np.ndarray, floor: float, regularization: fl
     eps = regularization
     while True:
         try:
-            x = quadprog.solve_qp(normalized + eps * np.eye(k), np.zeros(k), constraints, bounds, 1)[0]
+            x = quadprog.solve_qp(
+                normalized + eps * np.eye(k), np.zeros(k), constraints, bounds, 1
+            )[0]
             break
         except ValueError as error:
             eps = max(eps * 100.0, 1e-12)
@@ -532,7 +539,8 @@ def _check_floor(floor: float, count: int) -> float:
 def bounded_min_norm_coefficients(
     gram: Tensor, *, floor: float = 0.0, regularization: float = 1e-10
 ) -> Tensor:
-    """:func:`min_norm_coefficients` with lower bounds: ``min a^T G a``, ``sum(a) = 1``, ``a >= floor``.
+    """:func:`min_norm_coefficients` with lower bounds: ``min a^T G a``, ``sum(a) = 1``,
+    ``a >= floor``.
 
     With ``floor = 0`` this is exactly :func:`min_norm_coefficients`.
 
@@ -551,7 +559,9 @@ def _check_groups(groups: Sequence[Sequence[int]] | None, k: int) -> list[list[i
     parsed = [[int(i) for i in group] for group in groups]
     flat = [i for group in parsed for i in group]
     if any(not group for group in parsed):
-        raise ValueError(f"Parameter `groups` should hold non-empty groups. Found `groups = {parsed}`.")
+        raise ValueError(
+            f"Parameter `groups` should hold non-empty groups. Found `groups = {parsed}`."
+        )
     if sorted(flat) != list(range(k)):
         raise ValueError(
             f"Parameter `groups` should partition the rewards 0..{k - 1} (each in exactly one "
@@ -566,7 +576,8 @@ def _check_positive(name: str, values: Sequence[float] | None, count: int) -> np
     array = np.asarray([float(v) for v in values], dtype=np.float64)
     if array.shape != (count,) or not np.isfinite(array).all() or (array <= 0).any():
         raise ValueError(
-            f"Parameter `{name}` should hold {count} positive finite numbers. Found `{name} = {list(values)}`."
+            f"Parameter `{name}` should hold {count} positive finite numbers. Found `{name} = "
+            f"{list(values)}`."
         )
     return array
 
@@ -627,9 +638,15 @@ def harmonize_groups_gram(
         raise ValueError(
             f"Parameter `rescale` should be 'mean_norm' or 'none'. Found `rescale = {rescale!r}`."
         )
-    for name, value in (("norm_tol", norm_tol), ("abs_norm_tol", abs_norm_tol), ("regularization", regularization)):
+    for name, value in (
+        ("norm_tol", norm_tol),
+        ("abs_norm_tol", abs_norm_tol),
+        ("regularization", regularization),
+    ):
         if not value >= 0.0:
-            raise ValueError(f"Parameter `{name}` should be non-negative. Found `{name} = {value}`.")
+            raise ValueError(
+                f"Parameter `{name}` should be non-negative. Found `{name} = {value}`."
+            )
     matrix = _gram_to_numpy(gram)
     k = matrix.shape[0]
     parsed = _check_groups(groups, k)
@@ -676,7 +693,9 @@ def harmonize_groups_gram(
         projections = unit @ alpha
         squared_norm = float(alpha @ projections)
         if squared_norm > max(100.0 * regularization, _STATIONARY_TOL):
-            cosines[kept_rewards] = np.clip(projections[kept_rewards] / np.sqrt(squared_norm), -1.0, 1.0)
+            cosines[kept_rewards] = np.clip(
+                projections[kept_rewards] / np.sqrt(squared_norm), -1.0, 1.0
+            )
 
     dtype, device = _float_dtype(gram), gram.device
     return GroupHarmonized(

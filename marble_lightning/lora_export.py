@@ -2,12 +2,12 @@
 
 Two output formats:
 
-* ``"diffusers"`` (SD3, FLUX, Qwen-Image and Wan backbones): ``<out_dir>/pytorch_lora_weights.safetensors``
-  written by the family pipeline's ``save_lora_weights`` (``StableDiffusion3Pipeline``,
-  ``FluxPipeline``, ``QwenImagePipeline``, ``WanPipeline``) with keys ``transformer.<module>.lora_A.weight``
-  / ``lora_B.weight`` and the adapter's ``LoraConfig`` (rank, alpha, targets) in the file's
-  metadata, so that ``pipeline.load_lora_weights(out_dir)`` restores the exact scale
-  ``alpha / r``.
+* ``"diffusers"`` (SD3, FLUX, Qwen-Image and Wan backbones):
+  ``<out_dir>/pytorch_lora_weights.safetensors`` written by the family pipeline's
+  ``save_lora_weights`` (``StableDiffusion3Pipeline``, ``FluxPipeline``, ``QwenImagePipeline``,
+  ``WanPipeline``) with keys ``transformer.<module>.lora_A.weight`` / ``lora_B.weight`` and the
+  adapter's ``LoraConfig`` (rank, alpha, targets) in the file's metadata, so that
+  ``pipeline.load_lora_weights(out_dir)`` restores the exact scale ``alpha / r``.
 * ``"peft"`` (any other backbone, e.g. the toy UNet): ``<out_dir>/adapter_model.safetensors``
   with keys ``base_model.model.<module>.lora_A.weight`` plus ``adapter_config.json``, the layout
   of ``PeftModel.save_pretrained``, loadable with ``PeftModel.from_pretrained(denoiser, out_dir)``;
@@ -172,13 +172,14 @@ def _lora_state_from_checkpoint(
     if not state:
         sample = [k for k in state_dict if ".lora_" in k][:5]
         raise ValueError(
-            f"export_lora: no weights of LoRA adapter {adapter_name!r} under a 'denoiser.' prefix in "
-            f"checkpoint {str(path)!r} (LoRA keys seen: {sample or 'none'})"
+            f"export_lora: no weights of LoRA adapter {adapter_name!r} under a 'denoiser.' prefix "
+            f"in checkpoint {str(path)!r} (LoRA keys seen: {sample or 'none'})"
         )
     missing = sorted(m for m in ranks if f"{m}.lora_B.weight" not in state)
     if missing or len(ranks) * 2 != len(state):
         raise ValueError(
-            f"export_lora: checkpoint {str(path)!r} has unpaired LoRA A/B weights (e.g. {missing[:3]})"
+            f"export_lora: checkpoint {str(path)!r} has unpaired LoRA A/B weights (e.g. "
+            f"{missing[:3]})"
         )
     return state, ranks
 
@@ -194,7 +195,8 @@ def _find_in_config(config: Mapping[str, Any], key: str) -> Any:
 
 
 def _run_config(ckpt_path: Path, config: str | Path | None) -> dict[str, Any]:
-    """The run's LightningCLI config: ``config`` if given, else ``config.yaml`` above the checkpoint."""
+    """The run's LightningCLI config: ``config`` if given, else ``config.yaml`` above the
+    checkpoint."""
     import yaml
 
     if config is not None:
@@ -272,14 +274,17 @@ def export_lora(
         raise ValueError(f"export_lora: format={format!r}; expected one of {_FORMATS}")
     out_dir = Path(out_dir)
     if ema and (isinstance(source, nn.Module) or adapter_name != "policy"):
-        raise ValueError("export_lora: ema=True exports the policy EMA of a checkpoint (a .ckpt path, adapter 'policy')")
+        raise ValueError(
+            "export_lora: ema=True exports the policy EMA of a checkpoint (a .ckpt path, adapter "
+            "'policy')"
+        )
     if isinstance(source, nn.Module):
         state, lora_cfg = lora_state_from_model(source, adapter_name)
         backbone = getattr(source, "backbone", source)
         # issue 20: any family with a diffusers LoRA loader (SD3, FLUX, Qwen-Image, Wan)
-        pipeline_name = _DIFFUSERS_PIPELINES.get(type(backbone).__name__) or _DIFFUSERS_PIPELINES.get(
-            type(_unwrap_denoiser(source)).__name__
-        )
+        pipeline_name = _DIFFUSERS_PIPELINES.get(
+            type(backbone).__name__
+        ) or _DIFFUSERS_PIPELINES.get(type(_unwrap_denoiser(source)).__name__)
     else:
         path = Path(source)
         if not path.is_file():
@@ -300,8 +305,9 @@ def export_lora(
             alpha = _find_in_config(run_config, "lora_alpha")
         if alpha is None:
             raise ValueError(
-                f"export_lora: cannot tell lora_alpha for checkpoint {str(path)!r}: not in its hyper-parameters "
-                "and no run config.yaml with model.lora_alpha was found; pass lora_alpha= (--lora-alpha) or config="
+                f"export_lora: cannot tell lora_alpha for checkpoint {str(path)!r}: not in its "
+                "hyper-parameters and no run config.yaml with model.lora_alpha was found; pass "
+                "lora_alpha= (--lora-alpha) or config="
             )
         counts: dict[int, int] = {}
         for r in ranks.values():
@@ -330,22 +336,32 @@ def export_lora(
             safe_serialization=True,
         )
         return out_dir / DIFFUSERS_LORA_FILE
-    # the LoraConfig rides in both files' metadata under diffusers' key, so that diffusers' own loader
-    # (``load_lora_adapter``) builds the adapter with lora_alpha / r, not its alpha-less default of
-    # scale 1 (which it silently falls back to when the metadata is missing)
+    # the LoraConfig rides in both files' metadata under diffusers' key, so that diffusers' own
+    # loader (``load_lora_adapter``) builds the adapter with lora_alpha / r, not its alpha-less
+    # default of scale 1 (which it silently falls back to when the metadata is missing)
     weights = {f"base_model.model.{k}": v for k, v in state.items()}
     save_file(
         weights,
         str(out_dir / PEFT_LORA_FILE),
-        metadata={"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(_packed(lora_cfg, "base_model.model"), sort_keys=True)},
+        metadata={
+            "format": "pt",
+            LORA_ADAPTER_METADATA_KEY: json.dumps(
+                _packed(lora_cfg, "base_model.model"), sort_keys=True
+            ),
+        },
     )
-    # diffusers' layout next to it: ``<prefix>.<module>.lora_{A,B}.weight`` with the prefixed config,
-    # the file ``load_lora_adapter(out_dir, use_safetensors=True)`` picks in a folder
+    # diffusers' layout next to it: ``<prefix>.<module>.lora_{A,B}.weight`` with the prefixed
+    # config, the file ``load_lora_adapter(out_dir, use_safetensors=True)`` picks in a folder
     prefixed = {f"{diffusers_prefix}.{k}": v for k, v in state.items()}
     save_file(
         prefixed,
         str(out_dir / DIFFUSERS_LORA_FILE),
-        metadata={"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(_packed(lora_cfg, diffusers_prefix), sort_keys=True)},
+        metadata={
+            "format": "pt",
+            LORA_ADAPTER_METADATA_KEY: json.dumps(
+                _packed(lora_cfg, diffusers_prefix), sort_keys=True
+            ),
+        },
     )
     adapter_config = {
         "peft_type": "LORA",

@@ -1,4 +1,5 @@
-"""Evaluation metrics: the one place that defines per-reward means, standard errors and the composite.
+"""Evaluation metrics: the one place that defines per-reward means, standard errors and the
+composite.
 
 Functional definitions (used by :class:`~marble_lightning.callbacks.RewardEvalCallback`,
 ``benchmarks/quality.py`` and the metrics below):
@@ -87,7 +88,9 @@ def moments_to_stats(sums: Tensor, squares: Tensor, counts: Tensor) -> dict[str,
     return {"mean": means, "std": std, "sem": sem, "count": counts.clone()}
 
 
-def _check_ranges(ranges: Mapping[str, Sequence[float]], who: str) -> dict[str, tuple[float, float]]:
+def _check_ranges(
+    ranges: Mapping[str, Sequence[float]], who: str
+) -> dict[str, tuple[float, float]]:
     """``{name: (low, high)}`` as floats; ValueError unless finite with ``high > low``."""
     checked = {}
     for name, rng in ranges.items():
@@ -113,7 +116,8 @@ def _real(x: object) -> float:
 def _check_weights(
     weights: Mapping[str, float] | None, names: Sequence[str], who: str
 ) -> dict[str, float]:
-    """A weight per name (default 1); ValueError on unknown names, negative or non-finite weights."""
+    """A weight per name (default 1); ValueError on unknown names, negative or non-finite
+    weights."""
     weights = dict(weights) if weights is not None else {}
     unknown = sorted(set(weights) - set(names))
     if unknown:
@@ -214,8 +218,8 @@ class RewardMetric(Metric):
     Example::
 
         metric = RewardMetric(["ocr", "clip"])
-        metric.update(multi_reward(images, prompts))    # a RewardBatch: values, mask and names
-        stats = metric.compute()                         # {"mean": [2], "std": [2], "sem": [2], "count": [2]}
+        metric.update(multi_reward(images, prompts))  # a RewardBatch: values, mask and names
+        stats = metric.compute()  # {"mean": [2], "std": [2], "sem": [2], "count": [2]}
     """
 
     higher_is_better = True
@@ -230,7 +234,9 @@ class RewardMetric(Metric):
         super().__init__(**kwargs)
         names = [names] if isinstance(names, str) else list(names)
         if not names or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
-            raise ValueError(f"`names` should be distinct reward names (at least one), got {names!r}")
+            raise ValueError(
+                f"`names` should be distinct reward names (at least one), got {names!r}"
+            )
         self.names = names
         k = len(names)
         for state in ("sums", "squares", "counts"):
@@ -264,7 +270,8 @@ class RewardMetric(Metric):
         if names is None:
             if values.shape[1] != len(self.names):
                 raise ValueError(
-                    f"{who}: got {values.shape[1]} columns without names for {len(self.names)} rewards"
+                    f"{who}: got {values.shape[1]} columns without names for {len(self.names)} "
+                    "rewards"
                 )
             names = self.names
         names = list(names)
@@ -340,9 +347,12 @@ class CompositeScore(RewardMetric):
         return dict(zip(self.names, means.tolist()))
 
     def normalized_means(self) -> Tensor:
-        """``s_k`` for every member (NaN where unseen), float64 ``[K]`` (the local, unsynced states)."""
+        """``s_k`` for every member (NaN where unseen), float64 ``[K]`` (the local, unsynced
+        states)."""
         s = normalize_scores(self._means(), self.ranges, self.clip)
-        return torch.tensor([s[n] for n in self.names], dtype=torch.float64, device=self.sums.device)
+        return torch.tensor(
+            [s[n] for n in self.names], dtype=torch.float64, device=self.sums.device
+        )
 
     def compute(self) -> Tensor:
         """The composite, a float32 scalar tensor (NaN when no member has been seen)."""

@@ -66,7 +66,8 @@ class MarbleDiffusionModule(EvaluationSteps, PolicySampling, LightningModule):
     Args:
         backbone: A :class:`~marble_lightning.backbone.FlowBackbone`; LoRA adapters are attached to
             its ``denoiser`` (diffusers' ``PeftAdapterMixin``). All other weights stay frozen.
-        rewards: ``K >= 1`` reward modules with unique ``name`` (``reward(images, prompts) -> [B]``).
+        rewards: ``K >= 1`` reward modules with unique ``name``
+            (``reward(images, prompts) -> [B]``).
         mode: the training rule (:func:`~marble_lightning.rules.make_rule`): ``"marble"`` (refresh
             every step), ``"amortized"`` (refresh every ``refresh_every`` steps, or as a
             :class:`~marble_lightning.callbacks.HarmonizationCallback` decides),
@@ -260,7 +261,8 @@ class MarbleDiffusionModule(EvaluationSteps, PolicySampling, LightningModule):
         return self.adapters.using(adapter)
 
     def train(self, mode: bool = True) -> MarbleDiffusionModule:
-        """Set the training flag; backbone and rewards stay in eval mode (deterministic forwards)."""
+        """Set the training flag; backbone and rewards stay in eval mode (deterministic
+        forwards)."""
         super().train(mode)
         self.backbone.eval()
         self.rewards.eval()

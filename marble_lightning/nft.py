@@ -81,7 +81,8 @@ def interpolation_coefficient(adv: Tensor, a_max: float = 5.0) -> Tensor:
 
 
 def _time_like(t: Tensor | float, reference: Tensor) -> Tensor:
-    """Broadcast a per-sample time ``[B]`` (or a scalar, or any broadcastable shape) to ``reference``."""
+    """Broadcast a per-sample time ``[B]`` (or a scalar, or any broadcastable shape) to
+    ``reference``."""
     t = torch.as_tensor(t, dtype=reference.dtype, device=reference.device)
     if t.ndim == 1:
         if t.shape[0] not in (1, reference.shape[0]):
@@ -129,7 +130,8 @@ def nft_terms(
     check_float("beta", beta, minimum=0.0, strict=True)
     if v.ndim < 2:
         raise ValueError(
-            f"Parameter `v` should have shape [B, ...] with at least 2 dims. Found `v.shape = {tuple(v.shape)}`."
+            "Parameter `v` should have shape [B, ...] with at least 2 dims. Found `v.shape = "
+            f"{tuple(v.shape)}`."
         )
     for name, other in (("v_old", v_old), ("x_t", x_t), ("x0", x0)):
         if other.shape != v.shape:
@@ -265,7 +267,8 @@ def aggregate_coefficients(r: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
     host = weights.detach().to("cpu", torch.float64)
     if not bool(torch.isfinite(host).all()) or bool((host < 0).any()):
         raise ValueError(
-            f"Parameter `weights` should be finite and non-negative. Found `weights = {host.tolist()}`."
+            "Parameter `weights` should be finite and non-negative. Found `weights = "
+            f"{host.tolist()}`."
         )
     if float(host.sum()) <= 0.0:
         raise ValueError(

@@ -62,7 +62,9 @@ class HarmonizationOptions:
 
         def index(name: Any, what: str) -> int:
             if name not in names:
-                raise ValueError(f"`harmonization.{what}` names unknown reward {name!r}; rewards are {names}")
+                raise ValueError(
+                    f"`harmonization.{what}` names unknown reward {name!r}; rewards are {names}"
+                )
             return names.index(name)
 
         groups: list[list[int]] = []
@@ -70,7 +72,9 @@ class HarmonizationOptions:
         taken: set[int] = set()
         for label, members in (self.groups or {}).items():
             if label in names and list(members) != [label]:
-                raise ValueError(f"`harmonization.groups`: group name {label!r} is also a reward name")
+                raise ValueError(
+                    f"`harmonization.groups`: group name {label!r} is also a reward name"
+                )
             if not members:
                 raise ValueError(f"`harmonization.groups`: group {label!r} is empty")
             idx = [index(m, "groups") for m in members]
@@ -109,27 +113,46 @@ class HarmonizationOptions:
         floor = check_float("harmonization.alpha_floor", self.alpha_floor, minimum=0.0, maximum=1.0)
         if len(groups) * floor > 1.0 + 1e-12:
             raise ValueError(
-                f"`harmonization.alpha_floor` = {floor} is infeasible for the {len(groups)} entries "
-                f"of the QP {labels}: it needs {len(groups)} * alpha_floor <= 1"
+                f"`harmonization.alpha_floor` = {floor} is infeasible for the {len(groups)} "
+                f"entries of the QP {labels}: it needs {len(groups)} * alpha_floor <= 1"
             )
         dropout = [0.0] * k
         if isinstance(self.reward_dropout, Mapping):
             for name, value in self.reward_dropout.items():
                 dropout[index(name, "reward_dropout")] = check_float(
-                    f"harmonization.reward_dropout[{name!r}]", value, minimum=0.0, maximum=1.0,
+                    f"harmonization.reward_dropout[{name!r}]",
+                    value,
+                    minimum=0.0,
+                    maximum=1.0,
                     maximum_strict=True,
                 )
         elif self.reward_dropout is not None:
-            p = check_float("harmonization.reward_dropout", self.reward_dropout, minimum=0.0,
-                            maximum=1.0, maximum_strict=True)
+            p = check_float(
+                "harmonization.reward_dropout",
+                self.reward_dropout,
+                minimum=0.0,
+                maximum=1.0,
+                maximum_strict=True,
+            )
             dropout = [p] * k
         warmup = check_int("harmonization.dropout_warmup", self.dropout_warmup, 0)
         if self.reward_ema is not None:
-            check_float("harmonization.reward_ema", self.reward_ema, minimum=0.0, maximum=1.0,
-                        maximum_strict=True)
+            check_float(
+                "harmonization.reward_ema",
+                self.reward_ema,
+                minimum=0.0,
+                maximum=1.0,
+                maximum_strict=True,
+            )
         return ResolvedHarmonization(
-            names=names, groups=groups, labels=labels, member_weights=members,
-            preference=preference, floor=floor, dropout=dropout, warmup=warmup,
+            names=names,
+            groups=groups,
+            labels=labels,
+            member_weights=members,
+            preference=preference,
+            floor=floor,
+            dropout=dropout,
+            warmup=warmup,
         )
 
 
@@ -167,7 +190,9 @@ class ResolvedHarmonization:
         probs = torch.tensor(self.dropout_probabilities(step), dtype=torch.float64)
         if not bool((probs > 0).any()):
             return torch.zeros(k, dtype=torch.bool)
-        draws = torch.rand(k, generator=generator(seed, "reward_dropout", step, update), dtype=torch.float64)
+        draws = torch.rand(
+            k, generator=generator(seed, "reward_dropout", step, update), dtype=torch.float64
+        )
         drop = draws < probs
         if bool(drop.all()):
             drop[int(torch.argmax(draws - probs))] = False
@@ -180,15 +205,24 @@ class ResolvedHarmonization:
             gram = gram.clone()
             keep = (~drop).to(gram.dtype).to(gram.device)
             gram = gram * keep[:, None] * keep[None, :]
-        if all(len(g) == 1 for g in self.groups) and all(p == 1.0 for p in self.preference) and self.floor == 0.0:
+        if (
+            all(len(g) == 1 for g in self.groups)
+            and all(p == 1.0 for p in self.preference)
+            and self.floor == 0.0
+        ):
             return harmonize_gram(gram)
         return harmonize_groups_gram(
-            gram, groups=self.groups, member_weights=self.member_weights,
-            preference=self.preference, floor=self.floor,
+            gram,
+            groups=self.groups,
+            member_weights=self.member_weights,
+            preference=self.preference,
+            floor=self.floor,
         )
 
 
-def attach_harmonization(module: Any, options: HarmonizationOptions | Mapping[str, Any] | None) -> ResolvedHarmonization | None:
+def attach_harmonization(
+    module: Any, options: HarmonizationOptions | Mapping[str, Any] | None
+) -> ResolvedHarmonization | None:
     """Wire ``options`` into a :class:`~marble_lightning.module.MarbleDiffusionModule`.
 
     Sets ``module.updater.harmonization`` (the refresh's QP) and the stat tracker's reward EMA,
@@ -203,7 +237,9 @@ def attach_harmonization(module: Any, options: HarmonizationOptions | Mapping[st
     if isinstance(options, Mapping):
         options = HarmonizationOptions(**dict(options))
     if not isinstance(options, HarmonizationOptions):
-        raise TypeError(f"`harmonization` should be HarmonizationOptions, a dict or None, got {options!r}")
+        raise TypeError(
+            f"`harmonization` should be HarmonizationOptions, a dict or None, got {options!r}"
+        )
     resolved = options.resolve(module.reward_names)
     if resolved.changes_qp:
         if not module.rule.harmonizes:

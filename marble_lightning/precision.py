@@ -30,7 +30,8 @@ ROLLOUT_PRECISIONS: dict[str, torch.dtype | None] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-"""``rollout_precision`` values and their autocast dtypes (``None``: no autocast / decided later)."""
+"""``rollout_precision`` values and their autocast dtypes (``None``: no autocast / decided
+later)."""
 
 
 def _cpu_flags() -> set[str]:
@@ -45,7 +46,8 @@ def _cpu_flags() -> set[str]:
 
 
 def native_bf16(device: torch.device | str) -> bool:
-    """Whether ``device`` computes bfloat16 natively (CUDA bf16 support; CPU AVX-512-BF16 or AMX)."""
+    """Whether ``device`` computes bfloat16 natively (CUDA bf16 support; CPU AVX-512-BF16 or
+    AMX)."""
     device = torch.device(device)
     if device.type == "cuda":
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
@@ -79,7 +81,9 @@ def resolve_rollout_precision(precision: str, device: torch.device | str) -> str
     chosen = "bfloat16" if native_bf16(device) else "float32"
     log.info(
         "rollout_precision='auto' -> %r on %s (CPU capability %s)",
-        chosen, torch.device(device), torch.backends.cpu.get_cpu_capability(),
+        chosen,
+        torch.device(device),
+        torch.backends.cpu.get_cpu_capability(),
     )
     return chosen
 

@@ -3,7 +3,7 @@
 :class:`MarbleProgressBar` is Lightning's :class:`~lightning.pytorch.callbacks.RichProgressBar`
 with the training bar rebuilt around ``trainer.global_step`` / ``trainer.max_steps``::
 
-    Training ━━━━━━━━━━━━╸━━━━━━━━  61/150 steps • 4.12 s/step • ETA 0:06:07 • composition 0.412 ocr 0.733 ...
+    Training ━━━━━━━━━━━━╸━━━━━━━━  61/150 steps • 4.12 s/step • ETA 0:06:07 • composition 0.412 ...
 
 * ``completed`` is ``trainer.global_step`` (optimizer steps; a resumed run starts where it left
   off) and ``total`` is ``trainer.max_steps`` (or the estimated stepping batches when
@@ -47,6 +47,8 @@ from rich.progress import ProgressColumn, Task, TextColumn
 from rich.text import Text
 
 __all__ = ["MarbleProgressBar"]
+
+_DEFAULT_THEME = RichProgressBarTheme()
 
 
 def _clock(seconds: float | None) -> str:
@@ -107,15 +109,19 @@ class MarbleProgressBar(RichProgressBar):
         self,
         refresh_rate: int = 1,
         leave: bool = False,
-        theme: RichProgressBarTheme = RichProgressBarTheme(),
+        theme: RichProgressBarTheme = _DEFAULT_THEME,
         console_kwargs: dict[str, Any] | None = None,
         window: int = 20,
         show_rewards: bool = True,
         eval_bars: bool = True,
     ) -> None:
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"MarbleProgressBar: `window` should be an integer >= 1, got {window!r}")
-        super().__init__(refresh_rate=refresh_rate, leave=leave, theme=theme, console_kwargs=console_kwargs)
+            raise ValueError(
+                f"MarbleProgressBar: `window` should be an integer >= 1, got {window!r}"
+            )
+        super().__init__(
+            refresh_rate=refresh_rate, leave=leave, theme=theme, console_kwargs=console_kwargs
+        )
         self.window = window
         self.show_rewards = bool(show_rewards)
         self.eval_bars = bool(eval_bars)
@@ -135,7 +141,7 @@ class MarbleProgressBar(RichProgressBar):
             return float(trainer.max_steps)
         try:
             estimate = float(trainer.estimated_stepping_batches)
-        except Exception:  # noqa: BLE001 - no estimate without a sized dataloader
+        except Exception:
             return float("inf")
         return estimate if estimate > 0 else float("inf")
 
@@ -184,7 +190,9 @@ class MarbleProgressBar(RichProgressBar):
         return "Training"
 
     def _initialize_train_progress_bar_id(self) -> None:
-        self.train_progress_bar_id = self._add_task(self.total_steps, self._get_train_description(0))
+        self.train_progress_bar_id = self._add_task(
+            self.total_steps, self._get_train_description(0)
+        )
         assert self.progress is not None
         self.progress.update(self.train_progress_bar_id, completed=self.trainer.global_step)
 
@@ -201,7 +209,9 @@ class MarbleProgressBar(RichProgressBar):
             self._initialize_train_progress_bar_id()
         self.refresh()
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         now = time.perf_counter()
         if self._mark is not None:
             self._durations.append(max(now - self._mark - self._eval_seconds, 0.0))
@@ -250,12 +260,16 @@ class MarbleProgressBar(RichProgressBar):
 
     def _wrap_evaluate(self, callback: Any, evaluate: Any) -> Any:
         @functools.wraps(evaluate)
-        def evaluate_with_bar(trainer: Trainer, pl_module: LightningModule, adapter: str = "policy") -> Any:
+        def evaluate_with_bar(
+            trainer: Trainer, pl_module: LightningModule, adapter: str = "policy"
+        ) -> Any:
             start = time.perf_counter()
             task = None
             restore = None
             if self.is_enabled:
-                self._init_progress(trainer)  # the base pass runs at fit start, before on_train_start
+                self._init_progress(
+                    trainer
+                )  # the base pass runs at fit start, before on_train_start
                 if self.progress is not None:
                     task = self._add_task(self._eval_chunks(callback, trainer), f"Eval ({adapter})")
                     self.eval_progress_bar_id = task

@@ -84,14 +84,18 @@ def plot_rewards(
         if train:
             xs, ys = zip(*train)
             ax.plot(xs, _smooth(ys, smooth), color="tab:blue", label=f"train (mean of {smooth})")
-        ev = [(r["step"], r[f"eval/{name}"], r.get(f"eval/{name}_sem", 0.0)) for r in eval_history if f"eval/{name}" in r]
+        ev = [
+            (r["step"], r[f"eval/{name}"], r.get(f"eval/{name}_sem", 0.0))
+            for r in eval_history
+            if f"eval/{name}" in r
+        ]
         if ev:
             xs, ys, es = zip(*ev)
             ax.errorbar(xs, ys, yerr=es, color="tab:red", marker="o", capsize=3, label="held-out")
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
@@ -120,8 +124,13 @@ def save_grid(images: Tensor, path: str | Path, nrow: int = 8, scale: int = 2) -
     return path
 
 
-def summary_table(base: dict[str, float], final: dict[str, float], names: Sequence[str],
-                  base_sem: dict[str, float] | None = None, final_sem: dict[str, float] | None = None) -> str:
+def summary_table(
+    base: dict[str, float],
+    final: dict[str, float],
+    names: Sequence[str],
+    base_sem: dict[str, float] | None = None,
+    final_sem: dict[str, float] | None = None,
+) -> str:
     """A markdown table of held-out rewards, base vs final, with the change."""
     base_sem, final_sem = base_sem or {}, final_sem or {}
     lines = ["| reward | base | final | change |", "|---|---|---|---|"]
@@ -182,21 +191,43 @@ class RunReportCallback(Callback):
         text = ""
         if eval_cb is not None and len(eval_history) >= 1:
             first, last = eval_history[0], eval_history[-1]
-            all_names = names + [k[5:] for k in last if k.startswith("eval/") and not k.endswith("_sem")
-                                 and k[5:] not in names]
-            pick = lambda rec, suffix: {n: rec[f"eval/{n}{suffix}"] for n in all_names if f"eval/{n}{suffix}" in rec}
+            all_names = names + [
+                k[5:]
+                for k in last
+                if k.startswith("eval/") and not k.endswith("_sem") and k[5:] not in names
+            ]
+
+            def pick(rec, suffix):
+                return {
+                    n: rec[f"eval/{n}{suffix}"] for n in all_names if f"eval/{n}{suffix}" in rec
+                }
+
             text = (
                 f"Held-out rewards, step {first['step']} (base) vs step {last['step']} (final)\n\n"
-                + summary_table(pick(first, ""), pick(last, ""), names, pick(first, "_sem"), pick(last, "_sem"))
+                + summary_table(
+                    pick(first, ""), pick(last, ""), names, pick(first, "_sem"), pick(last, "_sem")
+                )
             )
-            for tag, images in (("base", getattr(eval_cb, "first_images", None)), ("final", getattr(eval_cb, "last_images", None))):
+            for tag, images in (
+                ("base", getattr(eval_cb, "first_images", None)),
+                ("final", getattr(eval_cb, "last_images", None)),
+            ):
                 if images is not None:
                     save_grid(images, out / f"grid_{tag}.png")
         (out / "summary.md").write_text(text + "\n")
-        samples = [s.tolist() for s in getattr(eval_cb, "samples", [])] if eval_cb is not None else []
-        eval_names = list(getattr(eval_cb, "names", None) or names) if eval_cb is not None else names
-        record = {"names": names, "train": history, "eval": eval_history, "eval_samples": samples,
-                  "eval_names": eval_names}
+        samples = (
+            [s.tolist() for s in getattr(eval_cb, "samples", [])] if eval_cb is not None else []
+        )
+        eval_names = (
+            list(getattr(eval_cb, "names", None) or names) if eval_cb is not None else names
+        )
+        record = {
+            "names": names,
+            "train": history,
+            "eval": eval_history,
+            "eval_samples": samples,
+            "eval_names": eval_names,
+        }
         (out / "history.json").write_text(json.dumps(record, indent=1, default=float))
         if text:
             print(text)

@@ -96,7 +96,8 @@ class MarbleRule(TrainingRule):
 
 @dataclass(frozen=True)
 class WeightedSumRule(TrainingRule):
-    """One scalar reward ``sum_k w_k R_k`` (masked entries 0), normalised per prompt, one backward."""
+    """One scalar reward ``sum_k w_k R_k`` (masked entries 0), normalised per prompt, one
+    backward."""
 
     weights: tuple[float, ...] = ()
     scalarised = True

@@ -47,7 +47,8 @@ def keyed_noise(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """``[len(prompts) * count, *shape]`` standard normal noise keyed by ``(key, occurrence, prompt)``.
+    """``[len(prompts) * count, *shape]`` standard normal noise keyed by
+    ``(key, occurrence, prompt)``.
 
     Args:
         prompts: prompts, in batch order; a repeated prompt gets its next occurrence's noise.
@@ -90,10 +91,12 @@ def evaluation_noise(
         raise ValueError(
             f"`seed` should be an int or one int per prompt ({len(prompts)}), got {len(seeds)}"
         )
-    return torch.cat([
-        keyed_noise([p], 1, shape, ("sample", x), device=device, dtype=dtype)
-        for p, x in zip(prompts, seeds)
-    ])
+    return torch.cat(
+        [
+            keyed_noise([p], 1, shape, ("sample", x), device=device, dtype=dtype)
+            for p, x in zip(prompts, seeds)
+        ]
+    )
 
 
 def uniform_time_grid(steps: int) -> Tensor:
@@ -230,7 +233,8 @@ def flow_sample(
     cfg_scale: float = 1.0,
     solver: str = "euler",
 ) -> Tensor:
-    """:func:`euler_sample` or :func:`dpm_solver_2m_sample`, as ``solver`` (one of :data:`SOLVERS`) says."""
+    """:func:`euler_sample` or :func:`dpm_solver_2m_sample`, as ``solver`` (one of :data:`SOLVERS`)
+    says."""
     if solver == "euler":
         return euler_sample(velocity, noise, cond, grid, uncond=uncond, cfg_scale=cfg_scale)
     if solver == "dpm2":
@@ -238,8 +242,11 @@ def flow_sample(
     raise ValueError(f"`solver` should be one of {SOLVERS}, got {solver!r}")
 
 
-def training_timesteps(seed: int, step: int, update: int, steps: int, count: int | None) -> list[int]:
-    """Indices into the sampler grid trained on at ``(step, update)``: all, or ``count`` random ones.
+def training_timesteps(
+    seed: int, step: int, update: int, steps: int, count: int | None
+) -> list[int]:
+    """Indices into the sampler grid trained on at ``(step, update)``: all, or ``count`` random
+    ones.
 
     The subset is keyed by ``(seed, step, update)``, so every rank picks the same one.
     """

@@ -1,4 +1,5 @@
-"""Sharded training (FSDP2) under Lightning's ``ModelParallelStrategy``, with exact MARBLE on shards.
+"""Sharded training (FSDP2) under Lightning's ``ModelParallelStrategy``, with exact MARBLE on
+shards.
 
 ``MarbleDiffusionModule.configure_model`` calls :func:`configure_sharding`, which does nothing
 unless the trainer's strategy is a ``ModelParallelStrategy``. Then:
@@ -114,9 +115,9 @@ def data_parallel_mesh(strategy: ModelParallelStrategy) -> Any:
     tp = mesh["tensor_parallel"].size()
     if tp != 1:
         raise ValueError(
-            "MarbleDiffusionModule shards the denoiser with FSDP over the data-parallel ranks only; "
-            f"got tensor_parallel_size={tp}. Use ModelParallelStrategy(data_parallel_size=<world "
-            "size>, tensor_parallel_size=1) or MarbleModelParallelStrategy (that default)."
+            "MarbleDiffusionModule shards the denoiser with FSDP over the data-parallel ranks "
+            f"only; got tensor_parallel_size={tp}. Use ModelParallelStrategy(data_parallel_size="
+            "<world size>, tensor_parallel_size=1) or MarbleModelParallelStrategy (that default)."
         )
     return mesh["data_parallel"]
 
@@ -162,7 +163,9 @@ def shard_module(module: Any, mesh: Any, lora: str = "sharded") -> None:
     if lora not in LORA_SHARDING:
         raise ValueError(f"`lora_sharding` should be one of {LORA_SHARDING}, got {lora!r}")
     adapters = module.adapters
-    replicate = list(adapters.policy_params) + list(adapters.old_params) if lora == "replicated" else []
+    replicate = (
+        list(adapters.policy_params) + list(adapters.old_params) if lora == "replicated" else []
+    )
     shard_denoiser(module.backbone.denoiser, mesh, replicate=replicate)
     adapters.rebind()  # fully_shard replaced the Parameter objects (DTensors now)
     if lora == "sharded":
@@ -186,7 +189,9 @@ class ShardedBackwardRows(GradientAccumulator):
         for p in self.params:
             p.grad = None
 
-    def add(self, terms: Any, losses: list[Tensor], rows: Tensor, use_kl: bool, reuse_old: bool) -> None:
+    def add(
+        self, terms: Any, losses: list[Tensor], rows: Tensor, use_kl: bool, reuse_old: bool
+    ) -> None:
         out = []
         for i, loss in enumerate(losses):
             self._clear()
@@ -236,7 +241,9 @@ class ShardedNFTUpdate(NFTUpdate):
     group: Any = None
 
     @classmethod
-    def from_update(cls, update: NFTUpdate, engine: ShardedGradientEngine, group: Any) -> ShardedNFTUpdate:
+    def from_update(
+        cls, update: NFTUpdate, engine: ShardedGradientEngine, group: Any
+    ) -> ShardedNFTUpdate:
         sharded = cls.__new__(cls)
         sharded.__dict__.update(update.__dict__)
         sharded.engine = engine
@@ -349,9 +356,13 @@ class MarbleModelParallelStrategy(ModelParallelStrategy):
         **kwargs: Any,
     ) -> None:
         if lora_sharding not in LORA_SHARDING:
-            raise ValueError(f"`lora_sharding` should be one of {LORA_SHARDING}, got {lora_sharding!r}")
+            raise ValueError(
+                f"`lora_sharding` should be one of {LORA_SHARDING}, got {lora_sharding!r}"
+            )
         super().__init__(
-            data_parallel_size=data_parallel_size, tensor_parallel_size=tensor_parallel_size, **kwargs
+            data_parallel_size=data_parallel_size,
+            tensor_parallel_size=tensor_parallel_size,
+            **kwargs,
         )
         self.lora_sharding = lora_sharding
 
@@ -370,7 +381,9 @@ class MarbleModelParallelStrategy(ModelParallelStrategy):
             return super().lightning_module_state_dict()
         return {key: value.detach() for key, value in self._adapter_state().items()}
 
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, checkpoint_path: Any, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         from lightning.fabric.strategies.fsdp import _METADATA_FILENAME, _is_sharded_checkpoint
         from torch.distributed.checkpoint import load
         from torch.distributed.checkpoint.state_dict import (
@@ -418,7 +431,8 @@ register_fsdp_strategy()
 
 # ---------------------------------------------------------------------------------- LoRA export
 def full_lora_tensors(module: Any) -> dict[str, Tensor]:
-    """Every adapter tensor of ``module``'s denoiser, gathered whole (collective: every rank calls)."""
+    """Every adapter tensor of ``module``'s denoiser, gathered whole (collective: every rank
+    calls)."""
     out = {}
     for name, p in module.backbone.denoiser.named_parameters():
         if ".lora_" in name:

@@ -107,7 +107,8 @@ class MarbleDDPStrategy(DDPStrategy):
 
 
 def use_state_returning_launcher(trainer: Trainer) -> bool:
-    """Swap a built trainer's stock multiprocessing launcher for :class:`MarbleMultiProcessingLauncher`.
+    """Swap a built trainer's stock multiprocessing launcher for
+    :class:`MarbleMultiProcessingLauncher`.
 
     Returns:
         Whether the launcher was swapped (``False`` for other launchers: subprocess/torchrun, none).
@@ -116,7 +117,9 @@ def use_state_returning_launcher(trainer: Trainer) -> bool:
     launcher = getattr(strategy, "_launcher", None)
     if type(launcher) is not _MultiProcessingLauncher:
         return False
-    strategy._launcher = MarbleMultiProcessingLauncher(strategy, start_method=launcher._start_method)
+    strategy._launcher = MarbleMultiProcessingLauncher(
+        strategy, start_method=launcher._start_method
+    )
     return True
 
 
@@ -124,12 +127,17 @@ def register_strategies(override_builtin: bool = False) -> None:
     """Register ``"marble_ddp_spawn"`` / ``"marble_ddp_fork"`` (and, with ``override_builtin``,
     Lightning's ``"ddp_spawn"`` / ``"ddp_fork"``) as :class:`MarbleDDPStrategy`."""
     for start_method in ("spawn", "fork"):
-        names = [f"marble_ddp_{start_method}"] + ([f"ddp_{start_method}"] if override_builtin else [])
+        names = [f"marble_ddp_{start_method}"] + (
+            [f"ddp_{start_method}"] if override_builtin else []
+        )
         for name in names:
             StrategyRegistry.register(
                 name,
                 MarbleDDPStrategy,
-                description=f"DDP ({start_method}) that returns loop/callback/module state to the main process",
+                description=(
+                    f"DDP ({start_method}) that returns loop/callback/module state to the main "
+                    "process"
+                ),
                 start_method=start_method,
                 override=True,
             )

@@ -200,7 +200,8 @@ def write_byte_level_clip_vocab(directory: str | Path) -> tuple[Path, Path]:
 
 
 def _tiny_clip_tokenizer(work_dir: Path, max_tokens: int = _TINY_MAX_TOKENS):
-    """A ``CLIPTokenizer`` on :func:`write_byte_level_clip_vocab` (specials are the last two ids)."""
+    """A ``CLIPTokenizer`` on :func:`write_byte_level_clip_vocab` (specials are the last two
+    ids)."""
     from transformers import CLIPTokenizer
 
     vocab_path, _ = write_byte_level_clip_vocab(work_dir)
@@ -240,8 +241,8 @@ def build_tiny_sd3_pipeline(
     * ``vae``: ``AutoencoderKL`` with two levels (spatial factor 2), ``latent_channels``
       channels, SD3's ``scaling_factor``/``shift_factor``;
     * ``text_encoder`` / ``text_encoder_2``: 2-layer ``CLIPTextModelWithProjection`` of width
-      32 sharing one byte-level ``CLIPTokenizer`` (77 tokens, as in SD3), so the joint text width is 64
-      and the pooled width 64;
+      32 sharing one byte-level ``CLIPTokenizer`` (77 tokens, as in SD3), so the joint text width is
+      64 and the pooled width 64;
     * ``text_encoder_3`` / ``tokenizer_3``: ``None`` (SD3 then feeds zeros in the T5 slots);
     * ``scheduler``: ``FlowMatchEulerDiscreteScheduler(shift=3.0)`` as in SD3.
 
@@ -547,21 +548,32 @@ def base_state(module: MarbleDiffusionModule) -> dict[str, torch.Tensor]:
 def _tiny_clip_towers(vocab_size: int, context: int, image_size: int) -> tuple[dict, dict]:
     """Text and vision configs of 2-layer, width-32 CLIP towers on the byte-level vocabulary."""
     text = {
-        "vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 2, "max_position_embeddings": context,
-        "bos_token_id": vocab_size - 2, "eos_token_id": vocab_size - 1, "pad_token_id": vocab_size - 1,
-    }  # fmt: skip
+        "vocab_size": vocab_size,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "max_position_embeddings": context,
+        "bos_token_id": vocab_size - 2,
+        "eos_token_id": vocab_size - 1,
+        "pad_token_id": vocab_size - 1,
+    }
     vision = {
-        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-        "image_size": image_size, "patch_size": 8,
-    }  # fmt: skip
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": image_size,
+        "patch_size": 8,
+    }
     return text, vision
 
 
 def save_tiny_clip(
     folder: str | Path, projection_dim: int = 16, image_size: int = 32, seed: int = 0
 ) -> Path:
-    """Save a random tiny ``CLIPModel`` + ``CLIPProcessor`` to ``folder`` (``from_pretrained`` format).
+    """Save a random tiny ``CLIPModel`` + ``CLIPProcessor`` to ``folder`` (``from_pretrained``
+    format).
 
     Towers of 2 layers and width 32, text context 32 on the byte-level vocabulary of
     :func:`write_byte_level_clip_vocab`. The image processor resizes the shortest side to
@@ -707,8 +719,12 @@ def _tiny_byte_tokenizer(max_length: int = 512):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-        additional_special_tokens=list(_TINY_SPECIAL_TOKENS[3:]), model_max_length=max_length,
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        additional_special_tokens=list(_TINY_SPECIAL_TOKENS[3:]),
+        model_max_length=max_length,
     )
 
 
@@ -717,8 +733,16 @@ def _tiny_t5_encoder(seed: int, vocab_size: int, umt5: bool = False):
 
     config_cls, model_cls = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
     config = config_cls(
-        vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        vocab_size=vocab_size,
+        d_model=32,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
     )
     torch.manual_seed(seed)
     return model_cls(config).eval()
@@ -740,11 +764,13 @@ def build_tiny_flux_pipeline(
       2 heads of width 16 (rope axes 4 + 6 + 6), packed input ``4 * latent_channels``,
       the guidance embedding of FLUX.1-dev (``guidance_embeds``);
     * ``vae``: ``AutoencoderKL`` with two levels (factor 2), FLUX's scaling/shift factors;
-    * ``text_encoder``: 2-layer ``CLIPTextModel`` (pooled width 32) on the byte-level CLIP tokenizer;
+    * ``text_encoder``: 2-layer ``CLIPTextModel`` (pooled width 32) on the byte-level CLIP
+      tokenizer;
     * ``text_encoder_2``: 2-layer ``T5EncoderModel`` (width 32) on a byte-level tokenizer;
     * ``scheduler``: ``FlowMatchEulerDiscreteScheduler`` with FLUX.1-dev's dynamic shifting.
 
-    Images are :data:`TINY_FLUX_RESOLUTION` (32) pixels; latents ``[4, 16, 16]``, packed ``[64, 16]``.
+    Images are :data:`TINY_FLUX_RESOLUTION` (32) pixels; latents ``[4, 16, 16]``, packed
+    ``[64, 16]``.
     """
     from diffusers import (
         AutoencoderKL,
@@ -760,42 +786,71 @@ def build_tiny_flux_pipeline(
     t5_tokenizer = _tiny_byte_tokenizer()
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=4 * latent_channels, num_layers=1, num_single_layers=1,
-        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-        pooled_projection_dim=_TINY_CLIP_WIDTH, guidance_embeds=guidance_embeds,
+        patch_size=1,
+        in_channels=4 * latent_channels,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=_TINY_CLIP_WIDTH,
+        guidance_embeds=guidance_embeds,
         axes_dims_rope=(4, 6, 6),
     ).eval()
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3,
+        in_channels=3,
+        out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16), layers_per_block=1, latent_channels=latent_channels,
-        norm_num_groups=4, sample_size=TINY_FLUX_RESOLUTION, scaling_factor=0.3611,
-        shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=TINY_FLUX_RESOLUTION,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
         mid_block_add_attention=False,
     ).eval()
     clip_config = CLIPTextConfig(
-        vocab_size=len(clip_tokenizer), hidden_size=_TINY_CLIP_WIDTH, intermediate_size=37,
-        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=_TINY_MAX_TOKENS,
-        bos_token_id=len(clip_tokenizer) - 2, eos_token_id=len(clip_tokenizer) - 1,
-        pad_token_id=len(clip_tokenizer) - 1, hidden_act="gelu",
+        vocab_size=len(clip_tokenizer),
+        hidden_size=_TINY_CLIP_WIDTH,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=_TINY_MAX_TOKENS,
+        bos_token_id=len(clip_tokenizer) - 2,
+        eos_token_id=len(clip_tokenizer) - 1,
+        pad_token_id=len(clip_tokenizer) - 1,
+        hidden_act="gelu",
     )
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(clip_config).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-        base_image_seq_len=256, max_image_seq_len=4096,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
     )
     pipe = FluxPipeline(
-        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer,
-        text_encoder_2=_tiny_t5_encoder(seed + 3, len(t5_tokenizer)), tokenizer_2=t5_tokenizer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer,
+        text_encoder_2=_tiny_t5_encoder(seed + 3, len(t5_tokenizer)),
+        tokenizer_2=t5_tokenizer,
         transformer=transformer,
     )
     return _save_pipeline(pipe, directory)
 
 
-def build_tiny_qwen_image_pipeline(directory: str | Path, *, seed: int = 0, latent_channels: int = 4) -> str:
+def build_tiny_qwen_image_pipeline(
+    directory: str | Path, *, seed: int = 0, latent_channels: int = 4
+) -> str:
     """Build a tiny random ``QwenImagePipeline`` and save it to ``directory``.
 
     * ``transformer``: ``QwenImageTransformer2DModel``, 2 dual-stream blocks, 2 heads of width
@@ -823,49 +878,95 @@ def build_tiny_qwen_image_pipeline(directory: str | Path, *, seed: int = 0, late
     vocab = len(tokenizer)
     torch.manual_seed(seed)
     transformer = QwenImageTransformer2DModel(
-        patch_size=2, in_channels=4 * latent_channels, out_channels=latent_channels, num_layers=2,
-        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
-        guidance_embeds=False, axes_dims_rope=(8, 4, 4),
+        patch_size=2,
+        in_channels=4 * latent_channels,
+        out_channels=latent_channels,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        guidance_embeds=False,
+        axes_dims_rope=(8, 4, 4),
     ).eval()
     torch.manual_seed(seed + 1)
     vae = AutoencoderKLQwenImage(
-        base_dim=4, z_dim=latent_channels, dim_mult=[1, 2, 4], num_res_blocks=1,
-        temperal_downsample=[False, True], latents_mean=[0.1 * i for i in range(latent_channels)],
+        base_dim=4,
+        z_dim=latent_channels,
+        dim_mult=[1, 2, 4],
+        num_res_blocks=1,
+        temperal_downsample=[False, True],
+        latents_mean=[0.1 * i for i in range(latent_channels)],
         latents_std=[1.0 + 0.1 * i for i in range(latent_channels)],
     ).eval()
     config = Qwen2_5_VLConfig(
         text_config={
-            "hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": vocab,
-            "max_position_embeddings": 2048, "rope_theta": 1000000.0,
+            "hidden_size": 16,
+            "intermediate_size": 16,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "vocab_size": vocab,
+            "max_position_embeddings": 2048,
+            "rope_theta": 1000000.0,
             "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
-            "bos_token_id": 1, "eos_token_id": 1, "pad_token_id": 0,
+            "bos_token_id": 1,
+            "eos_token_id": 1,
+            "pad_token_id": 0,
         },
         vision_config={
-            "depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
-            "out_hidden_size": 16, "patch_size": 2, "spatial_merge_size": 1,
-            "temporal_patch_size": 1, "in_chans": 3, "window_size": 8, "fullatt_block_indexes": [0],
+            "depth": 1,
+            "hidden_size": 16,
+            "intermediate_size": 16,
+            "num_heads": 2,
+            "out_hidden_size": 16,
+            "patch_size": 2,
+            "spatial_merge_size": 1,
+            "temporal_patch_size": 1,
+            "in_chans": 3,
+            "window_size": 8,
+            "fullatt_block_indexes": [0],
         },
-        vocab_size=vocab, hidden_size=16, image_token_id=vocab - 1, video_token_id=vocab - 2,
-        vision_start_token_id=vocab - 3, bos_token_id=1, eos_token_id=1,
+        vocab_size=vocab,
+        hidden_size=16,
+        image_token_id=vocab - 1,
+        video_token_id=vocab - 2,
+        vision_start_token_id=vocab - 3,
+        bos_token_id=1,
+        eos_token_id=1,
     )
     torch.manual_seed(seed + 2)
     text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(
-        base_image_seq_len=256, base_shift=log3, invert_sigmas=False, max_image_seq_len=8192,
-        max_shift=log3, num_train_timesteps=1000, shift=1.0, shift_terminal=0.02,
-        stochastic_sampling=False, time_shift_type="exponential", use_beta_sigmas=False,
-        use_dynamic_shifting=True, use_exponential_sigmas=False, use_karras_sigmas=False,
+        base_image_seq_len=256,
+        base_shift=log3,
+        invert_sigmas=False,
+        max_image_seq_len=8192,
+        max_shift=log3,
+        num_train_timesteps=1000,
+        shift=1.0,
+        shift_terminal=0.02,
+        stochastic_sampling=False,
+        time_shift_type="exponential",
+        use_beta_sigmas=False,
+        use_dynamic_shifting=True,
+        use_exponential_sigmas=False,
+        use_karras_sigmas=False,
     )
     pipe = QwenImagePipeline(
-        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
         transformer=transformer,
     )
     return _save_pipeline(pipe, directory)
 
 
-def build_tiny_wan_pipeline(directory: str | Path, *, seed: int = 0, latent_channels: int = 4) -> str:
-    """Build a tiny random ``WanPipeline`` (Wan 2.1 text-to-video layout) and save it to ``directory``.
+def build_tiny_wan_pipeline(
+    directory: str | Path, *, seed: int = 0, latent_channels: int = 4
+) -> str:
+    """Build a tiny random ``WanPipeline`` (Wan 2.1 text-to-video layout) and save it to
+    ``directory``.
 
     * ``transformer``: ``WanTransformer3DModel``, 2 blocks, 2 heads of width 12, patch
       ``(1, 2, 2)``, text width 32, ``latent_channels`` in/out;
@@ -888,21 +989,35 @@ def build_tiny_wan_pipeline(directory: str | Path, *, seed: int = 0, latent_chan
     tokenizer = _tiny_byte_tokenizer()
     torch.manual_seed(seed)
     transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
-        in_channels=latent_channels, out_channels=latent_channels, text_dim=32, freq_dim=256,
-        ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        text_dim=32,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32,
     ).eval()
     torch.manual_seed(seed + 1)
     vae = AutoencoderKLWan(
-        base_dim=3, z_dim=latent_channels, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+        base_dim=3,
+        z_dim=latent_channels,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
         temperal_downsample=[False, True, True],
         latents_mean=[0.1 * i for i in range(latent_channels)],
         latents_std=[1.0 + 0.1 * i for i in range(latent_channels)],
     ).eval()
     pipe = WanPipeline(
-        tokenizer=tokenizer, text_encoder=_tiny_t5_encoder(seed + 2, len(tokenizer), umt5=True),
-        vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer,
+        tokenizer=tokenizer,
+        text_encoder=_tiny_t5_encoder(seed + 2, len(tokenizer), umt5=True),
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=transformer,
     )
     return _save_pipeline(pipe, directory)
 
@@ -927,11 +1042,26 @@ TINY_IMAGE_REWARD: dict[str, Any] = {
     "text_width": 32, "text_layers": 2, "text_heads": 2, "text_positions": 40,
     "mlp": (32, 24, 16, 8, 4, 1), "embed_dim": 16,
 }  # fmt: skip
-"""Sizes of :func:`save_tiny_image_reward` (the release: ViT-L/16 at 224, BERT-base, MLP 768-...-1)."""
+"""Sizes of :func:`save_tiny_image_reward` (the release: ViT-L/16 at 224, BERT-base, MLP
+768-...-1)."""
 
 _TINY_BERT_WORDS = (
-    "a", "an", "the", "photo", "of", "cat", "dog", "red", "blue", "on", "with", "and", ",", ".", '"',
-)  # fmt: skip
+    "a",
+    "an",
+    "the",
+    "photo",
+    "of",
+    "cat",
+    "dog",
+    "red",
+    "blue",
+    "on",
+    "with",
+    "and",
+    ",",
+    ".",
+    '"',
+)
 
 
 def save_tiny_image_reward(folder: str | Path, seed: int = 0) -> dict[str, Path]:
@@ -975,8 +1105,12 @@ def save_tiny_image_reward(folder: str | Path, seed: int = 0) -> dict[str, Path]
     vw, tw, patch = c["vision_width"], c["text_width"], c["patch_size"]
     v = "blip.visual_encoder."
     state[v + "cls_token"] = 0.5 * torch.randn(1, 1, vw, generator=g)
-    state[v + "pos_embed"] = 0.5 * torch.randn(1, (c["image_size"] // patch) ** 2 + 1, vw, generator=g)
-    state[v + "patch_embed.proj.weight"] = torch.randn(vw, 3, patch, patch, generator=g) / (3 * patch * patch) ** 0.5
+    state[v + "pos_embed"] = 0.5 * torch.randn(
+        1, (c["image_size"] // patch) ** 2 + 1, vw, generator=g
+    )
+    state[v + "patch_embed.proj.weight"] = (
+        torch.randn(vw, 3, patch, patch, generator=g) / (3 * patch * patch) ** 0.5
+    )
     state[v + "patch_embed.proj.bias"] = 0.1 * torch.randn(vw, generator=g)
     for i in range(c["vision_layers"]):
         b = f"{v}blocks.{i}."
@@ -991,7 +1125,9 @@ def save_tiny_image_reward(folder: str | Path, seed: int = 0) -> dict[str, Path]
     t = "blip.text_encoder."
     state[t + "embeddings.position_ids"] = torch.arange(c["text_positions"]).expand(1, -1).clone()
     state[t + "embeddings.word_embeddings.weight"] = torch.randn(vocab, tw, generator=g)
-    state[t + "embeddings.position_embeddings.weight"] = 0.5 * torch.randn(c["text_positions"], tw, generator=g)
+    state[t + "embeddings.position_embeddings.weight"] = 0.5 * torch.randn(
+        c["text_positions"], tw, generator=g
+    )
     norm(t + "embeddings.LayerNorm", tw, state)
     for i in range(c["text_layers"]):
         b = f"{t}encoder.layer.{i}."
@@ -1022,5 +1158,6 @@ def save_tiny_image_reward(folder: str | Path, seed: int = 0) -> dict[str, Path]
         "attention_probs_dropout_prob": 0.1, "hidden_dropout_prob": 0.1, "initializer_range": 0.02,
     }, indent=2))  # fmt: skip
     return {"checkpoint": checkpoint, "med_config": med_config, "tokenizer": folder / "tokenizer"}
+
 
 __all__ += ["TINY_IMAGE_REWARD", "save_tiny_image_reward"]

@@ -1,4 +1,5 @@
-"""One update on a rollout: the loss rows, their gradients over the training timesteps, the direction.
+"""One update on a rollout: the loss rows, their gradients over the training timesteps, the
+direction.
 
 The NFT loss of a row ``r [B]`` is affine in ``r``, so every training rule is a set of loss rows:
 
@@ -184,7 +185,8 @@ class NFTUpdate:
     def _gradient_rows(
         self, rollout: Rollout, plan: LossPlan, grid: Tensor, timesteps: list[int], update: int
     ) -> tuple[Tensor, Tensor, dict[str, float]]:
-        """``([R (+1), P] local gradient rows, [R (+1)] mean losses, metrics)`` over ``timesteps``."""
+        """``([R (+1), P] local gradient rows, [R (+1)] mean losses, metrics)`` over
+        ``timesteps``."""
         rows, scales = plan.rows, plan.scales
         x0 = rollout.x0
         b = x0.shape[0]
@@ -274,7 +276,9 @@ class NFTUpdate:
             if self.harmonization is None:
                 h = harmonize_gram(gram)
             else:
-                h = self.harmonization.harmonize(gram, step=rollout.step, update=update, seed=self.seed)
+                h = self.harmonization.harmonize(
+                    gram, step=rollout.step, update=update, seed=self.seed
+                )
             alpha, weights = coefficients.record_refresh(h, gram)
             direction = weights.to(reward_rows.dtype) @ reward_rows
             cosines = gram_cosines(gram, weights, h.dropped)

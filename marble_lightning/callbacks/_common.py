@@ -1,4 +1,5 @@
-"""What the callbacks of this package share: the check that they drive a ``MarbleDiffusionModule``."""
+"""What the callbacks of this package share: the check that they drive a
+``MarbleDiffusionModule``."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ from lightning.pytorch import LightningModule
 
 
 def check_module(pl_module: LightningModule, who: str, harmonizing: bool = False) -> None:
-    """Raise unless ``pl_module`` is a MarbleDiffusionModule (with a MARBLE rule if ``harmonizing``)."""
+    """Raise unless ``pl_module`` is a MarbleDiffusionModule (with a MARBLE rule if
+    ``harmonizing``)."""
     from marble_lightning.module import MarbleDiffusionModule
 
     if not isinstance(pl_module, MarbleDiffusionModule):

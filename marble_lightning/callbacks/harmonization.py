@@ -1,4 +1,5 @@
-"""``HarmonizationCallback``: when the module refreshes its MARBLE coefficients, and the uniform stage."""
+"""``HarmonizationCallback``: when the module refreshes its MARBLE coefficients, and the uniform
+stage."""
 
 from __future__ import annotations
 
@@ -32,13 +33,17 @@ class HarmonizationCallback(Callback):
 
     def __init__(self, refresh_every: int = 5, uniform_after: int | None = None) -> None:
         self.refresh_every = check_int("refresh_every", refresh_every, 1)
-        self.uniform_after = None if uniform_after is None else check_int("uniform_after", uniform_after, 0)
+        self.uniform_after = (
+            None if uniform_after is None else check_int("uniform_after", uniform_after, 0)
+        )
         self.refreshes = 0
 
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(refresh_every=self.refresh_every, uniform_after=self.uniform_after)
+        return self._generate_state_key(
+            refresh_every=self.refresh_every, uniform_after=self.uniform_after
+        )
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -55,7 +60,9 @@ class HarmonizationCallback(Callback):
         )
 
     @override
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         step = pl_module.step_index
         refresh = step % self.refresh_every == 0
         uniform = self.uniform_after is not None and step >= self.uniform_after
@@ -64,7 +71,11 @@ class HarmonizationCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"refresh_every": self.refresh_every, "uniform_after": self.uniform_after, "refreshes": self.refreshes}
+        return {
+            "refresh_every": self.refresh_every,
+            "uniform_after": self.uniform_after,
+            "refreshes": self.refreshes,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

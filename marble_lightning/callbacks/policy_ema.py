@@ -43,7 +43,11 @@ class PolicyEMACallback(Callback):
 
     def __init__(self, decay: float = 0.9, every_n_steps: int = 1) -> None:
         self.decay = check_float("decay", decay, minimum=0.0, maximum=1.0, maximum_strict=True)
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+        if (
+            isinstance(every_n_steps, bool)
+            or not isinstance(every_n_steps, int)
+            or every_n_steps < 1
+        ):
             raise ValueError(f"`every_n_steps` should be an integer >= 1, got {every_n_steps!r}")
         self.every_n_steps = every_n_steps
         self.weights: dict[str, Tensor] = {}
@@ -81,7 +85,9 @@ class PolicyEMACallback(Callback):
     def update(self, pl_module: LightningModule) -> None:
         """Fold the current policy into the average."""
         for name, p in self._named(pl_module):
-            self.weights[name].mul_(self.decay).add_(p.detach().to(torch.float32), alpha=1.0 - self.decay)
+            self.weights[name].mul_(self.decay).add_(
+                p.detach().to(torch.float32), alpha=1.0 - self.decay
+            )
         self.updates += 1
 
     @override
@@ -135,6 +141,7 @@ def ema_state_from_checkpoint(checkpoint: Mapping[str, Any], path: Any = "") -> 
     if not state or not state.get("weights"):
         raise ValueError(
             f"checkpoint {str(path)!r} holds no policy EMA (no {STATE_NAME} state among its "
-            f"callbacks {sorted(map(str, callbacks))}); train with PolicyEMACallback to export --ema"
+            f"callbacks {sorted(map(str, callbacks))}); train with PolicyEMACallback to export "
+            "--ema"
         )
     return dict(state["weights"])

@@ -22,13 +22,14 @@ __all__ = ["RewardEvalCallback"]
 class RewardEvalCallback(Callback):
     """Held-out evaluation: per-reward means of the policy's images at fixed seeds.
 
-    At train start (after any validation sanity check) it evaluates the base model (adapters disabled) once, then the policy every
-    ``every_n_steps`` training steps and at fit end. Logs ``eval/<name>`` (mean over the samples
-    where the reward applies; NaN is not logged when it applies to none), ``eval/mean`` (mean of
-    the per-reward means of the trained rewards, :func:`~marble_lightning.metrics.composite`) and
-    an image grid (``eval/images``, TensorBoard). Prompts are split across ranks and the metric
-    states (:class:`~marble_lightning.metrics.RewardMetric`) summed by torchmetrics, so every rank
-    gets the same numbers.
+    At train start (after any validation sanity check) it evaluates the base model (adapters
+    disabled) once, then the policy every ``every_n_steps`` training steps and at fit end. Logs
+    ``eval/<name>`` (mean over the samples where the reward applies; NaN is not logged when it
+    applies to none), ``eval/mean`` (mean of the per-reward means of the trained rewards,
+    :func:`~marble_lightning.metrics.composite`) and an image grid (``eval/images``, TensorBoard).
+    Prompts are split across ranks and the metric states
+    (:class:`~marble_lightning.metrics.RewardMetric`) summed by torchmetrics, so every rank gets the
+    same numbers.
 
     The numbers also go into ``trainer.callback_metrics`` (the base evaluation as
     ``eval/<name>_base`` and ``eval/mean_base``), so they can be monitored::
@@ -82,7 +83,9 @@ class RewardEvalCallback(Callback):
         use_ema: bool = False,
     ) -> None:
         if not isinstance(prompts, (str, list, tuple)):
-            raise TypeError(f"`prompts` should be a path, 'toy:<split>' or a list of prompts, got {prompts!r}")
+            raise TypeError(
+                f"`prompts` should be a path, 'toy:<split>' or a list of prompts, got {prompts!r}"
+            )
         if isinstance(prompts, (list, tuple)):
             resolve_prompts(list(prompts), what="prompts")  # validate lists now
         self.source = prompts
@@ -116,8 +119,8 @@ class RewardEvalCallback(Callback):
             clash = sorted(set(main.names) & set(self.extra_rewards.names))
             if clash:
                 raise ValueError(
-                    f"RewardEvalCallback: extra_rewards reuse the names {clash} of the evaluated rewards;"
-                    " give them their own `name`"
+                    f"RewardEvalCallback: extra_rewards reuse the names {clash} of the evaluated "
+                    "rewards; give them their own `name`"
                 )
 
     @override
@@ -130,19 +133,27 @@ class RewardEvalCallback(Callback):
             self.evaluate(trainer, pl_module, adapter="base")
 
     @override
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if pl_module.step_index % self.every_n_steps == 0:
             self.evaluate(trainer, pl_module, adapter="policy")
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        done = any(e.get("adapter") == "policy" and e.get("step") == pl_module.step_index for e in self.history)
+        done = any(
+            e.get("adapter") == "policy" and e.get("step") == pl_module.step_index
+            for e in self.history
+        )
         if not done:
             self.evaluate(trainer, pl_module, adapter="policy")
 
     @torch.no_grad()
-    def evaluate(self, trainer: Trainer, pl_module: LightningModule, adapter: str = "policy") -> dict[str, float]:
-        """Sample, score and log; every rank must call it (the metric states are synced across ranks).
+    def evaluate(
+        self, trainer: Trainer, pl_module: LightningModule, adapter: str = "policy"
+    ) -> dict[str, float]:
+        """Sample, score and log; every rank must call it (the metric states are synced across
+        ranks).
 
         Means and standard errors are :class:`~marble_lightning.metrics.RewardMetric`'s (its
         states are summed over the ranks by torchmetrics in ``compute()``), ``eval/mean`` is
@@ -164,7 +175,9 @@ class RewardEvalCallback(Callback):
         names = list(rewards.names) + (list(self.extra_rewards.names) if self.extra_rewards else [])
         self.names = names
         world, rank = trainer.world_size, trainer.global_rank
-        everything = [(p, self.seed + c) for p in self.prompts for c in range(self.images_per_prompt)]
+        everything = [
+            (p, self.seed + c) for p in self.prompts for c in range(self.images_per_prompt)
+        ]
         mine = everything[rank::world]
         device = pl_module.device
         metric = RewardMetric(names).to(device)
@@ -181,11 +194,16 @@ class RewardEvalCallback(Callback):
             mask = torch.cat([s.mask.to(device) for s in scored], dim=1)
             values = torch.cat([s.values.to(device).double() for s in scored], dim=1)
             metric.update(values, mask)
-            per_sample.append(torch.where(mask, values, torch.full_like(values, float("nan"))).cpu())
+            per_sample.append(
+                torch.where(mask, values, torch.full_like(values, float("nan"))).cpu()
+            )
             if len(grid) * images.shape[0] < self.max_grid:
                 grid.append(images.detach().cpu())
         if not mine:  # fewer samples than ranks: this rank still takes part in the sync
-            metric.update(torch.zeros(0, len(names), device=device), torch.zeros(0, len(names), dtype=torch.bool, device=device))
+            metric.update(
+                torch.zeros(0, len(names), device=device),
+                torch.zeros(0, len(names), dtype=torch.bool, device=device),
+            )
         stats = metric.compute()  # sums reduced across ranks (dist_reduce_fx="sum")
         means, sems = stats["mean"], stats["sem"]
         metrics = {f"eval/{name}": float(means[i]) for i, name in enumerate(names)}
@@ -201,11 +219,18 @@ class RewardEvalCallback(Callback):
                 self._log_grid(trainer, images, f"eval/images{suffix}")
         sem_metrics = {f"eval/{name}_sem": float(sems[i]) for i, name in enumerate(names)}
         self.history.append(
-            {"step": pl_module.step_index, "global_step": trainer.global_step, "adapter": adapter,
-             **metrics, **sem_metrics}
+            {
+                "step": pl_module.step_index,
+                "global_step": trainer.global_step,
+                "adapter": adapter,
+                **metrics,
+                **sem_metrics,
+            }
         )
         # rank-local per-image scores ([N, K], NaN where a reward does not apply), in prompt order
-        self.samples.append(torch.cat(per_sample) if per_sample else torch.zeros(0, len(names), dtype=torch.float64))
+        self.samples.append(
+            torch.cat(per_sample) if per_sample else torch.zeros(0, len(names), dtype=torch.float64)
+        )
         return metrics
 
     def _weights(self, trainer: Trainer, pl_module: LightningModule, adapter: str) -> Any:
@@ -218,7 +243,9 @@ class RewardEvalCallback(Callback):
             return nullcontext()
         ema = next((c for c in trainer.callbacks if isinstance(c, PolicyEMACallback)), None)
         if ema is None:
-            raise ValueError("RewardEvalCallback(use_ema=True) needs a PolicyEMACallback in the trainer")
+            raise ValueError(
+                "RewardEvalCallback(use_ema=True) needs a PolicyEMACallback in the trainer"
+            )
         return ema.applied(pl_module)
 
     @staticmethod
@@ -269,7 +296,8 @@ class RewardEvalCallback(Callback):
 
 
 def _has_moviepy() -> bool:
-    """TensorBoard's ``add_video`` encodes GIFs with moviepy; without it only the frame strip is logged."""
+    """TensorBoard's ``add_video`` encodes GIFs with moviepy; without it only the frame strip is
+    logged."""
     import importlib.util
 
     return importlib.util.find_spec("moviepy") is not None

@@ -1,4 +1,5 @@
-"""Reward models: one file per family, all behind :class:`~marble_lightning.rewards.base.RewardModel`.
+"""Reward models: one file per family, all behind
+:class:`~marble_lightning.rewards.base.RewardModel`.
 
 Every reward maps ``images [B, 3, H, W] in [0, 1]`` and ``B`` prompts to float32 ``[B]`` and says
 with ``applies_to(prompts) -> bool [B]`` where it has an opinion. Model weights load lazily on the

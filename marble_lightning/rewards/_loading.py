@@ -2,8 +2,8 @@
 
 Local paths vs hub ids: a string that names an existing file or folder is local. A string that does
 not exist but looks like a path (absolute, starts with ``.``/``~``, contains a backslash, has more
-than one ``/``, or ends in a weight-file suffix) raises ``FileNotFoundError`` naming the path and the
-reward. Anything else (``"org/name"`` or ``"name"``) is treated as a hub id and handed to the
+than one ``/``, or ends in a weight-file suffix) raises ``FileNotFoundError`` naming the path and
+the reward. Anything else (``"org/name"`` or ``"name"``) is treated as a hub id and handed to the
 library's ``from_pretrained``.
 """
 
@@ -86,7 +86,7 @@ def load_state_dict_file(path: str | os.PathLike[str], reward: str) -> dict[str,
     else:
         try:
             state = torch.load(str(p), map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001  (unpickling errors come in many types)
+        except Exception as err:
             first = str(err).splitlines()[0] if str(err) else ""
             raise ValueError(
                 f"reward {reward!r}: cannot load {str(p)!r} safely (torch.load weights_only=True "
@@ -114,7 +114,8 @@ def resize_center_crop(
         shortest_edge: target of the shortest side before cropping; defaults to ``min(size)``.
 
     Returns:
-        float ``[B, C, size_h, size_w]``. Bicubic overshoot is clamped to the input range ``[0, 1]``.
+        float ``[B, C, size_h, size_w]``. Bicubic overshoot is clamped to the input range
+        ``[0, 1]``.
     """
     ch, cw = (size, size) if isinstance(size, int) else size
     edge = shortest_edge if shortest_edge is not None else min(ch, cw)
@@ -177,12 +178,19 @@ def batched(n: int, batch_size: int | None) -> list[slice]:
     return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
 
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def parse_dtype(dtype: str | torch.dtype, reward: str) -> torch.dtype:
-    """``"float32"``/``"bfloat16"``/``"float16"`` (or ``fp32``/``bf16``/``fp16``, or a dtype) -> dtype."""
+    """``"float32"``/``"bfloat16"``/``"float16"`` (or ``fp32``/``bf16``/``fp16``, or a dtype) ->
+    dtype."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:

@@ -25,7 +25,9 @@ def check_images(images: Tensor, who: str) -> None:
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"{who}: expected images of shape [B, 3, H, W], got {shape}")
     if not images.is_floating_point():
-        raise ValueError(f"{who}: expected floating-point images in [0, 1], got dtype {images.dtype}")
+        raise ValueError(
+            f"{who}: expected floating-point images in [0, 1], got dtype {images.dtype}"
+        )
     if images.numel() and (images.min() < -1e-3 or images.max() > 1 + 1e-3):
         raise ValueError(
             f"{who}: images must lie in [0, 1], got range [{images.min().item():.3g}, "
@@ -120,7 +122,10 @@ class RewardError(RuntimeError):
         self.detail = message
         if reward is not None:
             where = f"step {step}" if step is not None else "unknown step"
-            message = f"reward {reward!r} failed at {where} on {_describe_prompts(self.prompts)}: {message}"
+            message = (
+                f"reward {reward!r} failed at {where} on {_describe_prompts(self.prompts)}: "
+                f"{message}"
+            )
         super().__init__(message)
 
     def __reduce__(self):  # keep the keyword fields through pickling (multiprocessing)
@@ -172,13 +177,19 @@ class MultiReward(nn.Module):
     def masks(self, prompts: Sequence[str]) -> Tensor:
         """Bool ``[B, K]`` applicability of every reward."""
         cols = []
-        for name, reward in zip(self.names, self.rewards):
+        for _, reward in zip(self.names, self.rewards):
             applies = getattr(reward, "applies_to", None)
-            cols.append(applies(prompts).cpu().bool() if applies else torch.ones(len(prompts), dtype=torch.bool))
+            cols.append(
+                applies(prompts).cpu().bool()
+                if applies
+                else torch.ones(len(prompts), dtype=torch.bool)
+            )
         return torch.stack(cols, dim=1)
 
     @torch.no_grad()
-    def forward(self, images: Tensor, prompts: Sequence[str], step: int | None = None) -> RewardBatch:
+    def forward(
+        self, images: Tensor, prompts: Sequence[str], step: int | None = None
+    ) -> RewardBatch:
         """Score ``images`` with every reward; ``step`` (optional) is named in errors."""
         b = images.shape[0]
         mask = self.masks(prompts).to(images.device)

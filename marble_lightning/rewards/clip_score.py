@@ -70,7 +70,6 @@ class TransformersCLIPReward(RewardModel):
         self.dtype = parse_dtype(dtype, self.name)
         self._clip = LazyModel(self._build)
 
-
     def _build(self):
         from transformers import CLIPModel, CLIPProcessor
 
@@ -97,7 +96,8 @@ class TransformersCLIPReward(RewardModel):
         return f / f.norm(dim=-1, keepdim=True)
 
     def text_embeddings(self, prompts: Sequence[str], device: torch.device | str) -> Tensor:
-        """L2-normalised projected text embeddings, float32 ``[B, D]`` (truncated to the context)."""
+        """L2-normalised projected text embeddings, float32 ``[B, D]`` (truncated to the
+        context)."""
         model, processor = self.clip(device)
         max_len = model.config.text_config.max_position_embeddings
         out = []
@@ -202,11 +202,11 @@ class OpenCLIPScoreReward(RewardModel):
         self.dtype = parse_dtype(dtype, self.name)
         self._clip = LazyModel(self._build)
 
-
     def _register_config(self, model_config: str) -> str:
         if not isinstance(model_config, (str, os.PathLike)) or not str(model_config).strip():
             raise ValueError(
-                f"reward {self.name!r}: model_config must be a non-empty string, got {model_config!r}"
+                f"reward {self.name!r}: model_config must be a non-empty string, got "
+                f"{model_config!r}"
             )
         model_config = os.fspath(model_config)
         if model_config.startswith(("local-dir:", "hf-hub:")):
@@ -221,7 +221,8 @@ class OpenCLIPScoreReward(RewardModel):
             missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in cfg]
             if missing:
                 raise ValueError(
-                    f"reward {self.name!r}: open_clip model config {str(path)!r} lacks keys {missing}"
+                    f"reward {self.name!r}: open_clip model config {str(path)!r} lacks keys "
+                    f"{missing}"
                 )
             import open_clip
 

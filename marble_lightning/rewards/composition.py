@@ -381,13 +381,14 @@ class CompositionReward(RewardModel):
         self.detector = detector  # registered as a submodule if it is an nn.Module
         self.mode = mode
         self.parser = PromptParser(colors=colors, classes=classes, count_mode=count_mode)
-        self.score_threshold = check_float("score_threshold", score_threshold, minimum=0.0, maximum=1.0)
+        self.score_threshold = check_float(
+            "score_threshold", score_threshold, minimum=0.0, maximum=1.0
+        )
         self.counting_threshold = check_float(
             "counting_threshold", counting_threshold, minimum=0.0, maximum=1.0
         )
         self.position_threshold = float(position_threshold)
         self.position_rule = check_choice("position_rule", position_rule, ("geneval", "axis"))
-
 
     def parse(self, prompt: str) -> list[ObjectRequirement] | None:
         """The prompt's object requirements, or ``None`` if it has no object spec."""
@@ -419,7 +420,8 @@ class CompositionReward(RewardModel):
             detections = self.detector.detect(images[idx], queries)
             if len(detections) != len(idx):
                 raise ValueError(
-                    f"CompositionReward: detector returned {len(detections)} result lists for {len(idx)} images"
+                    f"CompositionReward: detector returned {len(detections)} result lists for "
+                    f"{len(idx)} images"
                 )
             for i, dets in zip(idx, detections):
                 values[i] = self.score_detections(specs[i], dets)

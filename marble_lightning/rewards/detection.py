@@ -36,5 +36,6 @@ class Detector(Protocol):
     """Finds objects of the queried classes in images ``[B, 3, H, W]`` in ``[0, 1]``."""
 
     def detect(self, images: Tensor, queries: Sequence[Sequence[str]]) -> list[list[Detection]]:
-        """``queries[b]`` lists the class names wanted in image ``b``; returns detections per image."""
+        """``queries[b]`` lists the class names wanted in image ``b``; returns detections per
+        image."""
         ...

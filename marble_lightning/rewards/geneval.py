@@ -69,10 +69,14 @@ def _check_metadata(meta: Any, where: str) -> dict[str, Any]:
         raise ValueError(f"{where}: GenEval metadata needs a non-empty 'prompt', got {prompt!r}")
     include = meta.get("include")
     if not isinstance(include, list) or not include:
-        raise ValueError(f"{where}: GenEval metadata needs a non-empty 'include' list, got {include!r}")
-    for i, entry in enumerate(list(include) + list(meta.get("exclude") or [])):
+        raise ValueError(
+            f"{where}: GenEval metadata needs a non-empty 'include' list, got {include!r}"
+        )
+    for _, entry in enumerate(list(include) + list(meta.get("exclude") or [])):
         if not isinstance(entry, dict) or not isinstance(entry.get("class"), str):
-            raise ValueError(f"{where}: each include/exclude entry needs a 'class' name, got {entry!r}")
+            raise ValueError(
+                f"{where}: each include/exclude entry needs a 'class' name, got {entry!r}"
+            )
         count = entry.get("count", 1)
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ValueError(f"{where}: 'count' should be an integer >= 1, got {count!r}")
@@ -80,7 +84,11 @@ def _check_metadata(meta: Any, where: str) -> dict[str, Any]:
         position = entry.get("position")
         if position is not None:
             ok = isinstance(position, (list, tuple)) and len(position) == 2
-            if not ok or not isinstance(position[1], int) or not 0 <= position[1] < include.index(entry):
+            if (
+                not ok
+                or not isinstance(position[1], int)
+                or not 0 <= position[1] < include.index(entry)
+            ):
                 raise ValueError(
                     f"{where}: 'position' should be [relation, index of an earlier include entry], "
                     f"got {position!r}"
@@ -122,7 +130,8 @@ def read_prompt_file(path: str | Path) -> list[PromptRecord]:
 
 
 def requirements_from_metadata(meta: Mapping[str, Any]) -> list[ObjectRequirement]:
-    """GenEval ``include`` entries as :class:`ObjectRequirement` (counting prompts: exact counts)."""
+    """GenEval ``include`` entries as :class:`ObjectRequirement` (counting prompts: exact
+    counts)."""
     counting = meta.get("tag") == "counting"
     specs = []
     for entry in meta["include"]:
@@ -175,4 +184,6 @@ def geneval_graded(
 ) -> float:
     """Partial credit in ``[0, 1]`` (:func:`~marble_lightning.rewards.composition.graded_score`)."""
     specs = requirements_from_metadata(meta)
-    return graded_score(specs, detections, score_threshold, counting_threshold, position_threshold, "geneval")
+    return graded_score(
+        specs, detections, score_threshold, counting_threshold, position_threshold, "geneval"
+    )

@@ -21,7 +21,8 @@ release resizes 8-bit PIL images, so scores agree with it up to resampling/round
 The checkpoint is read with ``torch.load(..., weights_only=True)``; a file that needs arbitrary
 unpickling is refused (never executed). Architecture sizes (widths, depths, patch, image size,
 vocabulary, MLP widths) are read from the tensor shapes; head counts and the text LayerNorm eps from
-``med_config.json`` when given, else ``width // 64`` heads (16 for ViT-L, 12 for BERT-base) and 1e-12.
+``med_config.json`` when given, else ``width // 64`` heads (16 for ViT-L, 12 for BERT-base) and
+1e-12.
 """
 
 from __future__ import annotations
@@ -294,7 +295,8 @@ class ImageRewardScorer(nn.Module):
         return model
 
     def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Raw scores ``[B]`` of normalised images ``[B, 3, S, S]`` and padded token ids ``[B, L]``."""
+        """Raw scores ``[B]`` of normalised images ``[B, 3, S, S]`` and padded token ids
+        ``[B, L]``."""
         image_embeds = self.vision(pixel_values=pixel_values).last_hidden_state
         image_mask = torch.ones(
             image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device
@@ -319,7 +321,7 @@ def read_med_config(path: str | os.PathLike[str] | None, reward: str) -> dict[st
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"reward {reward!r}: {str(p)!r} is not a JSON med_config: {err}") from err
     if not isinstance(config, dict):
-        raise ValueError(f"reward {reward!r}: {str(p)!r} is not a JSON object")  # noqa: TRY004
+        raise ValueError(f"reward {reward!r}: {str(p)!r} is not a JSON object")
     out = {}
     if "num_attention_heads" in config:
         out["text_heads"] = int(config["num_attention_heads"])
@@ -427,8 +429,8 @@ class ImageRewardReward(RewardModel):
         vocab = scorer.text.config.vocab_size
         if len(tokenizer) > vocab:
             raise ValueError(
-                f"reward {self.name!r}: tokenizer {self.tokenizer_ref!r} has {len(tokenizer)} tokens "
-                f"but {checkpoint!r} embeds only {vocab}"
+                f"reward {self.name!r}: tokenizer {self.tokenizer_ref!r} has {len(tokenizer)} "
+                f"tokens but {checkpoint!r} embeds only {vocab}"
             )
         return scorer, tokenizer
 

@@ -43,7 +43,8 @@ _QUOTED = re.compile(r"\"([^\"]*)\"|\u201c([^\u201d]*)\u201d")
 
 
 def quoted_text(prompt: str) -> str | None:
-    """The text inside the prompt's double quotes (``"..."`` or curly), or ``None`` if there is none.
+    """The text inside the prompt's double quotes (``"..."`` or curly), or ``None`` if there is
+    none.
 
     Several quoted spans are joined with a space. An empty or all-whitespace span counts as none.
     """
@@ -113,9 +114,13 @@ def ctc_casefold_probability(
     if any(len(c) == 0 for c in classes):
         return 0.0
     spellings = math.prod(len(c) for c in classes)
-    if spellings <= max_spellings:  # every spelling is a distinct string: sum their CTC probabilities
+    if (
+        spellings <= max_spellings
+    ):  # every spelling is a distinct string: sum their CTC probabilities
         log_probs = torch.from_numpy(p).clamp_min(1e-300).log()[:, None].expand(-1, spellings, -1)
-        targets = torch.tensor(list(itertools.product(*classes)), dtype=torch.long).reshape(spellings, len(classes))
+        targets = torch.tensor(list(itertools.product(*classes)), dtype=torch.long).reshape(
+            spellings, len(classes)
+        )
         nll = F.ctc_loss(
             log_probs,
             targets,
@@ -187,7 +192,9 @@ class OCRReward(RewardModel):
         self.upscale = check_float("upscale", upscale, minimum=0.0, strict=True)
         self.use_det = bool(use_det)
         self.use_cls = bool(use_cls)
-        self.min_confidence = check_float("min_confidence", min_confidence, minimum=0.0, maximum=1.0)
+        self.min_confidence = check_float(
+            "min_confidence", min_confidence, minimum=0.0, maximum=1.0
+        )
         self.num_threads = None if num_threads is None else check_int("num_threads", num_threads)
         likelihood_weight = check_float(
             "likelihood_weight", likelihood_weight, minimum=0.0, maximum=1.0

@@ -93,7 +93,9 @@ class OwlDetector:
             )
         self.query_template = query_template
         self.colors = dict(colors) if colors is not None else dict(COLOR_PROTOTYPES)
-        self.color_crop = check_float("color_crop", color_crop, minimum=0.0, strict=True, maximum=1.0)
+        self.color_crop = check_float(
+            "color_crop", color_crop, minimum=0.0, strict=True, maximum=1.0
+        )
         self.dtype = parse_dtype(dtype, "OwlDetector")
         self._owl = LazyModel(self._build)
 
@@ -109,7 +111,8 @@ class OwlDetector:
         return model, processor
 
     def owl(self, device: torch.device | str):
-        """``(Owlv2ForObjectDetection, Owlv2Processor)``, loaded on first use, model on ``device``."""
+        """``(Owlv2ForObjectDetection, Owlv2Processor)``, loaded on first use, model on
+        ``device``."""
         return self._owl.get(device, self.dtype)
 
     def _pixel_values(self, images: Tensor, processor) -> Tensor:

@@ -37,7 +37,8 @@ AGGREGATIONS = ("mean", "min")
 
 
 def check_videos(videos: Tensor, who: str) -> None:
-    """Raise ``ValueError`` unless ``videos`` is a float ``[B, F, 3, H, W]`` tensor in ``[0, 1]``."""
+    """Raise ``ValueError`` unless ``videos`` is a float ``[B, F, 3, H, W]`` tensor in
+    ``[0, 1]``."""
     if not isinstance(videos, Tensor) or videos.ndim != 5 or videos.shape[2] != 3:
         shape = tuple(videos.shape) if isinstance(videos, Tensor) else type(videos).__name__
         raise ValueError(f"{who}: expected videos of shape [B, F, 3, H, W], got {shape}")
@@ -63,19 +64,31 @@ class PerFrameReward(RewardModel):
         frames_per_call: int | None = None,
     ) -> None:
         if not isinstance(reward, nn.Module):
-            raise TypeError(f"PerFrameReward: reward must be a reward module, got {type(reward).__name__}")
-        super().__init__(name if name is not None else getattr(reward, "name", None) or type(reward).__name__)
+            raise TypeError(
+                f"PerFrameReward: reward must be a reward module, got {type(reward).__name__}"
+            )
+        super().__init__(
+            name if name is not None else getattr(reward, "name", None) or type(reward).__name__
+        )
         if aggregation not in AGGREGATIONS:
-            raise ValueError(f"PerFrameReward: aggregation={aggregation!r}; expected one of {AGGREGATIONS}")
-        if frames_per_call is not None and (not isinstance(frames_per_call, int) or frames_per_call < 1):
-            raise ValueError(f"PerFrameReward: frames_per_call={frames_per_call!r} must be a positive int")
+            raise ValueError(
+                f"PerFrameReward: aggregation={aggregation!r}; expected one of {AGGREGATIONS}"
+            )
+        if frames_per_call is not None and (
+            not isinstance(frames_per_call, int) or frames_per_call < 1
+        ):
+            raise ValueError(
+                f"PerFrameReward: frames_per_call={frames_per_call!r} must be a positive int"
+            )
         self.reward = reward
         self.aggregation = aggregation
         self.frames_per_call = frames_per_call
 
     def applies_to(self, prompts: Sequence[str]) -> Tensor:
         applies = getattr(self.reward, "applies_to", None)
-        return applies(prompts).cpu().bool() if applies else torch.ones(len(prompts), dtype=torch.bool)
+        return (
+            applies(prompts).cpu().bool() if applies else torch.ones(len(prompts), dtype=torch.bool)
+        )
 
     @torch.no_grad()
     def forward(self, videos: Tensor, prompts: Sequence[str]) -> Tensor:
@@ -89,10 +102,12 @@ class PerFrameReward(RewardModel):
         frames = videos.flatten(0, 1)
         frame_prompts = [p for p in prompts for _ in range(f)]
         chunk = self.frames_per_call or frames.shape[0]
-        values = torch.cat([
-            self.reward(frames[i : i + chunk], frame_prompts[i : i + chunk]).float()
-            for i in range(0, frames.shape[0], chunk)
-        ])
+        values = torch.cat(
+            [
+                self.reward(frames[i : i + chunk], frame_prompts[i : i + chunk]).float()
+                for i in range(0, frames.shape[0], chunk)
+            ]
+        )
         if values.shape != (b * f,):
             raise ValueError(
                 f"reward {self.name!r}: the image reward returned shape {tuple(values.shape)}, "

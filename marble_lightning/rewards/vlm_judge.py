@@ -36,14 +36,15 @@ from marble_lightning.rewards.base import RewardModel
 __all__ = ["VLMJudgeReward", "parse_score"]
 
 DEFAULT_QUESTION = (
-    "You are judging a generated image for the prompt: \"{prompt}\". Rate how well the image "
+    'You are judging a generated image for the prompt: "{prompt}". Rate how well the image '
     "matches the prompt and how good it looks, from 0 to {max_score}. Answer with the number only."
 )
 _NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 
 
 def parse_score(answer: object, max_score: float) -> float | None:
-    """The first number of ``answer`` divided by ``max_score``, or ``None`` if malformed/out of range."""
+    """The first number of ``answer`` divided by ``max_score``, or ``None`` if malformed/out of
+    range."""
     if not isinstance(answer, str):
         return None
     match = _NUMBER.search(answer)
@@ -148,7 +149,7 @@ class VLMJudgeReward(RewardModel):
                 reason = getattr(err, "reason", err)
                 unreachable = not isinstance(reason, (TimeoutError, socket.timeout))
                 continue
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 unreachable = False
                 continue
             except (json.JSONDecodeError, UnicodeDecodeError):

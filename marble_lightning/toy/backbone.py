@@ -173,7 +173,8 @@ class ToyBackbone(nn.Module):
                 if not weights.is_file():
                     raise FileNotFoundError(
                         f"the shipped toy base model {weights} is missing; train one with "
-                        "`python -m marble_lightning.toy.pretrain` and export it, or pass checkpoint="
+                        "`python -m marble_lightning.toy.pretrain` and export it, or pass "
+                        "checkpoint="
                     )
                 with importlib.resources.as_file(weights) as w:
                     weights_path, config_path = _resolve_checkpoint(w)
@@ -199,7 +200,8 @@ class ToyBackbone(nn.Module):
             unexpected = sorted(set(state) - set(own))
             if missing or unexpected:
                 raise ValueError(
-                    f"checkpoint does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+                    f"checkpoint does not match its config: missing {missing[:5]}, unexpected "
+                    f"{unexpected[:5]}"
                 )
             self.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
         if freeze_text_encoder:
@@ -250,10 +252,12 @@ class ToyBackbone(nn.Module):
         return {"hidden": self.text_encoder(ids, mask), "mask": mask}
 
     def velocity(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
-        """Predicted velocity ``[B, 3, 32, 32]`` for ``x`` ``[B, 3, 32, 32]`` at ``t`` ``[B]`` in ``[0, 1]``."""
+        """Predicted velocity ``[B, 3, 32, 32]`` for ``x`` ``[B, 3, 32, 32]`` at ``t`` ``[B]`` in
+        ``[0, 1]``."""
         if x.ndim != 4 or tuple(x.shape[1:]) != self.sample_shape:
             raise ValueError(
-                f"ToyBackbone.velocity: expected x of shape [B, {self.sample_shape}], got {tuple(x.shape)}"
+                f"ToyBackbone.velocity: expected x of shape [B, {self.sample_shape}], got "
+                f"{tuple(x.shape)}"
             )
         t = torch.as_tensor(t, device=x.device, dtype=x.dtype)
         if t.ndim == 0:
@@ -284,7 +288,8 @@ class ToyBackbone(nn.Module):
 
     @staticmethod
     def encode_images(images: Tensor) -> Tensor:
-        """Images ``[B, 3, 32, 32]`` in ``[0, 1]`` -> model space ``[-1, 1]`` (inverse of :meth:`decode`)."""
+        """Images ``[B, 3, 32, 32]`` in ``[0, 1]`` -> model space ``[-1, 1]`` (inverse of
+        :meth:`decode`)."""
         return images * 2 - 1
 
 

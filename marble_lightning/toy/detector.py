@@ -45,7 +45,8 @@ def classify_pixels(image: np.ndarray) -> np.ndarray:
 
 
 def connected_components(mask: np.ndarray) -> list[np.ndarray]:
-    """4-connected components of a boolean ``[H, W]`` mask, each as an int array ``[N, 2]`` of (y, x)."""
+    """4-connected components of a boolean ``[H, W]`` mask, each as an int array ``[N, 2]``
+    of (y, x)."""
     h, w = mask.shape
     seen = np.zeros_like(mask, dtype=bool)
     comps: list[np.ndarray] = []
@@ -68,7 +69,8 @@ def connected_components(mask: np.ndarray) -> list[np.ndarray]:
 
 
 class ToyDetector:
-    """Exact detector of toy-world objects; implements :class:`~marble_lightning.rewards.detection.Detector`.
+    """Exact detector of toy-world objects; implements
+    :class:`~marble_lightning.rewards.detection.Detector`.
 
     Args:
         min_area: components with fewer pixels are ignored (the smallest rendered object has 52).

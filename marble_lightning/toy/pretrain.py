@@ -5,8 +5,8 @@ Usage::
     MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=100000000000 \\
     MALLOC_TOP_PAD_=1073741824 \\
     python -m marble_lightning.toy.pretrain --out pretrain_runs/base --minutes 40 [--resume]
-    python -m marble_lightning.toy.pretrain --out pretrain_runs/base --export marble_lightning/toy/assets \\
-        [--snapshot min010]
+    python -m marble_lightning.toy.pretrain --out pretrain_runs/base \\
+        --export marble_lightning/toy/assets [--snapshot min010]
     python -m marble_lightning.toy.pretrain --eval CHECKPOINT [--eval-samples 4]
 
 (The environment variables keep glibc from returning tensor buffers to the OS every step, which
@@ -55,7 +55,8 @@ from marble_lightning.toy.world import SceneSpec, render_scene, to_tensor_images
 
 
 def render_batch(prompts: Sequence[str], rng: np.random.Generator) -> torch.Tensor:
-    """Ground-truth images ``[B, 3, 32, 32]`` in ``[0, 1]``; an empty prompt draws a random train prompt's scene."""
+    """Ground-truth images ``[B, 3, 32, 32]`` in ``[0, 1]``; an empty prompt draws a random train
+    prompt's scene."""
     all_train = train_prompts()
     images = []
     for p in prompts:
@@ -67,7 +68,8 @@ def render_batch(prompts: Sequence[str], rng: np.random.Generator) -> torch.Tens
 
 
 def sample_prompts(batch: int, rng: np.random.Generator, p_uncond: float) -> list[str]:
-    """``batch`` training prompts: family uniform, prompt uniform within it, ``""`` with prob ``p_uncond``."""
+    """``batch`` training prompts: family uniform, prompt uniform within it, ``""`` with prob
+    ``p_uncond``."""
     by_family = {t: train_prompts(t) for t in TEMPLATES}
     out = []
     for _ in range(batch):
@@ -84,7 +86,8 @@ _OCR = None
 
 
 def ocr_read(images: torch.Tensor) -> list[str]:
-    """RapidOCR (recognition only) on images ``[B, 3, H, W]`` in ``[0, 1]``; lower-cased, no spaces."""
+    """RapidOCR (recognition only) on images ``[B, 3, H, W]`` in ``[0, 1]``; lower-cased, no
+    spaces."""
     global _OCR
     if _OCR is None:
         from rapidocr_onnxruntime import RapidOCR
@@ -209,12 +212,15 @@ def load_state(path: Path) -> dict:
     """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001  (unpickling errors come in many types)
+    except Exception as err:
         raise ValueError(
             f"cannot load pretraining state {str(path)!r} safely (torch.load weights_only=True "
-            f"refused it; nothing was executed): {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            f"refused it; nothing was executed): {type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}"
         ) from err
-    if not isinstance(state, dict) or not {"config", "model", "optimizer", "ema", "step"} <= set(state):
+    if not isinstance(state, dict) or not {"config", "model", "optimizer", "ema", "step"} <= set(
+        state
+    ):
         raise ValueError(f"{str(path)!r} is not a toy pretraining state (state.pt)")
     return state
 
@@ -293,7 +299,8 @@ def train(args: argparse.Namespace) -> None:
         )
     n_params = sum(p.numel() for p in model.parameters())
     _log(
-        f"training {n_params / 1e6:.2f}M params, batch {args.batch}, lr {args.lr}, target {args.minutes} min, out {out}"
+        f"training {n_params / 1e6:.2f}M params, batch {args.batch}, lr {args.lr}, target "
+        f"{args.minutes} min, out {out}"
     )
 
     def checkpoint() -> None:
@@ -307,7 +314,11 @@ def train(args: argparse.Namespace) -> None:
                 "trained_s": trained_s,
                 "next_snapshot": next_snapshot,
                 "torch_rng": torch.get_rng_state(),
-                "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))},
+                "args": {
+                    k: v
+                    for k, v in vars(args).items()
+                    if isinstance(v, (str, int, float, bool, type(None)))
+                },
             },
             state_path,
         )
@@ -346,7 +357,8 @@ def train(args: argparse.Namespace) -> None:
         if step % args.log_every == 0:
             dt = (time.time() - window_t) / window_n
             _log(
-                f"step {step} loss {window_loss / window_n:.4f} s/step {dt:.3f} trained {trained_s / 60:.1f} min lr {lr:.2e}"
+                f"step {step} loss {window_loss / window_n:.4f} s/step {dt:.3f} trained "
+                f"{trained_s / 60:.1f} min lr {lr:.2e}"
             )
             window_loss, window_n, window_t = 0.0, 0, time.time()
         if time.time() - last_ckpt > args.checkpoint_minutes * 60:

@@ -147,7 +147,8 @@ def train_prompts(templates: Sequence[str] | str | None = None) -> list[str]:
 
 
 def heldout_prompts(templates: Sequence[str] | str | None = None) -> list[str]:
-    """Held-out prompts (never in :func:`train_prompts`) of the given templates, in a fixed order."""
+    """Held-out prompts (never in :func:`train_prompts`) of the given templates, in a fixed
+    order."""
     return [p for t in check_templates(templates) for p, held in _all_prompts(t) if held]
 
 

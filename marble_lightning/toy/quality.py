@@ -74,7 +74,8 @@ def sharpness(images: Tensor, eps: float = 1e-6) -> Tensor:
 
 
 def contrast(images: Tensor, low: float = 0.01, high: float = 0.99) -> Tensor:
-    """Largest per-channel spread between the ``low`` and ``high`` quantiles, ``[B]`` in ``[0, 1]``."""
+    """Largest per-channel spread between the ``low`` and ``high`` quantiles, ``[B]`` in
+    ``[0, 1]``."""
     flat = images.flatten(2)  # [B, 3, N]
     q = torch.quantile(
         flat, torch.tensor([low, high], dtype=flat.dtype, device=flat.device), dim=-1

@@ -35,7 +35,14 @@ from marble_lightning.toy.prompts import COLORS
 from marble_lightning.toy.quality import QualityReward
 from marble_lightning.toy.world import SHAPES
 
-__all__ = ["JPEG_CAP", "ToyCLIPReward", "ToyCompositionReward", "ToyJPEGReward", "ToyOCRReward", "default_rewards"]
+__all__ = [
+    "JPEG_CAP",
+    "ToyCLIPReward",
+    "ToyCompositionReward",
+    "ToyJPEGReward",
+    "ToyOCRReward",
+    "default_rewards",
+]
 
 
 class ToyCompositionReward(CompositionReward):
@@ -58,7 +65,8 @@ class ToyCompositionReward(CompositionReward):
 
 
 class ToyOCRReward(OCRReward):
-    """:class:`OCRReward` (RapidOCR, recognition only) named ``ocr``, half edit score, half CTC likelihood.
+    """:class:`OCRReward` (RapidOCR, recognition only) named ``ocr``, half edit score, half CTC
+    likelihood.
 
     A 3-letter word's edit score takes 4 values and most of a group of 6 images often share one,
     which leaves the group no advantage to learn from; the likelihood term (``likelihood_weight``,
@@ -85,7 +93,8 @@ compressibility past a clean render's typical size only rewards removing content
 
 
 class ToyJPEGReward(JPEGCompressibilityReward):
-    """:class:`JPEGCompressibilityReward` at quality 95, capped at :data:`JPEG_CAP`, named ``jpeg``."""
+    """:class:`JPEGCompressibilityReward` at quality 95, capped at :data:`JPEG_CAP`, named
+    ``jpeg``."""
 
     def __init__(self, max_score: float | None = JPEG_CAP, name: str = "jpeg") -> None:
         super().__init__(quality=95, max_score=max_score, name=name)

@@ -70,7 +70,8 @@ class WordTokenizer:
         return _TOKEN_RE.findall(prompt.lower())
 
     def __call__(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """Token ids ``[B, L]`` (long) and the validity mask ``[B, L]`` (bool), ``L = max_length``."""
+        """Token ids ``[B, L]`` (long) and the validity mask ``[B, L]`` (bool),
+        ``L = max_length``."""
         if isinstance(prompts, str):
             raise TypeError("WordTokenizer expects a list of prompts, got a single string")
         ids = torch.zeros(len(prompts), self.max_length, dtype=torch.long)
@@ -82,7 +83,8 @@ class WordTokenizer:
             toks = [self.index[BOS]] + [self.index.get(t, unk) for t in self.tokens(prompt)]
             if len(toks) > self.max_length:
                 raise ValueError(
-                    f"prompt {prompt!r} has {len(toks)} tokens, more than max_length={self.max_length}"
+                    f"prompt {prompt!r} has {len(toks)} tokens, more than "
+                    f"max_length={self.max_length}"
                 )
             ids[i, : len(toks)] = torch.tensor(toks)
             mask[i, : len(toks)] = True

@@ -13,9 +13,10 @@ fresh renders). Load it with::
     model = open_clip.create_model("toy_clip", pretrained="…/toy_clip.safetensors")
     tokenizer = open_clip.get_tokenizer("toy_clip")
 
-or through ``OpenCLIPScoreReward(model_config=".../toy_clip.json", checkpoint=".../toy_clip.safetensors")``.
-Images are fed at 32 x 32 in ``[0, 1]``, normalised with open_clip's default (OpenAI) mean and
-std, which is what the reward does for a model registered from a config file.
+or through
+``OpenCLIPScoreReward(model_config=".../toy_clip.json", checkpoint=".../toy_clip.safetensors")``.
+Images are fed at 32 x 32 in ``[0, 1]``, normalised with open_clip's default (OpenAI) mean and std,
+which is what the reward does for a model registered from a config file.
 
 Training: symmetric InfoNCE (CLIP's loss) with a learned temperature on batches of distinct
 prompts from the whole toy grammar (train and held-out splits: this is a reward model, not the
@@ -79,7 +80,8 @@ def all_prompts() -> list[str]:
 def degrade(
     images: torch.Tensor, rng: np.random.Generator, fraction: float = 1 / 3
 ) -> torch.Tensor:
-    """Blur, add noise to, or tint a random ``fraction`` of images ``[B, 3, H, W]`` (in place copy)."""
+    """Blur, add noise to, or tint a random ``fraction`` of images ``[B, 3, H, W]`` (in place
+    copy)."""
     out = images.clone()
     for i in range(images.shape[0]):
         if rng.random() >= fraction:

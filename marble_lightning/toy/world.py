@@ -160,7 +160,8 @@ class PlacedObject:
 
 @dataclass
 class RenderedScene:
-    """A rendered scene: ``image`` uint8 ``[H, W, 3]`` and the objects drawn on it, in spec order."""
+    """A rendered scene: ``image`` uint8 ``[H, W, 3]`` and the objects drawn on it, in spec
+    order."""
 
     image: np.ndarray
     objects: list[PlacedObject] = field(default_factory=list)
