@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
-import torch
 from torch import Tensor
 
 __all__ = ["Collective", "LocalCollective", "StrategyCollective"]
@@ -94,4 +93,3 @@ class StrategyCollective:
         gathered: list[Any] = [None] * self.world_size
         dist.all_gather_object(gathered, list(items))
         return [item for chunk in gathered for item in chunk]
-

@@ -37,7 +37,9 @@ def _unpack(batch: Any) -> tuple[list[str], list[int]]:
         return prompts, seeds
     if isinstance(batch, (list, tuple)) and all(isinstance(p, str) for p in batch):
         return list(batch), list(range(len(batch)))
-    raise ValueError(f"an evaluation batch should be {{'prompts': [...], 'seeds': [...]}}, got {batch!r}")
+    raise ValueError(
+        f"an evaluation batch should be {{'prompts': [...], 'seeds': [...]}}, got {batch!r}"
+    )
 
 
 class EvaluationSteps:
@@ -47,7 +49,9 @@ class EvaluationSteps:
     reward_names: list[str]
     device: torch.device
 
-    def forward(self, prompts: Sequence[str], seed: int | Sequence[int] = 0, **kwargs: Any) -> Tensor:
+    def forward(
+        self, prompts: Sequence[str], seed: int | Sequence[int] = 0, **kwargs: Any
+    ) -> Tensor:
         """Images ``[B, 3, H, W]`` in ``[0, 1]`` of the policy for ``prompts`` (see ``sample``)."""
         return self.sample(list(prompts), seed=seed, **kwargs)  # type: ignore[attr-defined]
 

@@ -58,7 +58,12 @@ class EvaluationTable:
     by_source: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
-        return {"means": self.means, "composite": self.composite, "geneval": self.geneval, "by_source": self.by_source}
+        return {
+            "means": self.means,
+            "composite": self.composite,
+            "geneval": self.geneval,
+            "by_source": self.by_source,
+        }
 
     def write(self, out_dir: str | Path) -> tuple[Path, Path]:
         """Write ``per_image.csv`` and ``summary.json`` under ``out_dir``; returns their paths."""
@@ -74,18 +79,24 @@ class EvaluationTable:
             writer.writerows(self.rows)
         json_path = out / "summary.json"
         clean = json.loads(json.dumps(self.summary(), default=float).replace("NaN", "null"))
-        json_path.write_text(json.dumps({**clean, "images": len(self.rows)}, indent=2, sort_keys=True))
+        json_path.write_text(
+            json.dumps({**clean, "images": len(self.rows)}, indent=2, sort_keys=True)
+        )
         return csv_path, json_path
 
 
-def resolve_records(prompts: str | Path | Sequence[str | Path | PromptRecord]) -> list[PromptRecord]:
+def resolve_records(
+    prompts: str | Path | Sequence[str | Path | PromptRecord],
+) -> list[PromptRecord]:
     """Prompt records from strings, records and prompt-file paths (a lone path or a list)."""
     items = [prompts] if isinstance(prompts, (str, Path)) else list(prompts)
     records: list[PromptRecord] = []
     for item in items:
         if isinstance(item, PromptRecord):
             records.append(item)
-        elif isinstance(item, Path) or (isinstance(item, str) and item.endswith((".jsonl", ".txt"))):
+        elif isinstance(item, Path) or (
+            isinstance(item, str) and item.endswith((".jsonl", ".txt"))
+        ):
             records.extend(read_prompt_file(item))
         elif isinstance(item, str) and item.strip():
             records.append(PromptRecord(item.strip()))
@@ -138,7 +149,13 @@ def evaluate_prompts(
         out_dir: if given, rank 0 writes ``per_image.csv`` and ``summary.json`` there.
     """
     records = resolve_records(prompts)
-    scorer = rewards if isinstance(rewards, MultiReward) else MultiReward(list(rewards)) if rewards else module.rewards
+    scorer = (
+        rewards
+        if isinstance(rewards, MultiReward)
+        else MultiReward(list(rewards))
+        if rewards
+        else module.rewards
+    )
     scorer = scorer.to(module.device)
     names = list(scorer.names)
     items = [(i, r, seed + c) for i, r in enumerate(records) for c in range(images_per_prompt)]
@@ -153,7 +170,9 @@ def evaluate_prompts(
         values, mask = batch.values.double().cpu(), batch.mask.bool().cpu()
         detections = None
         if detector is not None and any(r.metadata is not None for _, r, _ in chunk):
-            queries = [[e["class"] for e in (r.metadata or {}).get("include", [])] for _, r, _ in chunk]
+            queries = [
+                [e["class"] for e in (r.metadata or {}).get("include", [])] for _, r, _ in chunk
+            ]
             detections = detector.detect(images, queries)
         for j, (index, record, image_seed) in enumerate(chunk):
             row: dict[str, Any] = {
@@ -175,7 +194,9 @@ def evaluate_prompts(
     rows.sort(key=lambda r: (r["index"], r["seed"]))
     columns = names + (["geneval_strict", "geneval_graded"] if detector is not None else [])
     means = {c: _nanmean([r[c] for r in rows]) for c in columns}
-    table = EvaluationTable(rows=rows, means=means, composite=composite({n: means[n] for n in names}))
+    table = EvaluationTable(
+        rows=rows, means=means, composite=composite({n: means[n] for n in names})
+    )
     for source in dict.fromkeys(r["source"] for r in rows):
         part = [r for r in rows if r["source"] == source]
         table.by_source[source or "<list>"] = {c: _nanmean([r[c] for r in part]) for c in columns}

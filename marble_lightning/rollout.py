@@ -94,12 +94,22 @@ def collect_rollout(
     metrics: dict[str, float] = {}
 
     start = time.perf_counter()
-    noise = keyed_noise(prompts, g, backbone.sample_shape, (seed, "rollout", step), device=device, dtype=dtype)
+    noise = keyed_noise(
+        prompts, g, backbone.sample_shape, (seed, "rollout", step), device=device, dtype=dtype
+    )
     with torch.no_grad():
         cond = backbone.encode_prompts(repeated)
         uncond = backbone.encode_prompts([""] * len(repeated)) if cfg_scale != 1.0 else None
         with adapters.using(OLD), autocast:
-            x0 = flow_sample(backbone.velocity, noise, cond, grid, uncond=uncond, cfg_scale=cfg_scale, solver=solver)
+            x0 = flow_sample(
+                backbone.velocity,
+                noise,
+                cond,
+                grid,
+                uncond=uncond,
+                cfg_scale=cfg_scale,
+                solver=solver,
+            )
     x0 = x0.to(noise.dtype)
     images = backbone.decode(x0).float().clamp(0.0, 1.0)
     sync_device(device)
@@ -125,7 +135,9 @@ def collect_rollout(
     all_values = collective.gather_rows(values).reshape(-1, k)
     all_mask = collective.gather_rows(mask.to(torch.uint8)).reshape(-1, k).bool()
     raw_values = all_values  # the logged reward means stay in reward units
-    all_values = tracker.normalize_rewards(all_values, all_mask)  # identity unless reward_ema is set
+    all_values = tracker.normalize_rewards(
+        all_values, all_mask
+    )  # identity unless reward_ema is set
     local = slice(collective.rank * len(repeated), (collective.rank + 1) * len(repeated))
     adv = tracker.update(all_prompts, all_values, all_mask)[local].to(x0.device)
     r = interpolation_coefficient(adv, a_max).T.contiguous()
@@ -147,6 +159,15 @@ def collect_rollout(
         )
         metrics[f"reward/{name}_coverage"] = float(all_mask[:, i].float().mean())
     return Rollout(
-        step=step, prompts=repeated, x0=x0, values=values, mask=mask, advantages=adv, r=r,
-        scalar_advantages=scalar_adv, scalar_r=scalar_r, metrics=metrics, cond=cond,
+        step=step,
+        prompts=repeated,
+        x0=x0,
+        values=values,
+        mask=mask,
+        advantages=adv,
+        r=r,
+        scalar_advantages=scalar_adv,
+        scalar_r=scalar_r,
+        metrics=metrics,
+        cond=cond,
     )

@@ -40,7 +40,9 @@ class JPEGCompressibilityReward(RewardModel):
 
     name = "jpeg"
 
-    def __init__(self, quality: int = 95, max_score: float | None = None, name: str | None = None) -> None:
+    def __init__(
+        self, quality: int = 95, max_score: float | None = None, name: str | None = None
+    ) -> None:
         super().__init__(name)
         self.max_score = (
             None
@@ -50,7 +52,6 @@ class JPEGCompressibilityReward(RewardModel):
         self.quality = check_int("quality", quality)
         if self.quality > 100:
             raise ValueError(f"`quality` should be an integer in [1, 100], got {quality!r}")
-
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         sizes = [jpeg_size_kb(a, self.quality) for a in to_uint8_hwc(images)]

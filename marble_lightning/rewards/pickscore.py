@@ -41,7 +41,9 @@ class PickScoreReward(TransformersCLIPReward):
     ) -> None:
         super().__init__(model, processor, batch_size, dtype, name)
         self.normalize = (
-            None if normalize is None else check_float("normalize", normalize, minimum=0.0, strict=True)
+            None
+            if normalize is None
+            else check_float("normalize", normalize, minimum=0.0, strict=True)
         )
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
