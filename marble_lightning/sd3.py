@@ -20,87 +20,36 @@ What is where:
   checkpoints), optimizers, DDP's parameter broadcast or model summaries. Device and dtype
   moves still reach them because :meth:`SD3Backbone._apply` (the hook behind ``.to()``,
   ``.cuda()``, ``.half()``) forwards to them. Every process loads them from ``pretrained``.
+
+Loading, freezing, the device/dtype plumbing, decoding and the time grid are those of every
+diffusers-pipeline backbone: :class:`~marble_lightning.backbones._diffusers.DiffusersBackbone`;
+this module adds what is particular to SD3 (T5 optional, prompt encoding, the transformer call).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from marble_lightning.backbone import Conditioning
+from marble_lightning.backbones._diffusers import (
+    MMDIT_LORA_TARGET_MODULES,
+    DiffusersBackbone,
+    read_model_index,
+)
 
 __all__ = ["SD3_LORA_TARGET_MODULES", "SD3Backbone"]
 
-SD3_LORA_TARGET_MODULES: list[str] = [
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "add_q_proj",
-    "add_k_proj",
-    "add_v_proj",
-    "to_add_out",
-]
+SD3_LORA_TARGET_MODULES: list[str] = list(MMDIT_LORA_TARGET_MODULES)
 """Attention projections of the MMDiT blocks (image stream and text stream) that get LoRA."""
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_FROZEN_NAMES = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 
-
-def _looks_local(pretrained: str) -> bool:
-    """Whether ``pretrained`` must be a local path (a hub id is ``name`` or ``owner/name``)."""
-    return (
-        os.path.isabs(pretrained)
-        or pretrained.startswith((".", "~"))
-        or "\\" in pretrained
-        or pretrained.count("/") > 1
-    )
-
-
-def _load_pipeline(pretrained: str, torch_dtype: torch.dtype, variant: str | None, use_t5: bool):
-    from diffusers import StableDiffusion3Pipeline
-
-    path = Path(pretrained).expanduser()
-    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype}
-    if variant is not None:
-        kwargs["variant"] = variant
-    if path.exists():
-        index = path / "model_index.json"
-        if not index.is_file():
-            raise FileNotFoundError(
-                f"SD3Backbone: {str(path)!r} is not a diffusers pipeline directory (no model_index.json)"
-            )
-        entries = json.loads(index.read_text())
-        has_t5 = entries.get("text_encoder_3", [None, None])[0] is not None
-        source = str(path)
-    elif _looks_local(pretrained):
-        raise FileNotFoundError(
-            f"SD3Backbone: pretrained pipeline directory {pretrained!r} does not exist"
-        )
-    else:
-        has_t5 = True  # hub checkpoints of SD3/SD3.5 ship T5
-        source = pretrained
-    if not (use_t5 and has_t5):
-        kwargs["text_encoder_3"] = None
-        kwargs["tokenizer_3"] = None
-    try:
-        with warnings.catch_warnings():  # newer diffusers renamed torch_dtype -> dtype
-            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            return StableDiffusion3Pipeline.from_pretrained(source, **kwargs)
-    except Exception as err:  # re-raise with the offending path/id in the message
-        raise OSError(
-            f"SD3Backbone: could not load a StableDiffusion3Pipeline from {pretrained!r}: {err}"
-        ) from err
-
-
-class SD3Backbone(nn.Module):
-    """Stable Diffusion 3 / 3.5 latent flow model implementing :class:`~marble_lightning.backbone.FlowBackbone`.
+class SD3Backbone(DiffusersBackbone):
+    """Stable Diffusion 3 / 3.5 latent flow model implementing
+    :class:`~marble_lightning.backbone.FlowBackbone`.
 
     Args:
         pretrained: a local diffusers pipeline directory (``model_index.json`` inside) or a
@@ -123,10 +72,21 @@ class SD3Backbone(nn.Module):
 
     Attributes:
         denoiser: the ``SD3Transformer2DModel`` (base weights frozen).
-        sample_shape: ``(latent_channels, resolution / f, resolution / f)`` with ``f`` the VAE factor.
+        sample_shape: ``(latent_channels, resolution / f, resolution / f)`` with ``f`` the VAE
+            factor.
         lora_target_modules: :data:`SD3_LORA_TARGET_MODULES`.
         pipeline: the underlying ``StableDiffusion3Pipeline`` (shares the modules above).
+
+    :meth:`decode` is the base's ``AutoencoderKL`` decoding (``latents / scaling_factor +
+    shift_factor``); :meth:`time_grid` is the pipeline scheduler's grid: SD3's
+    ``FlowMatchEulerDiscreteScheduler`` spaces ``t`` uniformly and then shifts it,
+    ``t' = s t / (1 + (s - 1) t)`` (``s = 3`` for SD3/SD3.5), spending more steps at high noise;
+    with ``use_dynamic_shifting`` the shift depends on the image size as in the pipeline.
     """
+
+    pipeline_class = "StableDiffusion3Pipeline"
+    frozen_names = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+    default_lora_targets = MMDIT_LORA_TARGET_MODULES
 
     def __init__(
         self,
@@ -138,90 +98,54 @@ class SD3Backbone(nn.Module):
         variant: str | None = None,
         use_t5: bool = True,
     ) -> None:
-        super().__init__()
-        if torch_dtype not in _DTYPES:
-            raise ValueError(
-                f"SD3Backbone: torch_dtype={torch_dtype!r}; expected one of {sorted(_DTYPES)}"
-            )
-        pipeline = _load_pipeline(str(pretrained), _DTYPES[torch_dtype], variant, use_t5)
-        self._setup(pipeline, resolution=resolution, max_sequence_length=max_sequence_length)
-        self.pretrained = str(pretrained)
+        super().__init__(
+            pretrained,
+            torch_dtype=torch_dtype,
+            variant=variant,
+            resolution=resolution,
+            max_sequence_length=max_sequence_length,
+            use_t5=use_t5,
+        )
 
     @classmethod
     def from_pipeline(
         cls, pipeline: Any, *, resolution: int = 512, max_sequence_length: int = 128
     ) -> SD3Backbone:
-        """Wrap an already constructed ``StableDiffusion3Pipeline`` (its modules are shared, not copied)."""
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self._setup(pipeline, resolution=resolution, max_sequence_length=max_sequence_length)
-        self.pretrained = None
-        return self
+        """Wrap an already constructed ``StableDiffusion3Pipeline`` (its modules are shared, not
+        copied)."""
+        return super().from_pipeline(
+            pipeline, resolution=resolution, max_sequence_length=max_sequence_length
+        )
 
-    def _setup(self, pipeline: Any, *, resolution: int, max_sequence_length: int) -> None:
-        transformer = pipeline.transformer
-        if transformer is None or pipeline.vae is None:
-            raise ValueError("SD3Backbone: the pipeline has no transformer or no VAE")
-        vae_factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
-        multiple = vae_factor * transformer.config.patch_size
-        if not isinstance(resolution, int) or resolution <= 0 or resolution % multiple:
-            raise ValueError(
-                f"SD3Backbone: resolution={resolution!r} must be a positive multiple of {multiple} "
-                f"(VAE factor {vae_factor} x patch size {transformer.config.patch_size})"
-            )
-        if not isinstance(max_sequence_length, int) or max_sequence_length < 1:
-            raise ValueError(
-                f"SD3Backbone: max_sequence_length={max_sequence_length!r} must be a positive int"
-            )
-        self.pipeline = pipeline
-        self.resolution = resolution
-        self.max_sequence_length = max_sequence_length
-        self.vae_scale_factor = vae_factor
+    def _load_kwargs(self, pretrained: str, options: dict[str, Any]) -> dict[str, Any]:
+        """Drop T5 (``text_encoder_3``, ``tokenizer_3``) unless ``use_t5`` and the pipeline has
+        it."""
+        if Path(pretrained).expanduser().exists():
+            entry = read_model_index(pretrained).get("text_encoder_3", [None, None])
+            has_t5 = entry[0] is not None
+        else:
+            has_t5 = True  # hub checkpoints of SD3/SD3.5 ship T5
+        if options.get("use_t5", True) and has_t5:
+            return {}
+        return {"text_encoder_3": None, "tokenizer_3": None}
+
+    def _configure(
+        self,
+        pipeline: Any,
+        *,
+        resolution: int = 512,
+        max_sequence_length: int = 128,
+        use_t5: bool = True,  # used when loading (:meth:`_load_kwargs`)
+    ) -> None:
+        config = self.denoiser.config
+        self._configure_image(
+            resolution,
+            max_sequence_length,
+            vae_factor=2 ** (len(pipeline.vae.config.block_out_channels) - 1),
+            patch=config.patch_size,
+            channels=config.in_channels,
+        )
         self.timestep_scale = float(pipeline.scheduler.config.num_train_timesteps)
-        self.denoiser = transformer
-        self.denoiser.requires_grad_(False)
-        frozen = {name: getattr(pipeline, name, None) for name in _FROZEN_NAMES}
-        self._frozen: dict[str, nn.Module] = {k: m for k, m in frozen.items() if m is not None}
-        for module in self._frozen.values():
-            module.requires_grad_(False)
-            module.eval()
-        side = resolution // vae_factor
-        self.sample_shape: tuple[int, int, int] = (int(transformer.config.in_channels), side, side)
-        self.lora_target_modules: list[str] = list(SD3_LORA_TARGET_MODULES)
-
-    # -- frozen components: moved with the module, never registered ---------------------------
-
-    @property
-    def vae(self) -> nn.Module:
-        """The frozen ``AutoencoderKL``."""
-        return self._frozen["vae"]
-
-    @property
-    def frozen_modules(self) -> dict[str, nn.Module]:
-        """The frozen, unregistered components (VAE and text encoders) by pipeline name."""
-        return dict(self._frozen)
-
-    def _apply(self, fn, recurse: bool = True):
-        super()._apply(fn, recurse)
-        if recurse:
-            for module in self._frozen.values():
-                module._apply(fn, recurse)
-        return self
-
-    def train(self, mode: bool = True) -> SD3Backbone:
-        """Set the denoiser's mode; the frozen components always stay in eval mode."""
-        super().train(mode)
-        for module in self._frozen.values():
-            module.eval()
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.denoiser.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.denoiser.dtype
 
     # -- FlowBackbone ---------------------------------------------------------------------------
 
@@ -237,9 +161,7 @@ class SD3Backbone(nn.Module):
             "pooled_prompt_embeds": [B, 2 * clip_projection_dim]}`` on the denoiser's device,
             in the text encoders' dtype.
         """
-        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"SD3Backbone.encode_prompts: expected a list of str, got {prompts!r}")
-        prompts = list(prompts)
+        prompts = self._check_prompts(prompts)
         prompt_embeds, _, pooled, _ = self.pipeline.encode_prompt(
             prompt=prompts,
             prompt_2=prompts,
@@ -262,18 +184,7 @@ class SD3Backbone(nn.Module):
         Returns:
             ``[B, C, H, W]`` velocity in ``x``'s dtype.
         """
-        if x.ndim != 4:
-            raise ValueError(
-                f"SD3Backbone.velocity: x must be [B, C, H, W], got shape {tuple(x.shape)}"
-            )
-        batch = x.shape[0]
-        t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
-        if t.numel() == 1:
-            t = t.reshape(1).expand(batch)
-        if t.shape != (batch,):
-            raise ValueError(
-                f"SD3Backbone.velocity: t must be [B]={batch} or a scalar, got shape {tuple(t.shape)}"
-            )
+        t = self._check_xt(x, t)
         dtype = self.denoiser.dtype
         out = self.denoiser(
             hidden_states=x.to(dtype),
@@ -284,61 +195,15 @@ class SD3Backbone(nn.Module):
         )[0]
         return out.to(x.dtype)
 
-    def decode(self, x: Tensor) -> Tensor:
-        """Decode latents to images in ``[0, 1]``.
-
-        Args:
-            x: latents ``[B, C, H, W]`` in the transformer's (scaled, shifted) space.
-
-        Returns:
-            float32 images ``[B, 3, H * f, W * f]`` in ``[0, 1]`` (``f`` = VAE factor, 8 for SD3).
-        """
-        vae = self.vae
-        config = vae.config
-        shift = config.shift_factor if config.shift_factor is not None else 0.0
-        latents = x.to(vae.dtype) / config.scaling_factor + shift
-        images = vae.decode(latents, return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0.0, 1.0)
-
-    def time_grid(self, steps: int) -> Tensor:
-        """The pipeline scheduler's sampling times for ``steps`` Euler steps (SD3's shifted grid).
-
-        SD3's ``FlowMatchEulerDiscreteScheduler`` spaces ``t`` uniformly and then shifts it,
-        ``t' = s t / (1 + (s - 1) t)`` (``s = 3`` for SD3/SD3.5), spending more steps at high noise;
-        with ``use_dynamic_shifting`` the shift depends on the image size as in the pipeline.
-        A sampler that wants diffusers' default SD3 schedule integrates over this grid.
-
-        Args:
-            steps: number of Euler steps (``>= 1``).
-
-        Returns:
-            float64 ``[steps + 1]`` from ``1`` down to ``0`` (CPU).
-        """
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"SD3Backbone.time_grid: steps={steps!r} must be a positive int")
-        template = self.pipeline.scheduler
-        scheduler = type(template).from_config(template.config)
-        kwargs: dict[str, Any] = {}
-        if scheduler.config.get("use_dynamic_shifting", False):
-            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
-                calculate_shift,
-            )
-
-            patch = self.denoiser.config.patch_size
-            seq_len = (self.sample_shape[1] // patch) * (self.sample_shape[2] // patch)
-            config = scheduler.config
-            kwargs["mu"] = calculate_shift(
-                seq_len,
-                config.get("base_image_seq_len", 256),
-                config.get("max_image_seq_len", 4096),
-                config.get("base_shift", 0.5),
-                config.get("max_shift", 1.16),
-            )
-        scheduler.set_timesteps(steps, device="cpu", **kwargs)
-        return scheduler.sigmas.detach().to(torch.float64).cpu()
+    def _shift_mu(self, scheduler: Any) -> float | None:
+        if not scheduler.config.get("use_dynamic_shifting", False):
+            return None
+        return self._resolution_shift(
+            scheduler, patch=self.denoiser.config.patch_size, max_shift=1.16
+        )
 
     def extra_repr(self) -> str:
         return (
-            f"pretrained={self.pretrained!r}, resolution={self.resolution}, sample_shape={self.sample_shape}, "
-            f"frozen={sorted(self._frozen)}"
+            f"pretrained={self.pretrained!r}, resolution={self.resolution}, "
+            f"sample_shape={self.sample_shape}, frozen={sorted(self._frozen)}"
         )

@@ -5,7 +5,8 @@ A family backbone (:class:`~marble_lightning.backbones.flux.FluxBackbone`,
 :class:`~marble_lightning.backbones.wan.WanBackbone`) subclasses :class:`DiffusersBackbone` and
 adds only what is particular to the family: how prompts are encoded, how the transformer is
 called (packing, ids, guidance embedding, time scale), how latents are decoded and which
-sample shape the model space has. The base does the rest, as ``SD3Backbone`` does for SD3:
+sample shape the model space has. ``SD3Backbone`` (:mod:`marble_lightning.sd3`) is one of
+them too. The base does the rest:
 
 * loading: a local pipeline directory (``model_index.json`` inside) or a hub id, with
   ``torch_dtype`` (``"float32"``, ``"bfloat16"``, ``"float16"``) and an optional weight
@@ -20,8 +21,13 @@ sample shape the model space has. The base does the rest, as ``SD3Backbone`` doe
   (activation checkpointing of the transformer blocks; only forwards with gradients are
   affected, so sampling is unchanged);
 * :meth:`time_grid`: the family's flow-matching scheduler grid (``sigmas``) for ``steps`` Euler
-  steps, computed exactly as the family's pipeline computes it (including FLUX/Qwen's
-  resolution-dependent shift ``mu``).
+  steps, computed exactly as the family's pipeline computes it (including the
+  resolution-dependent shift ``mu`` of SD3 with dynamic shifting, FLUX and Qwen-Image:
+  :meth:`DiffusersBackbone._resolution_shift`);
+* decoding: :meth:`DiffusersBackbone.decode` for an ``AutoencoderKL`` (SD3, FLUX) and
+  :meth:`DiffusersBackbone._decode_normalized` for the Wan-style VAEs (Wan, Qwen-Image);
+* the image families' options (``resolution``, ``max_sequence_length``, the latent sample shape):
+  :meth:`DiffusersBackbone._configure_image`.
 
 Flow convention: every family here uses diffusers' ``FlowMatchEulerDiscreteScheduler`` flow,
 ``x_sigma = sigma eps + (1 - sigma) x0`` and ``x_{sigma'} = x_sigma + (sigma' - sigma) v`` with
@@ -41,10 +47,30 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["DTYPES", "DiffusersBackbone", "load_pipeline", "looks_local"]
+__all__ = [
+    "DTYPES",
+    "MMDIT_LORA_TARGET_MODULES",
+    "DiffusersBackbone",
+    "load_pipeline",
+    "looks_local",
+]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """``torch_dtype`` names accepted by the backbones."""
+
+MMDIT_LORA_TARGET_MODULES: tuple[str, ...] = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+)
+"""Attention projections of a dual-stream (image + text) MMDiT block, as diffusers names them
+(SD3, FLUX, Qwen-Image): the image stream's ``to_*`` and the text stream's ``add_*`` /
+``to_add_out``."""
 
 
 def looks_local(pretrained: str) -> bool:
@@ -91,7 +117,9 @@ def load_pipeline(
             )
         source = str(path)
     elif looks_local(pretrained):
-        raise FileNotFoundError(f"{who}: pretrained pipeline directory {pretrained!r} does not exist")
+        raise FileNotFoundError(
+            f"{who}: pretrained pipeline directory {pretrained!r} does not exist"
+        )
     else:
         source = pretrained
     options: dict[str, Any] = {"torch_dtype": torch_dtype, **kwargs}
@@ -103,7 +131,9 @@ def load_pipeline(
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
             return cls.from_pretrained(source, **options)
     except Exception as err:  # re-raise with the offending path/id in the message
-        raise OSError(f"{who}: could not load a {pipeline_class} from {pretrained!r}: {err}") from err
+        raise OSError(
+            f"{who}: could not load a {pipeline_class} from {pretrained!r}: {err}"
+        ) from err
 
 
 def read_model_index(pretrained: str) -> dict[str, Any]:
@@ -144,18 +174,25 @@ class DiffusersBackbone(nn.Module):
         super().__init__()
         name = type(self).__name__
         if torch_dtype not in DTYPES:
-            raise ValueError(f"{name}: torch_dtype={torch_dtype!r}; expected one of {sorted(DTYPES)}")
+            raise ValueError(
+                f"{name}: torch_dtype={torch_dtype!r}; expected one of {sorted(DTYPES)}"
+            )
         kwargs = self._load_kwargs(str(pretrained), options)
         pipeline = load_pipeline(
-            self.pipeline_class, str(pretrained), torch_dtype=DTYPES[torch_dtype],
-            variant=variant, who=name, **kwargs,
+            self.pipeline_class,
+            str(pretrained),
+            torch_dtype=DTYPES[torch_dtype],
+            variant=variant,
+            who=name,
+            **kwargs,
         )
         self._setup(pipeline, gradient_checkpointing=gradient_checkpointing, **options)
         self.pretrained = str(pretrained)
 
     @classmethod
     def from_pipeline(cls, pipeline: Any, *, gradient_checkpointing: bool = False, **options: Any):
-        """Wrap an already constructed pipeline of the family (its modules are shared, not copied)."""
+        """Wrap an already constructed pipeline of the family (its modules are shared, not
+        copied)."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._setup(pipeline, gradient_checkpointing=gradient_checkpointing, **options)
@@ -174,15 +211,20 @@ class DiffusersBackbone(nn.Module):
 
     # -- shared set-up ---------------------------------------------------------------------------
 
-    def _setup(self, pipeline: Any, *, gradient_checkpointing: bool = False, **options: Any) -> None:
+    def _setup(
+        self, pipeline: Any, *, gradient_checkpointing: bool = False, **options: Any
+    ) -> None:
         name = type(self).__name__
         transformer = getattr(pipeline, "transformer", None)
         if transformer is None or getattr(pipeline, "vae", None) is None:
             raise ValueError(f"{name}: the pipeline has no transformer or no VAE")
         if not isinstance(gradient_checkpointing, bool):
-            raise TypeError(f"{name}: gradient_checkpointing={gradient_checkpointing!r} must be a bool")
+            raise TypeError(
+                f"{name}: gradient_checkpointing={gradient_checkpointing!r} must be a bool"
+            )
         self.pipeline = pipeline
         self.denoiser = transformer
+        self._configure(pipeline, **options)  # checks the options before anything is frozen
         self.denoiser.requires_grad_(False)
         frozen = {n: getattr(pipeline, n, None) for n in self.frozen_names}
         self._frozen: dict[str, nn.Module] = {
@@ -195,14 +237,19 @@ class DiffusersBackbone(nn.Module):
         self.gradient_checkpointing = gradient_checkpointing
         if gradient_checkpointing:
             if not getattr(transformer, "_supports_gradient_checkpointing", False):
-                raise ValueError(f"{name}: {type(transformer).__name__} has no gradient checkpointing")
+                raise ValueError(
+                    f"{name}: {type(transformer).__name__} has no gradient checkpointing"
+                )
             transformer.enable_gradient_checkpointing()
-        self._configure(pipeline, **options)
 
-    def _check_resolution(self, value: Any, multiple: int, what: str = "resolution") -> int:
+    def _check_resolution(
+        self, value: Any, multiple: int, what: str = "resolution", why: str = ""
+    ) -> int:
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % multiple:
+            reason = f" ({why})" if why else ""
             raise ValueError(
-                f"{type(self).__name__}: {what}={value!r} must be a positive multiple of {multiple}"
+                f"{type(self).__name__}: {what}={value!r} must be a positive multiple of "
+                f"{multiple}{reason}"
             )
         return value
 
@@ -210,6 +257,28 @@ class DiffusersBackbone(nn.Module):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{type(self).__name__}: {what}={value!r} must be a positive int")
         return value
+
+    def _configure_image(
+        self,
+        resolution: Any,
+        max_sequence_length: Any,
+        *,
+        vae_factor: int,
+        patch: int,
+        channels: int,
+    ) -> None:
+        """Check and set ``resolution`` (a multiple of ``vae_factor * patch``) and
+        ``max_sequence_length``; set ``vae_scale_factor`` and the square latent ``sample_shape``
+        ``(channels, resolution / vae_factor, resolution / vae_factor)``."""
+        self.resolution = self._check_resolution(
+            resolution, vae_factor * patch, why=f"VAE factor {vae_factor} x patch size {patch}"
+        )
+        self.max_sequence_length = self._check_positive_int(
+            max_sequence_length, "max_sequence_length"
+        )
+        self.vae_scale_factor = vae_factor
+        side = resolution // vae_factor
+        self.sample_shape = (int(channels), side, side)
 
     def _check_prompts(self, prompts: Any) -> list[str]:
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
@@ -219,7 +288,8 @@ class DiffusersBackbone(nn.Module):
         return list(prompts)
 
     def _check_xt(self, x: Tensor, t: Tensor) -> Tensor:
-        """``t`` as float32 ``[B]`` on ``x``'s device; checks ``x``'s shape against ``sample_shape``."""
+        """``t`` as float32 ``[B]`` on ``x``'s device; checks ``x``'s shape against
+        ``sample_shape``."""
         name = type(self).__name__
         if x.ndim != len(self.sample_shape) + 1:
             dims = "B, C, F, H, W" if len(self.sample_shape) == 4 else "B, C, H, W"
@@ -268,10 +338,43 @@ class DiffusersBackbone(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.denoiser.dtype
 
+    # -- decoding --------------------------------------------------------------------------------
+
+    def decode(self, x: Tensor) -> Tensor:
+        """Decode latents ``[B, C, H, W]`` with an ``AutoencoderKL`` (SD3, FLUX).
+
+        The transformer's latent space is the VAE's, scaled and shifted:
+        ``latents / scaling_factor + shift_factor`` goes through the VAE.
+
+        Returns:
+            float32 images ``[B, 3, H f, W f]`` in ``[0, 1]`` (``f`` = VAE factor).
+        """
+        vae = self.vae
+        config = vae.config
+        shift = config.shift_factor if config.shift_factor is not None else 0.0
+        images = vae.decode(x.to(vae.dtype) / config.scaling_factor + shift, return_dict=False)[0]
+        return _to_unit(images)
+
+    def _decode_normalized(self, x: Tensor) -> Tensor:
+        """Decode 5-D latents ``[B, C, F, H, W]`` with a Wan-style VAE (Wan, Qwen-Image).
+
+        ``latents * latents_std + latents_mean`` (per channel) goes through the VAE.
+
+        Returns:
+            float32 ``[B, 3, F', H', W']`` in ``[0, 1]``.
+        """
+        vae = self.vae
+        config = vae.config
+        z = config.z_dim
+        mean = torch.tensor(config.latents_mean).view(1, z, 1, 1, 1).to(x.device, vae.dtype)
+        std = torch.tensor(config.latents_std).view(1, z, 1, 1, 1).to(x.device, vae.dtype)
+        return _to_unit(vae.decode(x.to(vae.dtype) / (1.0 / std) + mean, return_dict=False)[0])
+
     # -- the sampler's grid ----------------------------------------------------------------------
 
     def _shift_mu(self, scheduler: Any) -> float | None:
-        """The resolution-dependent shift ``mu`` the pipeline passes (``None``: the family has none)."""
+        """The resolution-dependent shift ``mu`` the pipeline passes (``None``: the family has
+        none)."""
         return None
 
     def _pipeline_sigmas(self, steps: int) -> Any:
@@ -288,7 +391,9 @@ class DiffusersBackbone(nn.Module):
             float64 ``[steps + 1]`` from ``1`` down to ``0`` (CPU).
         """
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise ValueError(f"{type(self).__name__}.time_grid: steps={steps!r} must be a positive int")
+            raise ValueError(
+                f"{type(self).__name__}.time_grid: steps={steps!r} must be a positive int"
+            )
         scheduler = self._euler_scheduler()
         kwargs: dict[str, Any] = {}
         sigmas = self._pipeline_sigmas(steps)
@@ -308,6 +413,23 @@ class DiffusersBackbone(nn.Module):
         template = self.pipeline.scheduler
         return type(template).from_config(template.config)
 
+    def _resolution_shift(self, scheduler: Any, patch: int, max_shift: float) -> float:
+        """The pipelines' ``calculate_shift`` of the image-token count (``patch x patch`` patches
+        of the latent), with the scheduler config's shift parameters (``max_shift``: the default
+        when the config has none; SD3 uses 1.16, FLUX and Qwen-Image 1.15)."""
+        # SD3's, FLUX's and Qwen-Image's ``calculate_shift`` are one function, copied
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        c = scheduler.config
+        seq_len = (self.sample_shape[1] // patch) * (self.sample_shape[2] // patch)
+        return calculate_shift(
+            seq_len,
+            c.get("base_image_seq_len", 256),
+            c.get("max_image_seq_len", 4096),
+            c.get("base_shift", 0.5),
+            c.get("max_shift", max_shift),
+        )
+
     @staticmethod
     def _flux_sigmas(steps: int) -> np.ndarray:
         """FLUX / Qwen-Image pipelines' ``sigmas``: ``linspace(1, 1 / steps, steps)``."""
@@ -318,3 +440,8 @@ class DiffusersBackbone(nn.Module):
             f"pretrained={self.pretrained!r}, sample_shape={self.sample_shape}, "
             f"frozen={sorted(self._frozen)}, gradient_checkpointing={self.gradient_checkpointing}"
         )
+
+
+def _to_unit(images: Tensor) -> Tensor:
+    """VAE output in ``[-1, 1]`` -> float32 in ``[0, 1]``."""
+    return (images.float() / 2 + 0.5).clamp(0.0, 1.0)

@@ -1,4 +1,5 @@
-"""``FluxBackbone``: FLUX.1-dev / FLUX.1-schnell (diffusers ``FluxPipeline``) as a :class:`FlowBackbone`.
+"""``FluxBackbone``: FLUX.1-dev / FLUX.1-schnell (diffusers ``FluxPipeline``) as a
+:class:`FlowBackbone`.
 
 What the pipeline does and we reproduce (checked against ``FluxPipeline`` by
 ``tests/test_backbones_flux.py``):
@@ -28,20 +29,11 @@ import torch
 from torch import Tensor
 
 from marble_lightning.backbone import Conditioning
-from marble_lightning.backbones._diffusers import DiffusersBackbone
+from marble_lightning.backbones._diffusers import MMDIT_LORA_TARGET_MODULES, DiffusersBackbone
 
 __all__ = ["FLUX_LORA_TARGET_MODULES", "FluxBackbone", "pack_latents", "unpack_latents"]
 
-FLUX_LORA_TARGET_MODULES: list[str] = [
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "add_q_proj",
-    "add_k_proj",
-    "add_v_proj",
-    "to_add_out",
-]
+FLUX_LORA_TARGET_MODULES: list[str] = list(MMDIT_LORA_TARGET_MODULES)
 """Attention projections of FLUX's double-stream (image + text) and single-stream blocks."""
 
 
@@ -104,31 +96,44 @@ class FluxBackbone(DiffusersBackbone):
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__(
-            pretrained, torch_dtype=torch_dtype, variant=variant,
-            gradient_checkpointing=gradient_checkpointing, resolution=resolution,
-            max_sequence_length=max_sequence_length, guidance_scale=guidance_scale,
+            pretrained,
+            torch_dtype=torch_dtype,
+            variant=variant,
+            gradient_checkpointing=gradient_checkpointing,
+            resolution=resolution,
+            max_sequence_length=max_sequence_length,
+            guidance_scale=guidance_scale,
         )
 
     def _configure(
-        self, pipeline: Any, *, resolution: int = 512, max_sequence_length: int = 512,
+        self,
+        pipeline: Any,
+        *,
+        resolution: int = 512,
+        max_sequence_length: int = 512,
         guidance_scale: float = 3.5,
     ) -> None:
-        transformer = self.denoiser
-        vae_factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
-        self.resolution = self._check_resolution(resolution, 2 * vae_factor)
-        self.max_sequence_length = self._check_positive_int(max_sequence_length, "max_sequence_length")
+        config = self.denoiser.config
+        self._configure_image(
+            resolution,
+            max_sequence_length,
+            vae_factor=2 ** (len(pipeline.vae.config.block_out_channels) - 1),
+            patch=2,
+            channels=config.in_channels // 4,
+        )
         self.guidance_scale = float(guidance_scale)
-        self.guidance_embeds = bool(transformer.config.guidance_embeds)
-        self.vae_scale_factor = vae_factor
-        side = resolution // vae_factor
-        self.sample_shape = (int(transformer.config.in_channels) // 4, side, side)
+        self.guidance_embeds = bool(config.guidance_embeds)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        """``{"prompt_embeds": [B, max_sequence_length, D_t5], "pooled_prompt_embeds": [B, D_clip]}``."""
+        """``{"prompt_embeds": [B, max_sequence_length, D_t5],
+        "pooled_prompt_embeds": [B, D_clip]}``."""
         prompts = self._check_prompts(prompts)
         prompt_embeds, pooled, _ = self.pipeline.encode_prompt(
-            prompt=prompts, prompt_2=prompts, device=self.device, num_images_per_prompt=1,
+            prompt=prompts,
+            prompt_2=prompts,
+            device=self.device,
+            num_images_per_prompt=1,
             max_sequence_length=self.max_sequence_length,
         )
         return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
@@ -154,25 +159,10 @@ class FluxBackbone(DiffusersBackbone):
         )[0]
         return unpack_latents(out, h, w).to(x.dtype)
 
-    def decode(self, x: Tensor) -> Tensor:
-        """Latents ``[B, C, H, W]`` -> float32 images ``[B, 3, H f, W f]`` in ``[0, 1]``."""
-        vae = self.vae
-        config = vae.config
-        shift = config.shift_factor if config.shift_factor is not None else 0.0
-        images = vae.decode(x.to(vae.dtype) / config.scaling_factor + shift, return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0.0, 1.0)
-
     def _pipeline_sigmas(self, steps: int) -> Any:
         if self.pipeline.scheduler.config.get("use_flow_sigmas", False):
             return None
         return self._flux_sigmas(steps)
 
     def _shift_mu(self, scheduler: Any) -> float | None:
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-        c = scheduler.config
-        seq_len = (self.sample_shape[1] // 2) * (self.sample_shape[2] // 2)
-        return calculate_shift(
-            seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-            c.get("base_shift", 0.5), c.get("max_shift", 1.15),
-        )
+        return self._resolution_shift(scheduler, patch=2, max_shift=1.15)

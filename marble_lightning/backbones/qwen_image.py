@@ -31,21 +31,12 @@ import torch
 from torch import Tensor
 
 from marble_lightning.backbone import Conditioning
-from marble_lightning.backbones._diffusers import DiffusersBackbone
+from marble_lightning.backbones._diffusers import MMDIT_LORA_TARGET_MODULES, DiffusersBackbone
 from marble_lightning.backbones.flux import pack_latents, unpack_latents
 
 __all__ = ["QWEN_IMAGE_LORA_TARGET_MODULES", "QwenImageBackbone"]
 
-QWEN_IMAGE_LORA_TARGET_MODULES: list[str] = [
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "add_q_proj",
-    "add_k_proj",
-    "add_v_proj",
-    "to_add_out",
-]
+QWEN_IMAGE_LORA_TARGET_MODULES: list[str] = list(MMDIT_LORA_TARGET_MODULES)
 """Attention projections of Qwen-Image's dual-stream MMDiT blocks (image and text streams)."""
 
 
@@ -81,34 +72,44 @@ class QwenImageBackbone(DiffusersBackbone):
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__(
-            pretrained, torch_dtype=torch_dtype, variant=variant,
-            gradient_checkpointing=gradient_checkpointing, resolution=resolution,
+            pretrained,
+            torch_dtype=torch_dtype,
+            variant=variant,
+            gradient_checkpointing=gradient_checkpointing,
+            resolution=resolution,
             max_sequence_length=max_sequence_length,
         )
 
-    def _configure(self, pipeline: Any, *, resolution: int = 512, max_sequence_length: int = 512) -> None:
-        vae_factor = int(pipeline.vae_scale_factor)
-        self.resolution = self._check_resolution(resolution, 2 * vae_factor)
-        self.max_sequence_length = self._check_positive_int(max_sequence_length, "max_sequence_length")
+    def _configure(
+        self, pipeline: Any, *, resolution: int = 512, max_sequence_length: int = 512
+    ) -> None:
+        config = self.denoiser.config
+        self._configure_image(
+            resolution,
+            max_sequence_length,
+            vae_factor=int(pipeline.vae_scale_factor),
+            patch=2,
+            channels=config.in_channels // 4,
+        )
         if max_sequence_length > 1024:
             raise ValueError(
                 f"QwenImageBackbone: max_sequence_length={max_sequence_length} must be <= 1024"
             )
-        self.vae_scale_factor = vae_factor
-        self.guidance_embeds = bool(self.denoiser.config.guidance_embeds)
-        side = resolution // vae_factor
-        self.sample_shape = (int(self.denoiser.config.in_channels) // 4, side, side)
+        self.guidance_embeds = bool(config.guidance_embeds)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        """``{"prompt_embeds": [B, L, D], "prompt_embeds_mask": [B, L]}`` with ``L = max_sequence_length``."""
+        """``{"prompt_embeds": [B, L, D], "prompt_embeds_mask": [B, L]}`` with
+        ``L = max_sequence_length``."""
         prompts = self._check_prompts(prompts)
         embeds, mask = self.pipeline._get_qwen_prompt_embeds(prompts, self.device)
         embeds = embeds[:, : self.max_sequence_length]
         mask = mask[:, : self.max_sequence_length]
         pad = self.max_sequence_length - embeds.shape[1]
         if pad > 0:
-            embeds = torch.cat([embeds, embeds.new_zeros(embeds.shape[0], pad, embeds.shape[2])], dim=1)
+            embeds = torch.cat(
+                [embeds, embeds.new_zeros(embeds.shape[0], pad, embeds.shape[2])], dim=1
+            )
             mask = torch.cat([mask, mask.new_zeros(mask.shape[0], pad)], dim=1)
         return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
 
@@ -133,24 +134,10 @@ class QwenImageBackbone(DiffusersBackbone):
 
     def decode(self, x: Tensor) -> Tensor:
         """Latents ``[B, C, H, W]`` -> float32 images ``[B, 3, H f, W f]`` in ``[0, 1]``."""
-        vae = self.vae
-        config = vae.config
-        z = config.z_dim
-        mean = torch.tensor(config.latents_mean).view(1, z, 1, 1, 1).to(x.device, vae.dtype)
-        std = torch.tensor(config.latents_std).view(1, z, 1, 1, 1).to(x.device, vae.dtype)
-        latents = x.to(vae.dtype)[:, :, None] / (1.0 / std) + mean
-        images = vae.decode(latents, return_dict=False)[0][:, :, 0]
-        return (images.float() / 2 + 0.5).clamp(0.0, 1.0)
+        return self._decode_normalized(x[:, :, None])[:, :, 0]  # one frame of the video VAE
 
     def _pipeline_sigmas(self, steps: int) -> Any:
         return self._flux_sigmas(steps)
 
     def _shift_mu(self, scheduler: Any) -> float | None:
-        from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
-
-        c = scheduler.config
-        seq_len = (self.sample_shape[1] // 2) * (self.sample_shape[2] // 2)
-        return calculate_shift(
-            seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-            c.get("base_shift", 0.5), c.get("max_shift", 1.15),
-        )
+        return self._resolution_shift(scheduler, patch=2, max_shift=1.15)

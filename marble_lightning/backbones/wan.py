@@ -1,4 +1,5 @@
-"""``WanBackbone``: Wan 2.1 / 2.2 text-to-video (diffusers ``WanPipeline``) as a :class:`FlowBackbone`.
+"""``WanBackbone``: Wan 2.1 / 2.2 text-to-video (diffusers ``WanPipeline``) as a
+:class:`FlowBackbone`.
 
 What the pipeline does and we reproduce (checked against ``WanPipeline`` by
 ``tests/test_backbones_wan.py``):
@@ -39,7 +40,8 @@ WAN_LORA_TARGET_MODULES: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 class WanBackbone(DiffusersBackbone):
-    """Wan text-to-video latent flow model implementing :class:`~marble_lightning.backbone.FlowBackbone`.
+    """Wan text-to-video latent flow model implementing
+    :class:`~marble_lightning.backbone.FlowBackbone`.
 
     Args:
         pretrained: a local ``WanPipeline`` directory or a hub id (e.g. Wan2.1-T2V-1.3B-Diffusers).
@@ -75,13 +77,23 @@ class WanBackbone(DiffusersBackbone):
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__(
-            pretrained, torch_dtype=torch_dtype, variant=variant,
-            gradient_checkpointing=gradient_checkpointing, height=height, width=width,
-            num_frames=num_frames, max_sequence_length=max_sequence_length,
+            pretrained,
+            torch_dtype=torch_dtype,
+            variant=variant,
+            gradient_checkpointing=gradient_checkpointing,
+            height=height,
+            width=width,
+            num_frames=num_frames,
+            max_sequence_length=max_sequence_length,
         )
 
     def _configure(
-        self, pipeline: Any, *, height: int = 480, width: int = 832, num_frames: int = 33,
+        self,
+        pipeline: Any,
+        *,
+        height: int = 480,
+        width: int = 832,
+        num_frames: int = 33,
         max_sequence_length: int = 512,
     ) -> None:
         if getattr(pipeline, "transformer_2", None) is not None:
@@ -97,7 +109,9 @@ class WanBackbone(DiffusersBackbone):
         self.num_frames = self._check_positive_int(num_frames, "num_frames")
         if (num_frames - 1) % temporal:
             raise ValueError(f"WanBackbone: num_frames={num_frames} must be 1 + {temporal} k")
-        self.max_sequence_length = self._check_positive_int(max_sequence_length, "max_sequence_length")
+        self.max_sequence_length = self._check_positive_int(
+            max_sequence_length, "max_sequence_length"
+        )
         self.expand_timesteps = bool(pipeline.config.get("expand_timesteps", False))
         self.vae_scale_factor_spatial = spatial
         self.vae_scale_factor_temporal = temporal
@@ -114,7 +128,9 @@ class WanBackbone(DiffusersBackbone):
         """``{"prompt_embeds": [B, max_sequence_length, D]}`` (zeros after each prompt's tokens)."""
         prompts = self._check_prompts(prompts)
         embeds = self.pipeline._get_t5_prompt_embeds(
-            prompt=prompts, num_videos_per_prompt=1, max_sequence_length=self.max_sequence_length,
+            prompt=prompts,
+            num_videos_per_prompt=1,
+            max_sequence_length=self.max_sequence_length,
             device=self.device,
         )
         return {"prompt_embeds": embeds}
@@ -137,14 +153,9 @@ class WanBackbone(DiffusersBackbone):
         return out.to(x.dtype)
 
     def decode(self, x: Tensor) -> Tensor:
-        """Latent videos ``[B, C, F, H, W]`` -> float32 videos ``[B, F', 3, H', W']`` in ``[0, 1]``."""
-        vae = self.vae
-        config = vae.config
-        z = config.z_dim
-        mean = torch.tensor(config.latents_mean).view(1, z, 1, 1, 1).to(x.device, vae.dtype)
-        std = torch.tensor(config.latents_std).view(1, z, 1, 1, 1).to(x.device, vae.dtype)
-        video = vae.decode(x.to(vae.dtype) / (1.0 / std) + mean, return_dict=False)[0]
-        return (video.float() / 2 + 0.5).clamp(0.0, 1.0).permute(0, 2, 1, 3, 4)
+        """Latent videos ``[B, C, F, H, W]`` -> float32 videos ``[B, F', 3, H', W']`` in
+        ``[0, 1]``."""
+        return self._decode_normalized(x).permute(0, 2, 1, 3, 4)
 
     def _euler_scheduler(self) -> Any:
         from diffusers import FlowMatchEulerDiscreteScheduler
