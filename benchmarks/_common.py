@@ -35,7 +35,11 @@ def environment_markdown() -> str:
     env = environment()
     alloc = env.pop("allocator")
     alloc_text = "set" if all(alloc.values()) else f"NOT set ({alloc}); timings are not comparable"
-    return "Environment: " + ", ".join(f"{k}={v}" for k, v in env.items()) + f", allocator {alloc_text}"
+    return (
+        "Environment: "
+        + ", ".join(f"{k}={v}" for k, v in env.items())
+        + f", allocator {alloc_text}"
+    )
 
 
 class ProjectionReward(RewardModel):
@@ -47,7 +51,9 @@ class ProjectionReward(RewardModel):
     def __init__(self, seed: int, name: str | None = None) -> None:
         super().__init__(name or f"proj{seed}")
         gen = torch.Generator().manual_seed(seed)
-        self.register_buffer("direction", torch.randn(3 * 8 * 8, generator=gen) / 13.9, persistent=False)
+        self.register_buffer(
+            "direction", torch.randn(3 * 8 * 8, generator=gen) / 13.9, persistent=False
+        )
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         small = torch.nn.functional.adaptive_avg_pool2d(images.float(), 8).flatten(1)
@@ -55,7 +61,8 @@ class ProjectionReward(RewardModel):
 
 
 def toy_rewards(k: int) -> list[RewardModel]:
-    """The toy world's real rewards first (composition, ocr, quality, jpeg, clip), then synthetic."""
+    """The toy world's real rewards first (composition, ocr, quality, jpeg, clip), then
+    synthetic."""
     from marble_lightning.toy.rewards import default_rewards
 
     rewards: list[RewardModel] = list(default_rewards())[:k]
@@ -74,10 +81,10 @@ class StepTimer(Callback):
         self.phases: list[dict[str, float]] = []
         self._start = 0.0
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: D102
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._start = time.perf_counter()
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.times.append(time.perf_counter() - self._start)
         metrics = trainer.callback_metrics
         self.phases.append({k: float(v) for k, v in metrics.items() if k.startswith("time/")})

@@ -7,10 +7,12 @@ as ``FluxBackbone(gradient_checkpointing=...)`` sets it up (diffusers'
 
 * ``saved``: bytes of the tensors autograd keeps for the backward (``saved_tensors_hooks``):
   the activation memory checkpointing trades for recomputation (deterministic, any device);
-* ``peak``: CPU: peak RSS growth over the step (``ru_maxrss`` minus the RSS before; first step); CUDA: ``max_memory_allocated``;
+* ``peak``: CPU: peak RSS growth over the step (``ru_maxrss`` minus the RSS before; first step);
+  CUDA: ``max_memory_allocated``;
 * ``time``: wall time of the step.
 
-    python benchmarks/checkpointing_memory.py [--device cuda] [--out benchmarks/results/checkpointing_memory.json]
+    python benchmarks/checkpointing_memory.py [--device cuda] \
+        [--out benchmarks/results/checkpointing_memory.json]
 """
 
 from __future__ import annotations
@@ -39,19 +41,29 @@ def child(checkpointing: bool, device: str) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(1)
     model = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=4, num_single_layers=8, attention_head_dim=32,
-        num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=32,
-        guidance_embeds=True, axes_dims_rope=(8, 12, 12),
+        patch_size=1,
+        in_channels=64,
+        num_layers=4,
+        num_single_layers=8,
+        attention_head_dim=32,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=(8, 12, 12),
     ).to(device)
     model.requires_grad_(False)
-    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=FLUX_LORA_TARGET_MODULES), "policy")
+    model.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=FLUX_LORA_TARGET_MODULES), "policy"
+    )
     if checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
     b, c, h, w, seq = 4, 16, 64, 64, 32
     x = torch.randn(b, c, h, w, device=device)
     kwargs = {
-        "hidden_states": pack_latents(x), "timestep": torch.full((b,), 0.5, device=device),
+        "hidden_states": pack_latents(x),
+        "timestep": torch.full((b,), 0.5, device=device),
         "guidance": torch.full((b,), 3.5, device=device),
         "pooled_projections": torch.randn(b, 32, device=device),
         "encoder_hidden_states": torch.randn(b, seq, 64, device=device),
@@ -89,7 +101,12 @@ def child(checkpointing: bool, device: str) -> dict:
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
         peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 2**10
-    return {"checkpointing": checkpointing, "saved_mb": saved[0] / 2**20, "peak_mb": peak, "time_s": elapsed}
+    return {
+        "checkpointing": checkpointing,
+        "saved_mb": saved[0] / 2**20,
+        "peak_mb": peak,
+        "time_s": elapsed,
+    }
 
 
 def main() -> None:
@@ -103,19 +120,30 @@ def main() -> None:
         return
     rows = []
     for flag in ("0", "1"):
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", flag, "--device", args.device],
-            check=True, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
-        ).stdout.strip().splitlines()[-1]
+        out = (
+            subprocess.run(
+                [sys.executable, __file__, "--child", flag, "--device", args.device],
+                check=True,
+                capture_output=True,
+                text=True,
+                env={**os.environ, "PYTHONWARNINGS": "ignore"},
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
         rows.append(json.loads(out))
     off, on = rows
     print("| gradient checkpointing | saved activations (MB) | peak (MB) | step time (s) |")
     print("|---|---|---|---|")
     for row in rows:
-        print(f"| {'on' if row['checkpointing'] else 'off'} | {row['saved_mb']:.1f} | {row['peak_mb']:.1f} | {row['time_s']:.2f} |")
+        print(
+            f"| {'on' if row['checkpointing'] else 'off'} | {row['saved_mb']:.1f} "
+            f"| {row['peak_mb']:.1f} | {row['time_s']:.2f} |"
+        )
     print(
         f"\nratio on/off: saved activations {on['saved_mb'] / off['saved_mb']:.3f}, "
-        f"peak {on['peak_mb'] / max(off['peak_mb'], 1e-9):.3f}, time {on['time_s'] / off['time_s']:.2f}"
+        f"peak {on['peak_mb'] / max(off['peak_mb'], 1e-9):.3f}, "
+        f"time {on['time_s'] / off['time_s']:.2f}"
     )
     if args.out:
         Path(args.out).write_text(json.dumps({"device": args.device, "rows": rows}, indent=2))

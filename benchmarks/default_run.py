@@ -24,14 +24,20 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ALLOCATOR_VARS, environment_markdown  # noqa: E402
+from _common import environment_markdown
 
-ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "100000000000",
-             "MALLOC_TOP_PAD_": "1073741824"}
+ALLOCATOR = {
+    "MALLOC_MMAP_THRESHOLD_": "33554432",
+    "MALLOC_TRIM_THRESHOLD_": "100000000000",
+    "MALLOC_TOP_PAD_": "1073741824",
+}
 
 
-def run_seed(config: dict, seed: int, out: Path, max_steps: int | None, threads: int | None = None) -> tuple[Path, float]:
-    """Run one seed of ``config`` under ``out/seed<seed>``; returns (report history.json, wall seconds).
+def run_seed(
+    config: dict, seed: int, out: Path, max_steps: int | None, threads: int | None = None
+) -> tuple[Path, float]:
+    """Run one seed of ``config`` under ``out/seed<seed>``; returns (report history.json, wall
+    seconds).
 
     A finished run leaves ``done.json`` (its config, report path and wall time); calling again with
     the same config returns that run instead of training again, so an interrupted sweep resumes
@@ -60,12 +66,20 @@ def run_seed(config: dict, seed: int, out: Path, max_steps: int | None, threads:
         env["OMP_NUM_THREADS"] = str(threads)
     start = time.perf_counter()
     with open(root / "fit.log", "w") as log:
-        proc = subprocess.run([sys.executable, "-m", "marble_lightning", "fit", "--config", str(cfg_path)],
-                              stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.run(
+            [sys.executable, "-m", "marble_lightning", "fit", "--config", str(cfg_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
-        raise RuntimeError(f"seed {seed} failed with exit code {proc.returncode}; see {root / 'fit.log'}")
-    reports = sorted(root.glob("lightning_logs/version_*/report/history.json"), key=lambda p: p.stat().st_mtime)
+        raise RuntimeError(
+            f"seed {seed} failed with exit code {proc.returncode}; see {root / 'fit.log'}"
+        )
+    reports = sorted(
+        root.glob("lightning_logs/version_*/report/history.json"), key=lambda p: p.stat().st_mtime
+    )
     if not reports:
         raise RuntimeError(f"seed {seed}: no report/history.json under {root}")
     done.write_text(json.dumps({"config": cfg, "report": str(reports[-1]), "elapsed": elapsed}))
@@ -82,15 +96,23 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default="configs/marble.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--out", default="runs/default_run")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="seeds run concurrently (each with OMP_NUM_THREADS = cores // jobs); wall times "
-                             "are then not those of a lone run")
-    parser.add_argument("--collect", action="store_true", help="only summarise the runs already under --out")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="seeds run concurrently (each with OMP_NUM_THREADS = cores // jobs); wall times "
+        "are then not those of a lone run",
+    )
+    parser.add_argument(
+        "--collect", action="store_true", help="only summarise the runs already under --out"
+    )
     args = parser.parse_args(argv)
     for key, value in ALLOCATOR.items():  # the runs get these; record what they ran under
         os.environ.setdefault(key, value)
@@ -99,15 +121,20 @@ def main(argv: list[str] | None = None) -> None:
     runs = []
     if args.collect:
         for seed in args.seeds:
-            reports = sorted((out / f"seed{seed}").glob("lightning_logs/version_*/report/history.json"),
-                             key=lambda p: p.stat().st_mtime)
+            reports = sorted(
+                (out / f"seed{seed}").glob("lightning_logs/version_*/report/history.json"),
+                key=lambda p: p.stat().st_mtime,
+            )
             runs.append((seed, json.loads(reports[-1].read_text()), float("nan")))
     else:
         from concurrent.futures import ThreadPoolExecutor
 
         threads = max(1, (os.cpu_count() or 2) // args.jobs) if args.jobs > 1 else None
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            futures = {seed: pool.submit(run_seed, config, seed, out, args.max_steps, threads) for seed in args.seeds}
+            futures = {
+                seed: pool.submit(run_seed, config, seed, out, args.max_steps, threads)
+                for seed in args.seeds
+            }
             for seed, future in futures.items():
                 path, elapsed = future.result()
                 runs.append((seed, json.loads(path.read_text()), elapsed))
@@ -115,20 +142,32 @@ def main(argv: list[str] | None = None) -> None:
 
     trained = runs[0][1]["names"]
     names = runs[0][1].get("eval_names", trained)
-    lines = [environment_markdown(), "",
-             f"`{args.config}`, seeds {args.seeds}, "
-             + (f"{args.jobs} runs at a time on {max(1, (os.cpu_count() or 2) // args.jobs)} thread(s) each, "
-                if args.jobs > 1 else "one run at a time, ")
-             + "fit wall time per run: "
-             + ", ".join(f"{e / 60:.1f} min" for _, _, e in runs), "",
-             "| reward | base | final | gain over runs (SE) | paired per-image gain (SE, n) | > 2 SE |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        environment_markdown(),
+        "",
+        f"`{args.config}`, seeds {args.seeds}, "
+        + (
+            f"{args.jobs} runs at a time on "
+            f"{max(1, (os.cpu_count() or 2) // args.jobs)} thread(s) each, "
+            if args.jobs > 1
+            else "one run at a time, "
+        )
+        + "fit wall time per run: "
+        + ", ".join(f"{e / 60:.1f} min" for _, _, e in runs),
+        "",
+        "| reward | base | final | gain over runs (SE) | paired per-image gain (SE, n) | > 2 SE |",
+        "|---|---|---|---|---|---|",
+    ]
     verdict = {}
     for k, name in enumerate(names):
         bases, finals, gains, paired = [], [], [], []
         for _, rec, _ in runs:
             first, last = rec["eval_samples"][0], rec["eval_samples"][-1]
-            pairs = [(a[k], b[k]) for a, b in zip(first, last) if not (math.isnan(a[k]) or math.isnan(b[k]))]
+            pairs = [
+                (a[k], b[k])
+                for a, b in zip(first, last)
+                if not (math.isnan(a[k]) or math.isnan(b[k]))
+            ]
             if not pairs:
                 continue
             b = sum(p[0] for p in pairs) / len(pairs)
@@ -143,8 +182,12 @@ def main(argv: list[str] | None = None) -> None:
         ok = ok and pg > 2 * pg_se
         if name in trained:
             verdict[name] = ok
-        lines.append(f"| {name if name in trained else name + ' (evaluation only)'} | {sum(bases) / len(bases):.4f} | {sum(finals) / len(finals):.4f} | "
-                     f"{g:+.4f} ({g_se:.4f}) | {pg:+.4f} ({pg_se:.4f}, {len(paired)}) | {'yes' if ok else 'NO'} |")
+        lines.append(
+            f"| {name if name in trained else name + ' (evaluation only)'} "
+            f"| {sum(bases) / len(bases):.4f} | {sum(finals) / len(finals):.4f} | "
+            f"{g:+.4f} ({g_se:.4f}) | {pg:+.4f} ({pg_se:.4f}, {len(paired)}) "
+            f"| {'yes' if ok else 'NO'} |"
+        )
     table = "\n".join(lines)
     print(table)
     (out / "summary.md").write_text(table + "\n")

@@ -31,13 +31,25 @@ from marble_lightning.harmonize import harmonize_gram
 from marble_lightning.sharding import block_lists
 
 SIZES = {
-    "flux": {"num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128, "num_attention_heads": 24},
-    "small": {"num_layers": 2, "num_single_layers": 4, "attention_head_dim": 64, "num_attention_heads": 4},
+    "flux": {
+        "num_layers": 19,
+        "num_single_layers": 38,
+        "attention_head_dim": 128,
+        "num_attention_heads": 24,
+    },
+    "small": {
+        "num_layers": 2,
+        "num_single_layers": 4,
+        "attention_head_dim": 64,
+        "num_attention_heads": 4,
+    },
 }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size", default="flux", choices=SIZES)
     parser.add_argument("--k", type=int, default=3)
     parser.add_argument("--batch", type=int, default=2)
@@ -53,10 +65,17 @@ def main() -> None:
     torch.cuda.set_device(device)
     torch.manual_seed(0)
     with torch.device("cpu"):
-        model = FluxTransformer2DModel(in_channels=64, joint_attention_dim=4096, pooled_projection_dim=768,
-                                       guidance_embeds=True, **SIZES[args.size]).to(torch.bfloat16)  # fmt: skip
+        model = FluxTransformer2DModel(
+            in_channels=64,
+            joint_attention_dim=4096,
+            pooled_projection_dim=768,
+            guidance_embeds=True,
+            **SIZES[args.size],
+        ).to(torch.bfloat16)
     model.requires_grad_(False)
-    adapters = LoraAdapterPair(model, args.lora_rank, 2 * args.lora_rank, ["to_q", "to_k", "to_v", "to_out.0"], 0)
+    adapters = LoraAdapterPair(
+        model, args.lora_rank, 2 * args.lora_rank, ["to_q", "to_k", "to_v", "to_out.0"], 0
+    )
     for p in adapters.policy_params + adapters.old_params:
         p.data = p.data.float()
     mesh = init_device_mesh("cuda", (world,))
@@ -76,11 +95,19 @@ def main() -> None:
     def losses() -> list[torch.Tensor]:
         x = torch.randn(args.batch, tokens, 64, generator=gen).to(device, torch.bfloat16)
         out = model(
-            hidden_states=x, encoder_hidden_states=torch.randn(args.batch, 512, 4096, generator=gen).to(device, torch.bfloat16),
-            pooled_projections=torch.randn(args.batch, 768, generator=gen).to(device, torch.bfloat16),
-            timestep=torch.full((args.batch,), 0.5, device=device), guidance=torch.full((args.batch,), 3.5, device=device),
-            img_ids=torch.zeros(tokens, 3, device=device), txt_ids=torch.zeros(512, 3, device=device), return_dict=False,
-        )[0].float()  # fmt: skip
+            hidden_states=x,
+            encoder_hidden_states=torch.randn(args.batch, 512, 4096, generator=gen).to(
+                device, torch.bfloat16
+            ),
+            pooled_projections=torch.randn(args.batch, 768, generator=gen).to(
+                device, torch.bfloat16
+            ),
+            timestep=torch.full((args.batch,), 0.5, device=device),
+            guidance=torch.full((args.batch,), 3.5, device=device),
+            img_ids=torch.zeros(tokens, 3, device=device),
+            txt_ids=torch.zeros(512, 3, device=device),
+            return_dict=False,
+        )[0].float()
         per_sample = out.square().mean(dim=(1, 2))
         r = torch.rand(args.k, args.batch, generator=gen).to(device)
         return list(r @ per_sample)

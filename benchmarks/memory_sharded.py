@@ -36,7 +36,9 @@ def _rss_mb() -> float:
 
 
 def _local_bytes(tensors) -> int:
-    return sum((t.to_local() if hasattr(t, "to_local") else t).numel() * t.element_size() for t in tensors)
+    return sum(
+        (t.to_local() if hasattr(t, "to_local") else t).numel() * t.element_size() for t in tensors
+    )
 
 
 def _build(model: str, args: argparse.Namespace):
@@ -61,18 +63,34 @@ def _build(model: str, args: argparse.Namespace):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             backbone.denoiser = SD3Transformer2DModel(
-                sample_size=16, patch_size=2, in_channels=3, out_channels=3, num_layers=args.sd3_layers,
-                attention_head_dim=64, num_attention_heads=4, joint_attention_dim=16,
-                caption_projection_dim=256, pooled_projection_dim=16, pos_embed_max_size=16,
-            )  # fmt: skip
+                sample_size=16,
+                patch_size=2,
+                in_channels=3,
+                out_channels=3,
+                num_layers=args.sd3_layers,
+                attention_head_dim=64,
+                num_attention_heads=4,
+                joint_attention_dim=16,
+                caption_projection_dim=256,
+                pooled_projection_dim=16,
+                pos_embed_max_size=16,
+            )
             nn.init.normal_(backbone.denoiser.proj_out.weight, std=0.02)
         backbone.sample_shape = (3, 16, 16)
         rewards = tiny_rewards()
     return MarbleDiffusionModule(
-        backbone=backbone, rewards=rewards, mode="marble", gram="backward", group_size=args.group_size,
-        sample_steps=args.sample_steps, train_timesteps=args.train_timesteps, lora_rank=args.lora_rank,
-        lora_alpha=2 * args.lora_rank, seed=0, rollout_precision="float32",
-    )  # fmt: skip
+        backbone=backbone,
+        rewards=rewards,
+        mode="marble",
+        gram="backward",
+        group_size=args.group_size,
+        sample_steps=args.sample_steps,
+        train_timesteps=args.train_timesteps,
+        lora_rank=args.lora_rank,
+        lora_alpha=2 * args.lora_rank,
+        seed=0,
+        rollout_precision="float32",
+    )
 
 
 def child(args: argparse.Namespace) -> None:
@@ -101,9 +119,14 @@ def child(args: argparse.Namespace) -> None:
         module.adapters.write_gradients(result.direction + result.kl_grad)
         optimizer.step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.ndim > 0]
+    state = [
+        t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.ndim > 0
+    ]
     row = {
-        "model": args.model, "ranks": world, "rank": rank, "lora": args.lora,
+        "model": args.model,
+        "ranks": world,
+        "rank": rank,
+        "lora": args.lora,
         "base_params": sum(p.numel() for p in base),
         "lora_params": sum(p.numel() for p in module.trainable_parameters),
         "base_mb": _local_bytes(base) / 2**20,
@@ -127,8 +150,18 @@ def run(args: argparse.Namespace, passthrough: list[str]) -> list[dict]:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for model in args.models:
         for ranks in (1, 2):
-            command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
-                       f"--master_port={_port()}", __file__, "--child", "--model", model, *passthrough]  # fmt: skip
+            command = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                f"--nproc_per_node={ranks}",
+                f"--master_port={_port()}",
+                __file__,
+                "--child",
+                "--model",
+                model,
+                *passthrough,
+            ]
             proc = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
             found = [json.loads(x[7:]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             rows.append(max(found, key=lambda r: r["base_mb"] + r["lora_mb"]))  # the larger rank
@@ -144,33 +177,51 @@ def cpu_line() -> str:
     model = platform.processor() or "unknown"
     try:
         with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            model = next(
+                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
+            )
     except (OSError, StopIteration):
         pass
-    return f"CPU: {model}; torch.backends.cpu.get_cpu_capability()={torch.backends.cpu.get_cpu_capability()}"
+    return (
+        f"CPU: {model}; "
+        f"torch.backends.cpu.get_cpu_capability()={torch.backends.cpu.get_cpu_capability()}"
+    )
 
 
 def table(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [
-        environment_markdown(), cpu_line(), "",
-        (f"Setting: one rollout ({args.prompts} prompts x {args.group_size} images per rank), one MARBLE "
-        f"refresh (K=3 rewards, gram=backward, {args.train_timesteps} training timesteps) and one AdamW "
-        f"step; LoRA r={args.lora_rank} ({args.lora}); CPU, gloo. Per-rank values of the rank holding most."), "",
-        "| model | ranks | frozen base (MB/rank) | LoRA x2 (MB/rank) | AdamW state (MB/rank) | step peak RSS increase (MB) | base ratio 2:1 |",
+        environment_markdown(),
+        cpu_line(),
+        "",
+        (
+            f"Setting: one rollout ({args.prompts} prompts x {args.group_size} images per rank), "
+            "one MARBLE "
+            f"refresh (K=3 rewards, gram=backward, {args.train_timesteps} training timesteps) "
+            "and one AdamW "
+            f"step; LoRA r={args.lora_rank} ({args.lora}); CPU, gloo. "
+            "Per-rank values of the rank holding most."
+        ),
+        "",
+        "| model | ranks | frozen base (MB/rank) | LoRA x2 (MB/rank) | AdamW state (MB/rank) "
+        "| step peak RSS increase (MB) | base ratio 2:1 |",
         "|---|---|---|---|---|---|---|",
-    ]  # fmt: skip
+    ]
     one = {r["model"]: r for r in rows if r["ranks"] == 1}
     for r in rows:
         ratio = r["base_mb"] / one[r["model"]]["base_mb"]
         lines.append(
-            f"| {r['model']} ({r['base_params']:,} base, {r['lora_params']:,} LoRA params) | {r['ranks']} | "
-            f"{r['base_mb']:.2f} | {r['lora_mb']:.3f} | {r['optimizer_mb']:.3f} | {r['step_peak_mb']:.0f} | {ratio:.3f} |"
+            f"| {r['model']} ({r['base_params']:,} base, {r['lora_params']:,} LoRA params) "
+            f"| {r['ranks']} | "
+            f"{r['base_mb']:.2f} | {r['lora_mb']:.3f} | {r['optimizer_mb']:.3f} "
+            f"| {r['step_peak_mb']:.0f} | {ratio:.3f} |"
         )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--model", default="toy", choices=MODELS, help=argparse.SUPPRESS)
@@ -186,17 +237,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="benchmarks/results/memory_sharded")
     args = parser.parse_args(argv)
     if args.quick:
-        args.prompts, args.group_size, args.sample_steps, args.train_timesteps, args.sd3_layers = 1, 2, 2, 1, 2
+        args.prompts, args.group_size, args.sample_steps, args.train_timesteps, args.sd3_layers = (
+            1,
+            2,
+            2,
+            1,
+            2,
+        )
     if args.child:
         child(args)
         return
-    passthrough = [f"--k={args.k}", f"--prompts={args.prompts}", f"--group-size={args.group_size}",
-                   f"--sample-steps={args.sample_steps}", f"--train-timesteps={args.train_timesteps}",
-                   f"--lora-rank={args.lora_rank}", f"--lora={args.lora}", f"--sd3-layers={args.sd3_layers}"]  # fmt: skip
+    passthrough = [
+        f"--k={args.k}",
+        f"--prompts={args.prompts}",
+        f"--group-size={args.group_size}",
+        f"--sample-steps={args.sample_steps}",
+        f"--train-timesteps={args.train_timesteps}",
+        f"--lora-rank={args.lora_rank}",
+        f"--lora={args.lora}",
+        f"--sd3-layers={args.sd3_layers}",
+    ]
     rows = run(args, passthrough)
     text = table(rows, args)
     print(text)
-    out = Path(args.out + ("_quick" if args.quick else "") + ("" if args.lora == "sharded" else "_replicated"))
+    out = Path(
+        args.out
+        + ("_quick" if args.quick else "")
+        + ("" if args.lora == "sharded" else "_replicated")
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(text + "\n")
     out.with_suffix(".json").write_text(json.dumps({"env": environment(), "rows": rows}, indent=1))

@@ -84,7 +84,8 @@ def main() -> None:
 
     print(
         f"torch {torch.__version__}, numpy {np.__version__}, quadprog {version('quadprog')}, "
-        f"python {platform.python_version()}, device {device}, torch threads {torch.get_num_threads()}, "
+        f"python {platform.python_version()}, device {device}, "
+        f"torch threads {torch.get_num_threads()}, "
         f"cpus {os.cpu_count()}"
     )
     malloc = ", ".join(f"{name}={os.environ[name]}" for name in MALLOC_VARS if name in os.environ)

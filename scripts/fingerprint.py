@@ -1,4 +1,5 @@
-"""Fingerprint of a short training run: hashes of the LoRA weights, the alpha history and the rewards.
+"""Fingerprint of a short training run: hashes of the LoRA weights, the alpha history and the
+rewards.
 
 Runs ``configs/marble.yaml`` (or ``--config``) for ``--steps`` steps with its own seeds, without
 the held-out evaluation, report and checkpoint callbacks, and prints one JSON object:
@@ -40,7 +41,8 @@ def fingerprint(config: Path, steps: int, root: Path) -> dict:
 
     cfg = yaml.safe_load(config.read_text())
     cfg["trainer"]["callbacks"] = [
-        cb for cb in cfg["trainer"].get("callbacks", [])
+        cb
+        for cb in cfg["trainer"].get("callbacks", [])
         if not cb["class_path"].endswith(_DROPPED_CALLBACKS)
     ]
     root.mkdir(parents=True, exist_ok=True)
@@ -50,7 +52,8 @@ def fingerprint(config: Path, steps: int, root: Path) -> dict:
         MarbleDiffusionModule,
         PromptDataModule,
         args=[
-            "--config", str(filtered),
+            "--config",
+            str(filtered),
             f"--trainer.max_steps={steps}",
             f"--trainer.default_root_dir={root}",
             "--trainer.logger=false",

@@ -31,9 +31,12 @@ from marble_lightning.testing import PROMPTS, make_module
 
 # plain SGD: Adam's normalisation would amplify float round-off in near-zero gradient entries
 OPTIONS = {
-    "kl_weight": 0.05, "old_policy": {"start": 1, "rate": 0.3, "max_decay": 0.5}, "gram": "backward",
-    "optimizer": functools.partial(torch.optim.SGD, lr=10.0), "grad_clip": 1.0,
-}  # fmt: skip
+    "kl_weight": 0.05,
+    "old_policy": {"start": 1, "rate": 0.3, "max_decay": 0.5},
+    "gram": "backward",
+    "optimizer": functools.partial(torch.optim.SGD, lr=10.0),
+    "grad_clip": 1.0,
+}
 
 
 class Dump(Callback):
@@ -43,7 +46,10 @@ class Dump(Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         tensors = full_lora_tensors(pl_module)  # collective: every rank gathers
         names = pl_module.adapters.policy_names + pl_module.adapters.old_names
-        local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in pl_module.trainable_parameters)
+        local = sum(
+            p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+            for p in pl_module.trainable_parameters
+        )
         base = [p for n, p in pl_module.backbone.denoiser.named_parameters() if ".lora_" not in n]
         torch.save(
             {
@@ -55,7 +61,9 @@ class Dump(Callback):
                 "global_step": trainer.global_step,
                 "lora_local": local,
                 "lora_full": sum(p.numel() for p in pl_module.trainable_parameters),
-                "base_local": sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in base),
+                "base_local": sum(
+                    p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in base
+                ),
                 "base_full": sum(p.numel() for p in base),
                 "updater": type(pl_module.updater).__name__,
             },
@@ -74,7 +82,9 @@ def _fit(args: argparse.Namespace, mode: str, out: Path) -> None:
         callbacks += [HarmonizationCallback(refresh_every=2), EMACoefficientCallback(decay=0.5)]
     if args.save_every is not None:  # distributed checkpoint folders <out>/ckpts/step=<n>.ckpt
         callbacks.append(
-            ModelCheckpoint(out / "ckpts", "{step}", every_n_train_steps=args.save_every, save_top_k=-1)
+            ModelCheckpoint(
+                out / "ckpts", "{step}", every_n_train_steps=args.save_every, save_top_k=-1
+            )
         )
     strategy = MarbleModelParallelStrategy(lora_sharding=args.lora)
     trainer = Trainer(

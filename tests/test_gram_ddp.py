@@ -1,4 +1,5 @@
-"""Under DDP (2 gloo ranks), every Gram engine gives the Gram matrix and alpha of the ``backward`` engine."""
+"""Under DDP (2 gloo ranks), every Gram engine gives the Gram matrix and alpha of the ``backward``
+engine."""
 
 from __future__ import annotations
 
@@ -25,8 +26,11 @@ class _DumpGram(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         torch.save(
-            {"grams": self.grams, "alpha": [r["alpha"] for r in pl_module.history],
-             "policy": [p.detach().cpu().clone() for p in pl_module.trainable_parameters]},
+            {
+                "grams": self.grams,
+                "alpha": [r["alpha"] for r in pl_module.history],
+                "policy": [p.detach().cpu().clone() for p in pl_module.trainable_parameters],
+            },
             self.directory / f"rank{trainer.global_rank}.pt",
         )
 
@@ -36,8 +40,14 @@ def _run(tmp: Path, gram: str) -> list[dict]:
     # train_timesteps=None: both sampler timesteps are accumulated; a_max=0.5 clamps some samples
     module = make_module("marble", gram=gram, a_max=0.5, kl_weight=0.05)
     trainer = Trainer(
-        max_steps=2, accelerator="cpu", devices=2, strategy="ddp_fork", logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        max_steps=2,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_fork",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         callbacks=[_DumpGram(tmp)],
     )
     with warnings.catch_warnings():
@@ -55,8 +65,12 @@ def test_engines_match_backward_under_ddp(tmp_path: Path, gram: str) -> None:
         for g_fast, g_ref in zip(fast[rank]["grams"], reference[rank]["grams"]):
             assert g_ref.abs().max() > 0
             torch.testing.assert_close(g_fast, g_ref, rtol=1e-4, atol=1e-9)
-        torch.testing.assert_close(torch.tensor(fast[rank]["alpha"]), torch.tensor(reference[rank]["alpha"]),
-                                   rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            torch.tensor(fast[rank]["alpha"]),
+            torch.tensor(reference[rank]["alpha"]),
+            rtol=1e-4,
+            atol=1e-6,
+        )
     # both ranks hold the same reduced Gram matrix
     for a, b in zip(fast[0]["grams"], fast[1]["grams"]):
         assert torch.equal(a, b)

@@ -46,7 +46,9 @@ class TinyNet(nn.Module):
 def lora_model(seed: int = 0, targets=("conv_in", "mix", "conv_out")):
     torch.manual_seed(seed)
     model = TinyNet()
-    model = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, target_modules=list(targets)), model)
+    model = inject_adapter_in_model(
+        LoraConfig(r=2, lora_alpha=4, target_modules=list(targets)), model
+    )
     model.double()
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -65,7 +67,9 @@ def make_data(k: int, n_t: int, seed: int):
     r = interpolation_coefficient(adv, A_MAX).T.contiguous()  # [K, B]
     eps = [torch.randn(B, 3, 4, 4, generator=gen, dtype=torch.float64) for _ in range(n_t)]
     times = [0.9, 0.55, 0.2][:n_t]
-    old_shift = [torch.randn(B, 3, 4, 4, generator=gen, dtype=torch.float64) * 0.05 for _ in range(n_t)]
+    old_shift = [
+        torch.randn(B, 3, 4, 4, generator=gen, dtype=torch.float64) * 0.05 for _ in range(n_t)
+    ]
     v_ref = [torch.randn(B, 3, 4, 4, generator=gen, dtype=torch.float64) * 0.5 for _ in range(n_t)]
     return x0, r, eps, times, old_shift, v_ref
 
@@ -120,13 +124,20 @@ def reference(model, params, rows, scales, data, *, use_kl, reuse_old):
             else:
                 loss = KL * ((v - v_ref) ** 2).mean()
             grads = torch.autograd.grad(loss, params, allow_unused=True)
-            flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)])
+            flat = torch.cat(
+                [
+                    (torch.zeros_like(p) if g is None else g).reshape(-1)
+                    for g, p in zip(grads, params)
+                ]
+            )
             total = flat if total is None else total + flat
         out.append(total / len(times))
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("kind, k", [("refresh", 3), ("refresh", 1), ("diagnostics", 2), ("aggregated", 3)])
+@pytest.mark.parametrize(
+    "kind, k", [("refresh", 3), ("refresh", 1), ("diagnostics", 2), ("aggregated", 3)]
+)
 @pytest.mark.parametrize("use_kl", [False, True])
 @pytest.mark.parametrize("reuse_old", [False, True])
 def test_accumulators_of_every_engine_equal_the_reference(kind, k, use_kl, reuse_old):
@@ -137,7 +148,9 @@ def test_accumulators_of_every_engine_equal_the_reference(kind, k, use_kl, reuse
     assert expected.shape == (rows.shape[0] + use_kl, sum(p.numel() for p in params))
     assert bool((expected.norm(dim=1) > 0).all())
     for name in ("backward", "batched", "per_sample"):
-        engine, got = run_engine(name, model, params, rows, scales, data, use_kl=use_kl, reuse_old=reuse_old)
+        engine, got = run_engine(
+            name, model, params, rows, scales, data, use_kl=use_kl, reuse_old=reuse_old
+        )
         assert engine.name == name
         assert got.shape == expected.shape, name
         torch.testing.assert_close(got.double(), expected, rtol=2e-5, atol=1e-7, msg=name)
@@ -180,8 +193,13 @@ def test_auto_falls_back_to_backward_and_logs_the_reason(caplog, recwarn):
         engine = GradientEngine("auto", model, params)
     assert engine.name == "backward" and engine.per_sample is None
     messages = [r.getMessage() for r in caplog.records if r.name == "marble_lightning.gram"]
-    assert any("gram='auto'" in m and "norm.weight" in m and "GroupNorm" in m and "'backward'" in m for m in messages), messages
-    assert not [w for w in recwarn if "per-sample" in str(w.message)]  # auto: a log line, no warning
+    assert any(
+        "gram='auto'" in m and "norm.weight" in m and "GroupNorm" in m and "'backward'" in m
+        for m in messages
+    ), messages
+    assert not [
+        w for w in recwarn if "per-sample" in str(w.message)
+    ]  # auto: a log line, no warning
     assert type(engine.accumulator(3)).__name__ == "_LossGradients"
 
 
@@ -195,7 +213,9 @@ def test_explicit_per_sample_on_unsupported_model_warns_and_falls_back():
     rows, scales = plan("refresh", data[1])
     expected = reference(model, params, rows, scales, data, use_kl=False, reuse_old=False)
     with pytest.warns(UserWarning, match="using 'backward'"):
-        _, got = run_engine("per_sample", model, params, rows, scales, data, use_kl=False, reuse_old=False)
+        _, got = run_engine(
+            "per_sample", model, params, rows, scales, data, use_kl=False, reuse_old=False
+        )
     torch.testing.assert_close(got.double(), expected, rtol=2e-5, atol=1e-7)
 
 
@@ -208,12 +228,17 @@ def test_explicit_engines_keep_their_name(name):
 
 def test_unknown_engine_is_refused():
     model, params = lora_model()
-    with pytest.raises(ValueError, match=r"`gram` should be one of \('auto', 'backward', 'batched', 'per_sample'\), got 'fast'"):
+    with pytest.raises(
+        ValueError,
+        match=r"`gram` should be one of \('auto', 'backward', 'batched', 'per_sample'\), "
+        r"got 'fast'",
+    ):
         GradientEngine("fast", model, params)
 
 
 def test_engines_agree_on_the_tiny_sd3_denoiser():
-    """The real LoRA pair on the tiny SD3 transformer (float32): per_sample == backward == batched."""
+    """The real LoRA pair on the tiny SD3 transformer (float32): per_sample == backward ==
+    batched."""
     from marble_lightning.adapters import LoraAdapterPair
     from marble_lightning.testing import TinySD3Backbone
 
@@ -244,4 +269,6 @@ def test_engines_agree_on_the_tiny_sd3_denoiser():
     scale = float(results["backward"].abs().max())
     assert scale > 0
     for name in ("batched", "per_sample"):
-        torch.testing.assert_close(results[name], results["backward"], rtol=1e-3, atol=1e-5 * scale, msg=name)
+        torch.testing.assert_close(
+            results[name], results["backward"], rtol=1e-3, atol=1e-5 * scale, msg=name
+        )

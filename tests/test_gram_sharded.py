@@ -82,7 +82,10 @@ def test_shard_grams_sum_to_full_gram(
         direction[idx] = shard_direction(sharded.weights, rows[:, idx])
     assert reference.direction is not None
     torch.testing.assert_close(
-        direction, reference.direction, rtol=1e-7, atol=1e-9 * float(reference.direction.abs().max() + 1e-300)
+        direction,
+        reference.direction,
+        rtol=1e-7,
+        atol=1e-9 * float(reference.direction.abs().max() + 1e-300),
     )
 
 
@@ -159,7 +162,8 @@ def tiny_model() -> tuple[TinyNet, list[nn.Parameter]]:
 
 
 def rank_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inputs ``[B, 3, 6, 6]``, targets ``[B, 7]`` and reward coefficients ``r`` ``[K, B]`` of one rank."""
+    """Inputs ``[B, 3, 6, 6]``, targets ``[B, 7]`` and reward coefficients ``r`` ``[K, B]`` of one
+    rank."""
     gen = torch.Generator().manual_seed(100 + rank)
     x = torch.randn(BATCH, 3, 6, 6, generator=gen, dtype=torch.float64)
     target = torch.randn(BATCH, 7, generator=gen, dtype=torch.float64)
@@ -188,8 +192,11 @@ def _init(rank: int, world: int, port: int) -> None:
 
 
 def _launch(worker: Callable[..., None], tmp_path: Path, world: int = 2) -> list[dict]:
-    """Run ``worker(rank, world, port, tmp_path)`` on ``world`` forked gloo ranks; load their dumps."""
-    mp.start_processes(worker, args=(world, _free_port(), tmp_path), nprocs=world, start_method="fork")
+    """Run ``worker(rank, world, port, tmp_path)`` on ``world`` forked gloo ranks; load their
+    dumps."""
+    mp.start_processes(
+        worker, args=(world, _free_port(), tmp_path), nprocs=world, start_method="fork"
+    )
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
@@ -216,8 +223,13 @@ def _subset_worker(rank: int, world: int, port: int, tmp_path: Path) -> None:
         piece = shard_direction(weights, rows)
         sizes = [params[i].numel() for i in owned]
         torch.save(
-            {"gram": gram, "weights": weights, "owned": owned, "pieces": list(piece.split(sizes)),
-             "columns": rows.shape[1]},
+            {
+                "gram": gram,
+                "weights": weights,
+                "owned": owned,
+                "pieces": list(piece.split(sizes)),
+                "columns": rows.shape[1],
+            },
             tmp_path / f"rank{rank}.pt",
         )
     finally:
@@ -292,9 +304,13 @@ def _fsdp_worker(rank: int, world: int, port: int, tmp_path: Path) -> None:
             offset += local.numel()
         full = [p.grad.full_tensor() for p in params]
         torch.save(
-            {"gram": gram, "weights": weights, "direction": torch.cat([f.reshape(-1) for f in full]),
-             "local_numel": [p.to_local().numel() for p in params],
-             "full_numel": [p.numel() for p in params]},
+            {
+                "gram": gram,
+                "weights": weights,
+                "direction": torch.cat([f.reshape(-1) for f in full]),
+                "local_numel": [p.to_local().numel() for p in params],
+                "full_numel": [p.numel() for p in params],
+            },
             tmp_path / f"rank{rank}.pt",
         )
     finally:

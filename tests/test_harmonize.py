@@ -192,7 +192,8 @@ def test_min_norm_tolerates_float32_asymmetry() -> None:
 @SETTINGS
 @given(gradient_matrices())
 def test_harmonize_kkt_and_objective(grads: np.ndarray) -> None:
-    """KKT of the QP on the normalised gradients; objective <= vertices and uniform; SLSQP agrees."""
+    """KKT of the QP on the normalised gradients; objective <= vertices and uniform; SLSQP
+    agrees."""
     result = harmonize(torch.from_numpy(grads))
     k = grads.shape[0]
     assert not result.dropped.any()
@@ -289,7 +290,10 @@ def test_harmonize_gram_matches_harmonize(grads: np.ndarray) -> None:
 
 def test_harmonize_known_values() -> None:
     result = harmonize(torch.tensor([[1.0, 0.0], [0.0, 3.0]], dtype=torch.float64))
-    t = lambda *x: torch.tensor(x, dtype=torch.float64)
+
+    def t(*x):
+        return torch.tensor(x, dtype=torch.float64)
+
     torch.testing.assert_close(result.alpha, t(0.5, 0.5))
     torch.testing.assert_close(result.norms, t(1.0, 3.0))
     torch.testing.assert_close(result.weights, t(1.0, 1.0 / 3.0))  # m = 2

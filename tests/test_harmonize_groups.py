@@ -41,13 +41,20 @@ def slsqp_bounded(matrix: np.ndarray, floor: float) -> float:
     starts = [np.full(k, 1.0 / k)] + [floor + (1 - k * floor) * np.eye(k)[i] for i in range(k)]
     for start in starts:
         res = minimize(
-            lambda x: x @ matrix @ x, start, jac=lambda x: 2 * matrix @ x, method="SLSQP",
+            lambda x: x @ matrix @ x,
+            start,
+            jac=lambda x: 2 * matrix @ x,
+            method="SLSQP",
             bounds=[(floor, 1.0)] * k,
             constraints=[{"type": "eq", "fun": lambda x: x.sum() - 1.0}],
             options={"ftol": 1e-15, "maxiter": 1000},
         )
         x = np.clip(res.x, floor, None)
-        x = floor + (1 - k * floor) * (x - floor) / max((x - floor).sum(), 1e-300) if k * floor < 1 else x
+        x = (
+            floor + (1 - k * floor) * (x - floor) / max((x - floor).sum(), 1e-300)
+            if k * floor < 1
+            else x
+        )
         best = min(best, float(x @ matrix @ x))
     return best
 
@@ -142,7 +149,8 @@ def test_groups_of_one_are_plain_marble(case) -> None:
 @given(grads_and_groups(), st.integers(0, 2**32 - 1), st.floats(0.0, 1.0))
 def test_groups_against_explicit_vectors(case, seed: int, fraction: float) -> None:
     """The direction equals sum_j beta_j h^_j / p_j built from explicit vectors; beta is the bounded
-    min-norm point of those vectors (scipy); weights/alpha are consistent with weights_from_alpha."""
+    min-norm point of those vectors (scipy); weights/alpha are consistent with
+    weights_from_alpha."""
     grads, groups = case
     k, j = len(grads), len(groups)
     rng = np.random.default_rng(seed)
@@ -188,7 +196,9 @@ def test_preference_kkt(case, seed: int) -> None:
     """floor = 0: h^_j . d >= p_j ||d||^2 with equality on groups with beta_j > 0."""
     grads, groups = case
     prefs = np.random.default_rng(seed).uniform(0.3, 3.0, size=len(groups))
-    h = harmonize_groups_gram(torch.from_numpy(grads @ grads.T), groups=groups, preference=prefs.tolist())
+    h = harmonize_groups_gram(
+        torch.from_numpy(grads @ grads.T), groups=groups, preference=prefs.tolist()
+    )
     beta = h.group_alpha.numpy()
     d = explicit_group_direction(grads, groups, np.ones(len(grads)), prefs, beta)
     unit = grads / np.linalg.norm(grads, axis=1, keepdims=True)
@@ -215,7 +225,9 @@ def test_group_balances_members_and_known_values() -> None:
     # preference 2 for the first group: h^_1 . d = 2 ||d||^2 -> beta = (4/5, 1/5) on u = (e0/2, e1)
     pref = harmonize_groups_gram(gram, groups=[[0, 1], [2]], preference=[2.0, 1.0])
     np.testing.assert_allclose(pref.group_alpha.numpy(), [0.8, 0.2], atol=1e-6)
-    floor = harmonize_groups_gram(torch.from_numpy(np.array([[1.0, -1.0], [-1.0, 1.0]]) + 0.0), floor=0.1)
+    floor = harmonize_groups_gram(
+        torch.from_numpy(np.array([[1.0, -1.0], [-1.0, 1.0]]) + 0.0), floor=0.1
+    )
     np.testing.assert_allclose(floor.group_alpha.numpy(), [0.5, 0.5], atol=1e-6)
 
 

@@ -79,7 +79,8 @@ def test_diffusers_round_trip_from_module(tiny_dir: str, tmp_path) -> None:
         keys = list(f.keys())
         metadata = json.loads(f.metadata()["lora_adapter_metadata"])
     assert all(k.startswith("transformer.") and ".lora_" in k and "policy" not in k for k in keys)
-    # 2 blocks: block 0 has attn (8 targets) + attn2 (4), block 1 (context_pre_only) attn without to_add_out (7)
+    # 2 blocks: block 0 has attn (8 targets) + attn2 (4), block 1 (context_pre_only) attn without
+    # to_add_out (7)
     assert len(keys) == 2 * (8 + 4 + 7)
     assert metadata["transformer.r"] == RANK and metadata["transformer.lora_alpha"] == ALPHA
     _check_diffusers_round_trip(tiny_dir, tmp_path / "lora", expected, x, cond)
@@ -237,7 +238,9 @@ def _tiny_unet():
 
 
 @pytest.mark.parametrize("from_checkpoint", [False, True])
-def test_unet_peft_export_loads_exactly_with_diffusers_loader(tmp_path, from_checkpoint: bool) -> None:
+def test_unet_peft_export_loads_exactly_with_diffusers_loader(
+    tmp_path, from_checkpoint: bool
+) -> None:
     """The toy backbone's case (a UNet2DConditionModel, peft format): diffusers' own
     ``load_lora_adapter`` rebuilds the adapter with scale alpha / r and reproduces the policy's
     output bit for bit, from either file of the export; peft's loader too."""
@@ -247,7 +250,10 @@ def test_unet_peft_export_loads_exactly_with_diffusers_loader(tmp_path, from_che
     base_state = {k: v.clone() for k, v in unet.state_dict().items()}
     targets = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
     for name in ("policy", "old"):  # as the module does: the policy plus the old-policy adapter
-        unet.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets, init_lora_weights=False), adapter_name=name)
+        unet.add_adapter(
+            LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets, init_lora_weights=False),
+            adapter_name=name,
+        )
     unet.set_adapter("policy")
     x, t, c = torch.randn(2, 3, 8, 8), torch.tensor([10.0, 500.0]), torch.randn(2, 4, 8)
     with torch.no_grad():
@@ -258,14 +264,16 @@ def test_unet_peft_export_loads_exactly_with_diffusers_loader(tmp_path, from_che
     out = tmp_path / "peft"
     if from_checkpoint:
         ckpt = tmp_path / "toy.ckpt"
-        torch.save({"state_dict": holder.state_dict(), "hyper_parameters": {"lora_alpha": ALPHA}}, ckpt)
+        torch.save(
+            {"state_dict": holder.state_dict(), "hyper_parameters": {"lora_alpha": ALPHA}}, ckpt
+        )
         path = export_lora(str(ckpt), out)
     else:
         path = export_lora(holder, out)
     assert path == out / PEFT_LORA_FILE and (out / DIFFUSERS_LORA_FILE).is_file()
     with safe_open(str(out / DIFFUSERS_LORA_FILE), framework="pt") as f:
         metadata = json.loads(f.metadata()["lora_adapter_metadata"])
-        assert all(k.startswith("transformer.") for k in f.keys())
+        assert all(k.startswith("transformer.") for k in f.keys())  # noqa: SIM118 (safe_open)
     assert metadata["transformer.r"] == RANK and metadata["transformer.lora_alpha"] == ALPHA
 
     def fresh():
@@ -274,7 +282,9 @@ def test_unet_peft_export_loads_exactly_with_diffusers_loader(tmp_path, from_che
         return model
 
     with torch.no_grad():
-        assert not torch.allclose(fresh()(x, t, c).sample, expected, atol=1e-3)  # the adapter matters
+        assert not torch.allclose(
+            fresh()(x, t, c).sample, expected, atol=1e-3
+        )  # the adapter matters
     for kwargs in (
         {"use_safetensors": True},  # picks pytorch_lora_weights.safetensors, prefix "transformer"
         {"weight_name": PEFT_LORA_FILE, "prefix": "base_model.model"},
@@ -303,4 +313,6 @@ def test_sd3_export_loads_with_model_level_loader(tiny_dir: str, tmp_path) -> No
     transformer.load_lora_adapter(str(tmp_path / "lora"), use_safetensors=True)
     config = next(iter(transformer.peft_config.values()))
     assert (config.r, config.lora_alpha) == (RANK, ALPHA)
-    torch.testing.assert_close(_transformer_out(transformer, x, cond), expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        _transformer_out(transformer, x, cond), expected, atol=1e-6, rtol=1e-6
+    )

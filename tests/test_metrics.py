@@ -31,7 +31,8 @@ from marble_lightning.rewards.base import MultiReward, RewardBatch, RewardModel
 
 # ---------------------------------------------------------------- numpy references
 def np_stats(values: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
-    """Per column: mean, unbiased std and SE of the mean over the masked entries (NaN if too few)."""
+    """Per column: mean, unbiased std and SE of the mean over the masked entries (NaN if too
+    few)."""
     out = {"mean": [], "std": [], "sem": [], "count": []}
     for k in range(values.shape[1]):
         v = values[mask[:, k], k].astype(np.float64)
@@ -44,7 +45,9 @@ def np_stats(values: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
     return {key: np.array(val, dtype=np.float64) for key, val in out.items()}
 
 
-def np_composite(scores: dict, ranges: dict | None = None, weights: dict | None = None, clip: bool = False) -> float:
+def np_composite(
+    scores: dict, ranges: dict | None = None, weights: dict | None = None, clip: bool = False
+) -> float:
     names = list(scores)
     s = np.array([scores[n] for n in names], dtype=np.float64)
     if ranges is not None:
@@ -73,9 +76,13 @@ def _data(n: int = 13, k: int = 4, seed: int = 7) -> tuple[torch.Tensor, torch.T
     return values.float(), mask
 
 
-def _assert_matches(got: dict[str, torch.Tensor], ref: dict[str, np.ndarray], rtol: float = 1e-6) -> None:
+def _assert_matches(
+    got: dict[str, torch.Tensor], ref: dict[str, np.ndarray], rtol: float = 1e-6
+) -> None:
     for key in ("mean", "std", "sem", "count"):
-        np.testing.assert_allclose(got[key].cpu().numpy(), ref[key], rtol=rtol, atol=0, equal_nan=True, err_msg=key)
+        np.testing.assert_allclose(
+            got[key].cpu().numpy(), ref[key], rtol=rtol, atol=0, equal_nan=True, err_msg=key
+        )
 
 
 class MeanRed(RewardModel):
@@ -99,7 +106,11 @@ def test_masked_moments_and_stats_match_numpy() -> None:
     stats = moments_to_stats(sums, squares, counts)
     _assert_matches(stats, np_stats(values.numpy(), mask.numpy()))
     # the column seen once has a mean but no std / SE; the unseen column has neither
-    assert math.isfinite(stats["mean"][2]) and math.isnan(stats["sem"][2]) and math.isnan(stats["std"][2])
+    assert (
+        math.isfinite(stats["mean"][2])
+        and math.isnan(stats["sem"][2])
+        and math.isnan(stats["std"][2])
+    )
     assert math.isnan(stats["mean"][3])
     # default mask: everything counts
     full = moments_to_stats(*masked_moments(torch.arange(6.0).reshape(3, 2)))
@@ -169,7 +180,9 @@ def test_reward_metric_inputs() -> None:
     one.update(torch.tensor([1.0, 100.0, 3.0]), mask=torch.tensor([True, False, True]))
     one.update(torch.tensor([[5.0, 9.0]]), names=["x", "other"])
     assert one.compute()["mean"].item() == pytest.approx(3.0)
-    assert one.compute()["sem"].item() == pytest.approx(np.std([1.0, 3.0, 5.0], ddof=1) / np.sqrt(3))
+    assert one.compute()["sem"].item() == pytest.approx(
+        np.std([1.0, 3.0, 5.0], ddof=1) / np.sqrt(3)
+    )
 
 
 def test_reward_metric_errors() -> None:
@@ -322,7 +335,9 @@ def test_two_process_gloo_equals_numpy_and_single_process(tmp_path) -> None:
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         _assert_matches(got["reward"], ref)
         for key in ("mean", "std", "sem", "count"):
-            torch.testing.assert_close(got["reward"][key], single_out[key], equal_nan=True, rtol=1e-12, atol=0)
+            torch.testing.assert_close(
+                got["reward"][key], single_out[key], equal_nan=True, rtol=1e-12, atol=0
+            )
         assert got["composite"].item() == pytest.approx(ref_composite, rel=1e-6)
         assert got["lone"]["mean"].item() == pytest.approx(ref["mean"][0], rel=1e-12)
         assert got["lone"]["sem"].item() == pytest.approx(ref["sem"][0], rel=1e-9)

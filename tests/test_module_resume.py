@@ -1,4 +1,5 @@
-"""Checkpoint and resume: 2 + 2 steps == 4 steps; a SIGKILL'd run resumes from its last checkpoint."""
+"""Checkpoint and resume: 2 + 2 steps == 4 steps; a SIGKILL'd run resumes from its last
+checkpoint."""
 
 from __future__ import annotations
 
@@ -115,9 +116,13 @@ _SCRIPT = textwrap.dedent(
             if {slow}:
                 import time; time.sleep(0.5)
 
-    module = make_module("amortized", kl_weight=0.05, old_policy={{"start": 1, "rate": 0.3, "max_decay": 0.6}})
+    module = make_module(
+        "amortized", kl_weight=0.05, old_policy={{"start": 1, "rate": 0.3, "max_decay": 0.6}}
+    )
     ckpt = ModelCheckpoint(dirpath={ckpt_dir!r}, save_last=True, every_n_train_steps=1)
-    callbacks = [HarmonizationCallback(refresh_every=2), EMACoefficientCallback(decay=0.5), ckpt, Slow()]
+    callbacks = [
+        HarmonizationCallback(refresh_every=2), EMACoefficientCallback(decay=0.5), ckpt, Slow()
+    ]
     resume = {resume!r}
     fit(module, max_steps={steps}, callbacks=callbacks, enable_checkpointing=True, ckpt_path=resume)
     torch.save([p.detach() for p in module.trainable_parameters + module.old_parameters], {out!r})
@@ -128,7 +133,11 @@ _SCRIPT = textwrap.dedent(
 
 def _script(tmp: Path, name: str, *, slow: bool, resume: str | None, steps: int, out: Path) -> Path:
     path = tmp / f"{name}.py"
-    path.write_text(_SCRIPT.format(slow=slow, ckpt_dir=str(tmp / name), resume=resume, steps=steps, out=str(out)))
+    path.write_text(
+        _SCRIPT.format(
+            slow=slow, ckpt_dir=str(tmp / name), resume=resume, steps=steps, out=str(out)
+        )
+    )
     return path
 
 
@@ -138,12 +147,22 @@ def test_sigkilled_run_resumes_from_last_checkpoint(tmp_path):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     # uninterrupted reference run
     ref = _script(tmp_path, "ref", slow=False, resume=None, steps=steps, out=tmp_path / "ref.pt")
-    done = subprocess.run([sys.executable, str(ref)], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(ref)], capture_output=True, text=True, env=env, timeout=300
+    )
     assert "FIT-DONE 8" in done.stdout, done.stderr[-2000:]
 
     # a run killed with SIGKILL once a checkpoint of step >= 3 exists
-    crash = _script(tmp_path, "crash", slow=True, resume=None, steps=steps, out=tmp_path / "never.pt")
-    proc = subprocess.Popen([sys.executable, str(crash)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    crash = _script(
+        tmp_path, "crash", slow=True, resume=None, steps=steps, out=tmp_path / "never.pt"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(crash)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
     deadline = time.time() + 240
     seen = 0
     assert proc.stdout is not None
@@ -161,12 +180,19 @@ def test_sigkilled_run_resumes_from_last_checkpoint(tmp_path):
     resumed_from = state["marble"]["step_index"]
     assert 3 <= resumed_from < steps  # lost at most the steps since that checkpoint
 
-    resume = _script(tmp_path, "crash", slow=False, resume=str(last), steps=steps, out=tmp_path / "resumed.pt")
-    done = subprocess.run([sys.executable, str(resume)], capture_output=True, text=True, env=env, timeout=300)
+    resume = _script(
+        tmp_path, "crash", slow=False, resume=str(last), steps=steps, out=tmp_path / "resumed.pt"
+    )
+    done = subprocess.run(
+        [sys.executable, str(resume)], capture_output=True, text=True, env=env, timeout=300
+    )
     assert "FIT-DONE 8" in done.stdout, done.stderr[-2000:]
     first_step = int(done.stdout.split("STEP", 1)[1].split()[0])
     assert first_step == resumed_from + 1
-    for a, b in zip(torch.load(tmp_path / "ref.pt", weights_only=True), torch.load(tmp_path / "resumed.pt", weights_only=True)):
+    for a, b in zip(
+        torch.load(tmp_path / "ref.pt", weights_only=True),
+        torch.load(tmp_path / "resumed.pt", weights_only=True),
+    ):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -192,5 +218,10 @@ def test_resume_sees_the_same_prompt_stream(tmp_path, stop):
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=1)
     at = per_epoch if stop == "epoch_boundary" else per_epoch - 1
     fit(make_module("marble"), max_steps=at, callbacks=[first, ckpt], enable_checkpointing=True)
-    fit(make_module("marble"), max_steps=total, callbacks=[second], ckpt_path=str(tmp_path / "last.ckpt"))
+    fit(
+        make_module("marble"),
+        max_steps=total,
+        callbacks=[second],
+        ckpt_path=str(tmp_path / "last.ckpt"),
+    )
     assert first.seen + second.seen == full.seen

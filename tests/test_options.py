@@ -1,5 +1,6 @@
 """HarmonizationOptions: groups, preferences, floor, reward dropout and reward EMA normalisation,
-against independent computations; defaults change nothing; resume is bit-exact; 2 DDP ranks agree."""
+against independent computations; defaults change nothing; resume is bit-exact; 2 DDP ranks
+agree."""
 
 from __future__ import annotations
 
@@ -78,7 +79,9 @@ def test_qp_options_need_a_marble_mode() -> None:
 
 
 def test_dropout_mask_is_keyed_ramped_and_never_empty() -> None:
-    r = HarmonizationOptions(reward_dropout={"red": 0.5, "dark": 0.9}, dropout_warmup=4).resolve(NAMES)
+    r = HarmonizationOptions(reward_dropout={"red": 0.5, "dark": 0.9}, dropout_warmup=4).resolve(
+        NAMES
+    )
     assert r.dropout_probabilities(0) == [0.0, 0.0, 0.0]
     assert r.dropout_probabilities(2) == [0.25, 0.0, 0.45]
     assert r.dropout_probabilities(10) == [0.5, 0.0, 0.9]
@@ -215,7 +218,9 @@ class _Dump(Callback):
 
 @pytest.mark.slow
 def test_two_ddp_ranks_agree(tmp_path) -> None:
-    module = make_module("marble", harmonization=HarmonizationOptions(**dict(FULL, dropout_warmup=0)))
+    module = make_module(
+        "marble", harmonization=HarmonizationOptions(**dict(FULL, dropout_warmup=0))
+    )
     trainer = Trainer(
         max_steps=3, accelerator="cpu", devices=2, strategy="ddp_fork", logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -10,7 +10,6 @@ import warnings
 import pytest
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from rich.console import Console
 from torch.utils.data import DataLoader, IterableDataset
 
 from marble_lightning.callbacks import RewardEvalCallback
@@ -31,7 +30,8 @@ class _EndlessPrompts(IterableDataset):
 
 
 class _StepModule(LightningModule):
-    """Manual optimisation, one optimizer step per batch, logs reward/<k>_mean like the real module."""
+    """Manual optimisation, one optimizer step per batch, logs reward/<k>_mean like the real
+    module."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -45,7 +45,9 @@ class _StepModule(LightningModule):
         loss = (self.w - 1.0).square().sum()
         self.manual_backward(loss)
         opt.step()
-        self.log_dict({"reward/red_mean": 0.25 + self.global_step, "reward/dark_std": 9.0}, prog_bar=False)
+        self.log_dict(
+            {"reward/red_mean": 0.25 + self.global_step, "reward/dark_std": 9.0}, prog_bar=False
+        )
 
     def configure_optimizers(self):
         return torch.optim.SGD([self.w], lr=0.1)
@@ -84,7 +86,9 @@ class _StubEval(RewardEvalCallback):
         return {"eval/red": 0.5, "eval/mean": 0.5}
 
 
-def _fit(bar: MarbleProgressBar, max_steps: int, callbacks=(), ckpt_path=None, root=None) -> Trainer:
+def _fit(
+    bar: MarbleProgressBar, max_steps: int, callbacks=(), ckpt_path=None, root=None
+) -> Trainer:
     trainer = Trainer(
         max_steps=max_steps,
         accelerator="cpu",
@@ -97,13 +101,19 @@ def _fit(bar: MarbleProgressBar, max_steps: int, callbacks=(), ckpt_path=None, r
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(_StepModule(), train_dataloaders=DataLoader(_EndlessPrompts(), batch_size=2, collate_fn=list), ckpt_path=ckpt_path)
+        trainer.fit(
+            _StepModule(),
+            train_dataloaders=DataLoader(_EndlessPrompts(), batch_size=2, collate_fn=list),
+            ckpt_path=ckpt_path,
+        )
     return trainer
 
 
 def _recorded_bar() -> tuple[MarbleProgressBar, io.StringIO]:
     out = io.StringIO()
-    bar = MarbleProgressBar(console_kwargs={"file": out, "force_terminal": True, "width": 200, "color_system": None})
+    bar = MarbleProgressBar(
+        console_kwargs={"file": out, "force_terminal": True, "width": 200, "color_system": None}
+    )
     return bar, out
 
 
@@ -124,7 +134,9 @@ def test_training_bar_counts_steps_to_max_steps() -> None:
     assert len(bar._durations) == 5 and bar.seconds_per_step is not None
     assert bar.eta_seconds == 0.0
     metrics = bar.get_metrics(trainer, trainer.lightning_module)
-    assert metrics["red"] == pytest.approx(5.25)  # the latest reward/red_mean, logged with prog_bar=False
+    assert metrics["red"] == pytest.approx(
+        5.25
+    )  # the latest reward/red_mean, logged with prog_bar=False
     assert "dark" not in metrics and "v_num" not in metrics
     bar._console.file = out  # render the finished bar once more, onto our buffer
     bar._console.print(bar.progress)
@@ -160,7 +172,8 @@ def test_evaluation_passes_get_their_own_bar() -> None:
     seen: list = []
     evaluator = _StubEval(seen)
     trainer = _fit(bar, max_steps=4, callbacks=[evaluator])
-    # base pass at train start + policy passes at steps 2 and 4; 14 images in chunks of 4 -> 4 chunks
+    # base pass at train start + policy passes at steps 2 and 4; 14 images in chunks of 4 -> 4
+    # chunks
     passes = [seen[i : i + 4] for i in range(0, len(seen), 4)]
     assert [p[0][0] for p in passes] == ["base", "policy", "policy"]
     for chunk in passes:

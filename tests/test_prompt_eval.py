@@ -27,22 +27,51 @@ def box(cx: float, cy: float, s: float = 0.1) -> tuple[float, float, float, floa
     return (cx - s, cy - s, cx + s, cy + s)
 
 
-def det(label: str, cx: float = 0.5, cy: float = 0.5, score: float = 0.95, color: str | None = None) -> Detection:
+def det(
+    label: str, cx: float = 0.5, cy: float = 0.5, score: float = 0.95, color: str | None = None
+) -> Detection:
     return Detection(label, box(cx, cy), score, color)
 
 
 META = {
-    "single_object": {"tag": "single_object", "prompt": "a photo of a dog", "include": [{"class": "dog", "count": 1}]},
-    "two_object": {"tag": "two_object", "prompt": "a photo of a dog and a cat",
-                   "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1}]},
-    "counting": {"tag": "counting", "prompt": "a photo of three dogs",
-                 "include": [{"class": "dog", "count": 3}], "exclude": [{"class": "dog", "count": 4}]},
-    "colors": {"tag": "colors", "prompt": "a photo of a red dog", "include": [{"class": "dog", "count": 1, "color": "red"}]},
-    "position": {"tag": "position", "prompt": "a photo of a dog left of a cat",
-                 "include": [{"class": "cat", "count": 1}, {"class": "dog", "count": 1, "position": ["left of", 0]}]},
-    "color_attr": {"tag": "color_attr", "prompt": "a photo of a red dog and a blue cat",
-                   "include": [{"class": "dog", "count": 1, "color": "red"}, {"class": "cat", "count": 1, "color": "blue"}]},
-}  # fmt: skip
+    "single_object": {
+        "tag": "single_object",
+        "prompt": "a photo of a dog",
+        "include": [{"class": "dog", "count": 1}],
+    },
+    "two_object": {
+        "tag": "two_object",
+        "prompt": "a photo of a dog and a cat",
+        "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1}],
+    },
+    "counting": {
+        "tag": "counting",
+        "prompt": "a photo of three dogs",
+        "include": [{"class": "dog", "count": 3}],
+        "exclude": [{"class": "dog", "count": 4}],
+    },
+    "colors": {
+        "tag": "colors",
+        "prompt": "a photo of a red dog",
+        "include": [{"class": "dog", "count": 1, "color": "red"}],
+    },
+    "position": {
+        "tag": "position",
+        "prompt": "a photo of a dog left of a cat",
+        "include": [
+            {"class": "cat", "count": 1},
+            {"class": "dog", "count": 1, "position": ["left of", 0]},
+        ],
+    },
+    "color_attr": {
+        "tag": "color_attr",
+        "prompt": "a photo of a red dog and a blue cat",
+        "include": [
+            {"class": "dog", "count": 1, "color": "red"},
+            {"class": "cat", "count": 1, "color": "blue"},
+        ],
+    },
+}
 
 CASES = [
     ("single_object", [det("dog")], 1.0),
@@ -87,11 +116,15 @@ def test_read_prompt_files(tmp_path) -> None:
     assert [r.tag for r in records] == list(META)
     assert records[2].metadata["include"][0]["count"] == 3
     txt = tmp_path / "drawbench.txt"
-    txt.write_text("# a comment\nA sign that says \"hello\"\n\n  a cat  \n")
+    txt.write_text('# a comment\nA sign that says "hello"\n\n  a cat  \n')
     plain = read_prompt_file(txt)
-    assert [r.prompt for r in plain] == ['A sign that says "hello"', "a cat"] and plain[0].metadata is None
+    assert [r.prompt for r in plain] == ['A sign that says "hello"', "a cat"] and plain[
+        0
+    ].metadata is None
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"tag": "single_object", "prompt": "x", "include": [{"class": "dog", "count": 0}]}\n')
+    bad.write_text(
+        '{"tag": "single_object", "prompt": "x", "include": [{"class": "dog", "count": 0}]}\n'
+    )
     with pytest.raises(ValueError, match=r"bad.jsonl:1.*count"):
         read_prompt_file(bad)
     bad.write_text("{not json\n")
@@ -110,7 +143,9 @@ class FakeDetector:
 
 def test_evaluate_prompts_table_and_files(tmp_path) -> None:
     jsonl = tmp_path / "geneval.jsonl"
-    jsonl.write_text("\n".join(json.dumps(META[t]) for t in ("single_object", "position", "colors")))
+    jsonl.write_text(
+        "\n".join(json.dumps(META[t]) for t in ("single_object", "position", "colors"))
+    )
     txt = tmp_path / "pick.txt"
     txt.write_text("a red cat\nsmall box\n")
     module = make_module("marble")
@@ -120,7 +155,12 @@ def test_evaluate_prompts_table_and_files(tmp_path) -> None:
     )  # fmt: skip
     assert len(table.rows) == 12
     assert [(r["index"], r["seed"]) for r in table.rows][:4] == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    assert table.geneval == {"single_object": 1.0, "position": 1.0, "colors": 0.0, "overall": pytest.approx(2 / 3)}
+    assert table.geneval == {
+        "single_object": 1.0,
+        "position": 1.0,
+        "colors": 0.0,
+        "overall": pytest.approx(2 / 3),
+    }
     red = [r["red"] for r in table.rows]
     assert table.means["red"] == pytest.approx(sum(red) / len(red))
     assert math.isnan(table.rows[-1]["geneval_strict"])  # plain prompts have no GenEval score
@@ -128,12 +168,21 @@ def test_evaluate_prompts_table_and_files(tmp_path) -> None:
     assert set(table.by_source) == {"geneval.jsonl", "pick.txt", "<list>"}
     # the same images as the module's own sampler at those seeds (the base model, no checkpoint)
     images = module.sample(["a photo of a dog"], seed=[1], adapter="base")
-    assert module.rewards(images, ["a photo of a dog"]).values[0, 0].item() == pytest.approx(table.rows[1]["red"], rel=1e-6)
+    assert module.rewards(images, ["a photo of a dog"]).values[0, 0].item() == pytest.approx(
+        table.rows[1]["red"], rel=1e-6
+    )
     with (tmp_path / "out" / "per_image.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 12 and "geneval_strict" in rows[0]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["images"] == 12 and summary["geneval"]["overall"] == pytest.approx(2 / 3)
     # chunking does not change the table
-    again = evaluate_prompts(module, [jsonl, txt, "a green dog"], detector=FakeDetector(), images_per_prompt=2, batch_size=5, adapter="base")
+    again = evaluate_prompts(
+        module,
+        [jsonl, txt, "a green dog"],
+        detector=FakeDetector(),
+        images_per_prompt=2,
+        batch_size=5,
+        adapter="base",
+    )
     assert [r["red"] for r in again.rows] == pytest.approx(red, rel=1e-6)

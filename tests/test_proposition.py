@@ -139,7 +139,8 @@ def test_aggregated_advantage_matches_only_without_clamp() -> None:
 
 
 def test_paper_form_with_alpha() -> None:
-    """The paper's statement: sum_k alpha_k grad l_k == grad l(r(sum_k alpha_k A_k)), clamp inactive."""
+    """The paper's statement: sum_k alpha_k grad l_k == grad l(r(sum_k alpha_k A_k)), clamp
+    inactive."""
     policy, terms = setup_batch(seed=3)
     alpha = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
     r = interpolation_coefficient(INACTIVE, A_MAX).T

@@ -48,7 +48,8 @@ def clip_dir(tmp_path_factory):
 def open_clip_reference(
     config_path, ckpt, images: torch.Tensor, prompts: list[str]
 ) -> torch.Tensor:
-    """Independent: open_clip's own model + preprocess transform on PIL images, weights via safetensors."""
+    """Independent: open_clip's own model + preprocess transform on PIL images, weights via
+    safetensors."""
     import open_clip
     from safetensors.torch import load_file
 

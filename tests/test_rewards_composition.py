@@ -1,4 +1,5 @@
-"""CompositionReward: GenEval-template parsing, strict and graded scoring on synthetic detections."""
+"""CompositionReward: GenEval-template parsing, strict and graded scoring on synthetic
+detections."""
 
 from __future__ import annotations
 
@@ -301,8 +302,10 @@ def test_toy_world_renders_score_one() -> None:
     values = reward(images, prompts)
     assert torch.all(values[mask] == 1.0)
     # swapping the sides in relation prompts must lower the score
-    swapped = [p.replace("left of", "RIGHT").replace("right of", "left of").replace("RIGHT", "right of")
-               for p in prompts]  # fmt: skip
+    swapped = [
+        p.replace("left of", "RIGHT").replace("right of", "left of").replace("RIGHT", "right of")
+        for p in prompts
+    ]
     rel = torch.tensor([f == "relation" for f in families])
     assert torch.all(reward(images, swapped)[rel] < 1.0)
 

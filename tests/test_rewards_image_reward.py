@@ -194,7 +194,8 @@ def test_batches_resizing_and_dtype(tiny) -> None:
         atol=1e-5,
         rtol=1e-5,
     )
-    # a prompt longer than 35 tokens is truncated like the release (same score as its first 33 words)
+    # a prompt longer than 35 tokens is truncated like the release (same score as its first 33
+    # words)
     long = " ".join(["cat"] * 60)
     torch.testing.assert_close(reward(imgs[:1], [long]), reward(imgs[:1], [" ".join(["cat"] * 33)]))
     assert reward(imgs[:0], []).shape == (0,)
@@ -249,7 +250,8 @@ def test_garbled_and_wrong_layout_checkpoints_name_the_path(tiny, tmp_path) -> N
     torch.save(state, broken)
     with pytest.raises(
         ValueError,
-        match=r"broken\.pt.*missing blip\.text_encoder\.encoder\.layer\.1\.crossattention\.self\.key\.weight",
+        match=r"broken\.pt.*missing "
+        r"blip\.text_encoder\.encoder\.layer\.1\.crossattention\.self\.key\.weight",
     ):
         make_reward_at(broken, tiny)(images(1), ["a cat"])
 
@@ -305,8 +307,14 @@ def test_crafted_pickle_is_refused_without_executing(tiny, tmp_path) -> None:
 
 def _release_shapes() -> dict[str, torch.Tensor]:
     """Meta tensors with the shapes of the released ImageReward.pt (ViT-L/16 224, BERT-base)."""
-    shapes = {"cls_token": (1, 1, 1024), "pos_embed": (1, 197, 1024), "patch_embed.proj.weight": (1024, 3, 16, 16),
-              "patch_embed.proj.bias": (1024,), "norm.weight": (1024,), "norm.bias": (1024,)}  # fmt: skip
+    shapes = {
+        "cls_token": (1, 1, 1024),
+        "pos_embed": (1, 197, 1024),
+        "patch_embed.proj.weight": (1024, 3, 16, 16),
+        "patch_embed.proj.bias": (1024,),
+        "norm.weight": (1024,),
+        "norm.bias": (1024,),
+    }
     state = {"blip.visual_encoder." + k: v for k, v in shapes.items()}
     for i in range(24):
         b = f"blip.visual_encoder.blocks.{i}."
@@ -319,8 +327,14 @@ def _release_shapes() -> dict[str, torch.Tensor]:
             state.update({b + name + ".weight": (n_out, n_in), b + name + ".bias": (n_out,)})
         state.update({b + n + s: (1024,) for n in ("norm1", "norm2") for s in (".weight", ".bias")})
     t = "blip.text_encoder."
-    state.update({t + "embeddings.word_embeddings.weight": (30524, 768), t + "embeddings.position_embeddings.weight": (512, 768),
-                  t + "embeddings.LayerNorm.weight": (768,), t + "embeddings.LayerNorm.bias": (768,)})  # fmt: skip
+    state.update(
+        {
+            t + "embeddings.word_embeddings.weight": (30524, 768),
+            t + "embeddings.position_embeddings.weight": (512, 768),
+            t + "embeddings.LayerNorm.weight": (768,),
+            t + "embeddings.LayerNorm.bias": (768,),
+        }
+    )
     for i in range(12):
         b = f"{t}encoder.layer.{i}."
         for block, kv in (("attention", 768), ("crossattention", 1024)):
@@ -334,9 +348,16 @@ def _release_shapes() -> dict[str, torch.Tensor]:
                     {f"{b}{block}.{name}.weight": (768, n_in), f"{b}{block}.{name}.bias": (768,)}
                 )
             state.update({f"{b}{block}.output.LayerNorm{s}": (768,) for s in (".weight", ".bias")})
-        state.update({b + "intermediate.dense.weight": (3072, 768), b + "intermediate.dense.bias": (3072,),
-                      b + "output.dense.weight": (768, 3072), b + "output.dense.bias": (768,),
-                      b + "output.LayerNorm.weight": (768,), b + "output.LayerNorm.bias": (768,)})  # fmt: skip
+        state.update(
+            {
+                b + "intermediate.dense.weight": (3072, 768),
+                b + "intermediate.dense.bias": (3072,),
+                b + "output.dense.weight": (768, 3072),
+                b + "output.dense.bias": (768,),
+                b + "output.LayerNorm.weight": (768,),
+                b + "output.LayerNorm.bias": (768,),
+            }
+        )
     state.update({"blip.vision_proj.weight": (256, 1024), "blip.text_proj.weight": (256, 768)})
     dims = (768, 1024, 128, 64, 16, 1)
     for index, n_in, n_out in zip((0, 2, 4, 6, 7), dims[:-1], dims[1:]):

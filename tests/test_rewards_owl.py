@@ -35,7 +35,8 @@ def test_pixel_values_match_processor(owl_dir) -> None:
 
 
 def test_boxes_and_scores_match_reference_postprocessing(owl_dir) -> None:
-    """Reference: model forward + the processor's post_process on the padded square, renormalised."""
+    """Reference: model forward + the processor's post_process on the padded square,
+    renormalised."""
     h, w = 32, 48
     g = torch.Generator().manual_seed(1)
     images = torch.rand(1, 3, h, w, generator=g)

@@ -126,8 +126,8 @@ def test_euler_sampling_matches_diffusers_pipeline(backbone: SD3Backbone) -> Non
     assert len(sigmas) == steps + 1 and sigmas[0] == 1.0 and sigmas[-1] == 0.0
     torch.testing.assert_close(backbone.time_grid(steps), sigmas.double())
 
-    # closed form: shift s=3 applied to a uniform grid from 1 to shift(1/1000) (diffusers' sigma_min),
-    # then a final step to 0
+    # closed form: shift s=3 applied to a uniform grid from 1 to shift(1/1000) (diffusers'
+    # sigma_min), then a final step to 0
     def shift(u):
         return 3 * u / (1 + 2 * u)
 

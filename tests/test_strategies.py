@@ -16,13 +16,21 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from marble_lightning.testing import PROMPTS, make_module
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from marble_lightning.callbacks import EMACoefficientCallback, HarmonizationCallback, RewardEvalCallback
+from marble_lightning.callbacks import (
+    EMACoefficientCallback,
+    HarmonizationCallback,
+    RewardEvalCallback,
+)
 from marble_lightning.data import PromptDataModule
-from marble_lightning.strategies import MarbleDDPStrategy, MarbleMultiProcessingLauncher, register_strategies
+from marble_lightning.strategies import (
+    MarbleDDPStrategy,
+    MarbleMultiProcessingLauncher,
+    register_strategies,
+)
+from marble_lightning.testing import PROMPTS, make_module
 
 torch.set_num_threads(1)
 
@@ -60,14 +68,19 @@ def _load_ranks(directory: Path, n: int) -> list[dict]:
 def _assert_ranks_agree_and_match(ranks: list[dict], one: dict) -> None:
     rank0 = ranks[0]
     for other in ranks[1:]:
-        assert other["alpha_history"] == rank0["alpha_history"]  # bitwise: same reduced grads, same QP
+        assert (
+            other["alpha_history"] == rank0["alpha_history"]
+        )  # bitwise: same reduced grads, same QP
         assert torch.equal(other["alpha"], rank0["alpha"])
         for a, b in zip(other["policy"], rank0["policy"]):
             assert torch.equal(a, b)
     assert rank0["world_size"] == len(ranks) and one["world_size"] == 1
     torch.testing.assert_close(rank0["alpha"], one["alpha"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(
-        torch.tensor(rank0["alpha_history"]), torch.tensor(one["alpha_history"]), rtol=1e-4, atol=1e-5
+        torch.tensor(rank0["alpha_history"]),
+        torch.tensor(one["alpha_history"]),
+        rtol=1e-4,
+        atol=1e-5,
     )
 
 
@@ -116,7 +129,11 @@ def _assert_main_process_state(trainer, module, evaluator, checkpoint, ranks) ->
     for a, b in zip(module.trainable_parameters, rank0["policy"]):
         assert torch.equal(a.detach().cpu(), b)
     assert checkpoint.last_model_path and Path(checkpoint.last_model_path).is_file()
-    assert [(e["adapter"], e["step"]) for e in evaluator.history] == [("base", 0), ("policy", 2), ("policy", 3)]
+    assert [(e["adapter"], e["step"]) for e in evaluator.history] == [
+        ("base", 0),
+        ("policy", 2),
+        ("policy", 3),
+    ]
 
 
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])
@@ -124,7 +141,9 @@ def test_multiprocessing_strategies(tmp_path, single_process, start_method) -> N
     """``ddp_fork`` / ``ddp_spawn`` on 2 CPU ranks, through :class:`MarbleDDPStrategy`: ranks agree,
     match one process, and the main process ends in rank 0's state."""
     strategy = MarbleDDPStrategy(start_method=start_method)
-    trainer, module, evaluator, checkpoint = _fit_in_process(tmp_path, strategy, devices=2, prompts_per_step=2)
+    trainer, module, evaluator, checkpoint = _fit_in_process(
+        tmp_path, strategy, devices=2, prompts_per_step=2
+    )
     assert isinstance(trainer.strategy.launcher, MarbleMultiProcessingLauncher)
     ranks = _load_ranks(tmp_path / "dump", 2)
     _assert_ranks_agree_and_match(ranks, single_process)
@@ -140,7 +159,9 @@ def test_plain_ddp_spawn_string_after_registration(tmp_path, single_process) -> 
     saved = {name: dict(StrategyRegistry[name]) for name in ("ddp_spawn", "ddp_fork")}
     register_strategies(override_builtin=True)
     try:
-        trainer, module, evaluator, checkpoint = _fit_in_process(tmp_path, "ddp_spawn", devices=2, prompts_per_step=2)
+        trainer, module, evaluator, checkpoint = _fit_in_process(
+            tmp_path, "ddp_spawn", devices=2, prompts_per_step=2
+        )
     finally:
         StrategyRegistry.update(saved)
     assert type(trainer.strategy) is MarbleDDPStrategy
@@ -174,7 +195,8 @@ def tiny_pipeline(tmp_path_factory) -> str:
 
 
 def _tiny_config(tmp: Path, pipeline: str, dump: Path, prompts_per_step: int) -> Path:
-    """configs/tiny_sd3.yaml with our pipeline, folder, prompts per step and the DumpAlpha callback."""
+    """configs/tiny_sd3.yaml with our pipeline, folder, prompts per step and the DumpAlpha
+    callback."""
     config = yaml.safe_load((REPO / "configs" / "tiny_sd3.yaml").read_text())
     config["model"]["backbone"]["init_args"]["pretrained"] = pipeline
     config["trainer"]["default_root_dir"] = str(tmp / "run")
@@ -188,15 +210,28 @@ def _tiny_config(tmp: Path, pipeline: str, dump: Path, prompts_per_step: int) ->
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join([str(TESTS), str(REPO)]))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MALLOC_", "LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_"))
+    }
+    env.update(
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join([str(TESTS), str(REPO)]),
+    )
     return env
 
 
 def _cli_fit(config: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "marble_lightning", "fit", "--config", str(config), *extra],
-        cwd=str(REPO), env=_env(), capture_output=True, text=True, timeout=600, check=False,
+        cwd=str(REPO),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
 
 
@@ -210,10 +245,13 @@ def cli_single(tmp_path_factory, tiny_pipeline) -> dict:
 
 
 def test_ddp_through_the_cli(tmp_path, tiny_pipeline, cli_single) -> None:
-    """``marble fit --trainer.devices=2 --trainer.strategy=ddp``: Lightning re-launches the script."""
+    """``marble fit --trainer.devices=2 --trainer.strategy=ddp``: Lightning re-launches the
+    script."""
     config = _tiny_config(tmp_path, tiny_pipeline, tmp_path / "dump", prompts_per_step=2)
     proc = _cli_fit(config, "--trainer.devices=2", "--trainer.strategy=ddp")
-    ok = proc.returncode == 0 or (proc.returncode == 134 and (tmp_path / "dump" / "rank1.pt").is_file())
+    ok = proc.returncode == 0 or (
+        proc.returncode == 134 and (tmp_path / "dump" / "rank1.pt").is_file()
+    )
     assert ok, proc.stderr[-3000:]  # (a rare teardown abort after a finished fit is tolerated)
     _assert_ranks_agree_and_match(_load_ranks(tmp_path / "dump", 2), cli_single)
 
@@ -233,12 +271,26 @@ def test_two_nodes_through_torchrun(tmp_path, tiny_pipeline, cli_single) -> None
     procs = [
         subprocess.Popen(
             [
-                str(torchrun), "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}",
-                "--master_addr=127.0.0.1", f"--master_port={port}",
-                "-m", "marble_lightning", "fit", "--config", str(config),
-                "--trainer.num_nodes=2", "--trainer.devices=1", "--trainer.strategy=ddp",
+                str(torchrun),
+                "--nnodes=2",
+                "--nproc_per_node=1",
+                f"--node_rank={node}",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+                "-m",
+                "marble_lightning",
+                "fit",
+                "--config",
+                str(config),
+                "--trainer.num_nodes=2",
+                "--trainer.devices=1",
+                "--trainer.strategy=ddp",
             ],
-            cwd=str(REPO), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=str(REPO),
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for node in (0, 1)
     ]
@@ -251,5 +303,7 @@ def test_two_nodes_through_torchrun(tmp_path, tiny_pipeline, cli_single) -> None
             if proc.poll() is None:
                 proc.kill()
     dumped = all((tmp_path / "dump" / f"rank{r}.pt").is_file() for r in (0, 1))
-    assert dumped and all(p.returncode in (0, 134) for p in procs), "\n".join(err[-2000:] for _, err in outputs)
+    assert dumped and all(p.returncode in (0, 134) for p in procs), "\n".join(
+        err[-2000:] for _, err in outputs
+    )
     _assert_ranks_agree_and_match(_load_ranks(tmp_path / "dump", 2), cli_single)

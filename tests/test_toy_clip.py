@@ -1,4 +1,5 @@
-"""The toy CLIP model: the training script writes open_clip-loadable files; the shipped model ranks captions."""
+"""The toy CLIP model: the training script writes open_clip-loadable files; the shipped model ranks
+captions."""
 
 from __future__ import annotations
 

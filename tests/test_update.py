@@ -46,11 +46,16 @@ def make_rollout(seed: int = 0, scalar: bool = False) -> Rollout:
 
 def refreshed_coefficients(seed: int = 0, zero: tuple[int, ...] = ()) -> Coefficients:
     gen = torch.Generator().manual_seed(seed)
-    g = torch.randn(K, 5, generator=gen, dtype=torch.float64) * torch.tensor([1.0, 4.0, 0.3])[:, None]
+    g = (
+        torch.randn(K, 5, generator=gen, dtype=torch.float64)
+        * torch.tensor([1.0, 4.0, 0.3])[:, None]
+    )
     for i in zero:
         g[i] = 0
     gram = g @ g.T
-    c = Coefficients(torch.full((K,), 1 / K, dtype=torch.float64), refresh_every=3, every_step=False)
+    c = Coefficients(
+        torch.full((K,), 1 / K, dtype=torch.float64), refresh_every=3, every_step=False
+    )
     c.record_refresh(harmonize_gram(gram), gram)
     return c
 
@@ -59,7 +64,10 @@ def hand_amortized_weights(c: Coefficients) -> torch.Tensor:
     norms = torch.sqrt(torch.diagonal(c.gram))
     kept = [i for i in range(K) if norms[i] > 1e-6 * norms.max()]
     m = sum(float(norms[i]) for i in kept) / len(kept)
-    return torch.tensor([m * float(c.alpha[i]) / float(norms[i]) if i in kept else 0.0 for i in range(K)], dtype=torch.float64)
+    return torch.tensor(
+        [m * float(c.alpha[i]) / float(norms[i]) if i in kept else 0.0 for i in range(K)],
+        dtype=torch.float64,
+    )
 
 
 def hand_row(r: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -71,14 +79,27 @@ def hand_row(r: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, float]:
 
 
 def plan(rule, c, rollout, *, refresh=False, diagnostics=False, aggregate="coefficients", step=0):
-    return plan_losses(rollout, rule, c, step=step, refresh=refresh, diagnostics=diagnostics, aggregate=aggregate, a_max=A_MAX)
+    return plan_losses(
+        rollout,
+        rule,
+        c,
+        step=step,
+        refresh=refresh,
+        diagnostics=diagnostics,
+        aggregate=aggregate,
+        a_max=A_MAX,
+    )
 
 
 # --------------------------------------------------------------------------- plan_losses
 @pytest.mark.parametrize("mode", ["marble", "amortized"])
 def test_refresh_plan_is_the_per_reward_rows(mode):
     rollout = make_rollout()
-    c = Coefficients(torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64), refresh_every=2, every_step=mode == "marble")
+    c = Coefficients(
+        torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64),
+        refresh_every=2,
+        every_step=mode == "marble",
+    )
     p = plan(make_rule(mode, NAMES), c, rollout, refresh=True, diagnostics=True)
     assert torch.equal(p.rows, rollout.r)
     assert p.scales.tolist() == [1.0] * K and p.scales.dtype == rollout.r.dtype
@@ -139,7 +160,9 @@ def test_advantage_aggregate_is_the_papers_form():
     rollout = make_rollout(5)
     fixed = [1.0, 3.0, 0.0]
     p = plan(make_rule("fixed", NAMES, fixed_alpha=fixed), None, rollout, aggregate="advantage")
-    a_bar = [sum(float(rollout.advantages[i, k]) * fixed[k] / 4.0 for k in range(K)) for i in range(B)]
+    a_bar = [
+        sum(float(rollout.advantages[i, k]) * fixed[k] / 4.0 for k in range(K)) for i in range(B)
+    ]
     expected = [min(1.0, max(0.0, 0.5 + max(-A_MAX, min(A_MAX, a)) / (2 * A_MAX))) for a in a_bar]
     assert p.rows[0].tolist() == pytest.approx(expected, abs=1e-6)
     assert float(p.scales[0]) == pytest.approx(4.0)
@@ -172,7 +195,11 @@ def test_diagnostics_rows_follow_the_aggregated_row():
 
 def test_amortized_plan_before_a_refresh_raises():
     with pytest.raises(RuntimeError, match="refresh first"):
-        plan(make_rule("amortized", NAMES), Coefficients(torch.full((K,), 1 / K), 2, False), make_rollout())
+        plan(
+            make_rule("amortized", NAMES),
+            Coefficients(torch.full((K,), 1 / K), 2, False),
+            make_rollout(),
+        )
 
 
 @given(
@@ -185,11 +212,18 @@ def test_scaled_aggregated_loss_equals_the_weighted_per_reward_losses(fixed, see
     rollout = make_rollout(seed)
     p = plan(make_rule("fixed", NAMES, fixed_alpha=fixed), None, rollout)
     gen = torch.Generator().manual_seed(seed)
-    terms = NFTTerms(torch.rand(B, generator=gen, dtype=torch.float64), torch.rand(B, generator=gen, dtype=torch.float64))
+    terms = NFTTerms(
+        torch.rand(B, generator=gen, dtype=torch.float64),
+        torch.rand(B, generator=gen, dtype=torch.float64),
+    )
     got = float((nft_objective(terms, p.rows.double(), 0.8, A_MAX) * p.scales.double()).sum())
     expected = 0.0
     for k in range(K):
-        per_sample = [float(rollout.r[k, i]) * float(terms.positive[i]) + (1 - float(rollout.r[k, i])) * float(terms.negative[i]) for i in range(B)]
+        per_sample = [
+            float(rollout.r[k, i]) * float(terms.positive[i])
+            + (1 - float(rollout.r[k, i])) * float(terms.negative[i])
+            for i in range(B)
+        ]
         expected += fixed[k] * A_MAX / 0.8 * sum(per_sample) / B
     assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
@@ -201,9 +235,12 @@ def test_step_metrics_on_a_refresh():
     m = step_metrics(NAMES, alpha, c, refreshed=True, eta=0.25)
     gram_keys = {f"gram/{NAMES[i]}_{NAMES[j]}" for i in range(K) for j in range(i, K)}
     expected_keys = (
-        {f"alpha/{n}" for n in NAMES} | {f"norm/{n}" for n in NAMES} | {f"alpha_star/{n}" for n in NAMES}
-        | gram_keys | {"refresh", "old_policy/eta"}
-    )  # fmt: skip
+        {f"alpha/{n}" for n in NAMES}
+        | {f"norm/{n}" for n in NAMES}
+        | {f"alpha_star/{n}" for n in NAMES}
+        | gram_keys
+        | {"refresh", "old_policy/eta"}
+    )
     assert set(m) == expected_keys and len(gram_keys) == 6
     assert [m[f"alpha/{n}"] for n in NAMES] == pytest.approx([0.1, 0.6, 0.3])
     norms = torch.sqrt(torch.diagonal(c.gram))
@@ -273,7 +310,9 @@ def test_apply_direction_is_one_sgd_step_on_direction_plus_kl(adapters, clip):
     sched = CountingScheduler()
     out = apply_direction(result, adapters, opt, sched, clip, step=3)
     full = result.direction + result.kl_grad
-    torch.testing.assert_close(flat(adapters.policy_params), before - 0.5 * full, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        flat(adapters.policy_params), before - 0.5 * full, rtol=1e-6, atol=1e-7
+    )
     assert torch.equal(flat(adapters.old_params), old_before)
     assert out["skipped"] == 0.0
     assert out["grad/norm"] == pytest.approx(float(full.norm()), rel=1e-5)
