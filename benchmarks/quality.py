@@ -53,7 +53,9 @@ METHODS = {
     "weighted sum": "toy_weighted_sum",
     "sequential": "toy_sequential",
     "decoupled (fixed uniform)": "toy_decoupled",
-    **{f"single: {n}": f"toy_single_{n}" for n in ("composition", "ocr", "quality", "jpeg", "clip")},
+    **{
+        f"single: {n}": f"toy_single_{n}" for n in ("composition", "ocr", "quality", "jpeg", "clip")
+    },
 }
 
 
@@ -65,8 +67,14 @@ def load_config(name: str, diagnostics: int | None, quick: bool) -> dict:
         cfg["trainer"]["max_steps"] = 2
         for cb in cfg["trainer"]["callbacks"]:
             if cb["class_path"].endswith("RewardEvalCallback"):
-                cb["init_args"]["prompts"] = ['the word "cat"', "two red circles", "a red circle left of a blue square"]
-        cfg["trainer"]["callbacks"] = [c for c in cfg["trainer"]["callbacks"] if not c["class_path"].endswith("ProgressBar")]
+                cb["init_args"]["prompts"] = [
+                    'the word "cat"',
+                    "two red circles",
+                    "a red circle left of a blue square",
+                ]
+        cfg["trainer"]["callbacks"] = [
+            c for c in cfg["trainer"]["callbacks"] if not c["class_path"].endswith("ProgressBar")
+        ]
         cfg["trainer"]["enable_progress_bar"] = False
     return cfg
 
@@ -92,7 +100,9 @@ def summarise(record: dict) -> dict:
     out: dict = {"gain": {}, "std_gain": {}}
     scale: dict[str, tuple[float, float]] = {}
     for k, name in enumerate(names):
-        pairs = [(a[k], b[k]) for a, b in zip(first, last) if not (math.isnan(a[k]) or math.isnan(b[k]))]
+        pairs = [
+            (a[k], b[k]) for a, b in zip(first, last) if not (math.isnan(a[k]) or math.isnan(b[k]))
+        ]
         if not pairs:
             continue
         base = [p[0] for p in pairs]
@@ -100,9 +110,13 @@ def summarise(record: dict) -> dict:
         scale[name] = (0.0, statistics.pstdev(base) or 1.0)
     out["std_gain"] = normalize_scores(out["gain"], scale)  # gain / base std
     trained = [n for n in record["names"] if n in out["gain"]]
-    out["composite"] = composite({n: out["gain"][n] for n in trained}, ranges={n: scale[n] for n in trained})
+    out["composite"] = composite(
+        {n: out["gain"][n] for n in trained}, ranges={n: scale[n] for n in trained}
+    )
     out["worst"] = min(out["std_gain"][n] for n in trained)
-    out["worst_cosines"] = [h["cos/worst"] for h in record["train"] if math.isfinite(h.get("cos/worst", float("nan")))]
+    out["worst_cosines"] = [
+        h["cos/worst"] for h in record["train"] if math.isfinite(h.get("cos/worst", float("nan")))
+    ]
     return out
 
 
@@ -118,35 +132,57 @@ def plots(results: dict, out: Path) -> None:
     for method, runs in results.items():
         for k, name in enumerate(names):
             steps = [h["step"] for h in runs[0]["record"]["eval"]]
-            means = [statistics.fmean(r["record"]["eval"][i].get(f"eval/{name}", float("nan")) for r in runs)
-                     for i in range(len(steps))]
+            means = [
+                statistics.fmean(
+                    r["record"]["eval"][i].get(f"eval/{name}", float("nan")) for r in runs
+                )
+                for i in range(len(steps))
+            ]
             axes[0, k].plot(steps, means, marker="o", label=method)
             axes[0, k].set_title(name)
     axes[0, 0].legend(fontsize=6)
-    fig.tight_layout(); fig.savefig(out / "curves.png", dpi=110); plt.close(fig)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for method, runs in results.items():
         cos = [c for r in runs for c in r["summary"]["worst_cosines"]]
         if cos:
             ax.hist(cos, bins=30, alpha=0.5, label=method)
-    ax.axvline(0, color="k", lw=1); ax.set_xlabel("min_k cos(d, g_k)"); ax.legend(fontsize=6)
-    fig.tight_layout(); fig.savefig(out / "worst_cosine.png", dpi=110); plt.close(fig)
+    ax.axvline(0, color="k", lw=1)
+    ax.set_xlabel("min_k cos(d, g_k)")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "worst_cosine.png", dpi=110)
+    plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for r in results.get("marble (amortised)", []):
         hist = r["record"]["train"]
         for k, name in enumerate(r["record"]["names"]):  # trained rewards only
-            ax.plot([h["step"] for h in hist], [h["alpha"][k] for h in hist], color=f"C{k}", alpha=0.6,
-                    label=name if r is results["marble (amortised)"][0] else None)
-    ax.set_xlabel("step"); ax.set_ylabel("alpha")
-    if ax.get_legend_handles_labels()[0]:  # no MARBLE run among the methods: an empty plot, no legend
+            ax.plot(
+                [h["step"] for h in hist],
+                [h["alpha"][k] for h in hist],
+                color=f"C{k}",
+                alpha=0.6,
+                label=name if r is results["marble (amortised)"][0] else None,
+            )
+    ax.set_xlabel("step")
+    ax.set_ylabel("alpha")
+    if ax.get_legend_handles_labels()[
+        0
+    ]:  # no MARBLE run among the methods: an empty plot, no legend
         ax.legend(fontsize=6)
-    fig.tight_layout(); fig.savefig(out / "alpha.png", dpi=110); plt.close(fig)
+    fig.tight_layout()
+    fig.savefig(out / "alpha.png", dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -166,33 +202,55 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, list[dict]] = {m: [] for m in args.methods}
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {
-            (m, s): pool.submit(run_seed, load_config(METHODS[m], args.diagnostics_every, args.quick), s,
-                                out / "runs" / METHODS[m], None, threads)
+            (m, s): pool.submit(
+                run_seed,
+                load_config(METHODS[m], args.diagnostics_every, args.quick),
+                s,
+                out / "runs" / METHODS[m],
+                None,
+                threads,
+            )
             for m, s in jobs
         }
         for (m, s), future in futures.items():
             path, elapsed = future.result()
             record = json.loads(path.read_text())
-            results[m].append({"seed": s, "elapsed": elapsed, "record": record, "summary": summarise(record)})
+            results[m].append(
+                {"seed": s, "elapsed": elapsed, "record": record, "summary": summarise(record)}
+            )
             print(f"{m} seed {s}: {elapsed / 60:.1f} min", flush=True)
 
     first = results[args.methods[0]][0]["record"]
     names = first.get("eval_names", first["names"])
-    lines = [environment_markdown(), "", (f"Seeds {args.seeds}; gains are held-out final minus base "
-             "(same prompts and evaluation seeds); composite/worst are standardised gains."), "",
-             "| method | " + " | ".join(names) + " | composite | worst | worst cos < 0 |",
-             "|---|" + "---|" * (len(names) + 3)]
+    lines = [
+        environment_markdown(),
+        "",
+        (
+            f"Seeds {args.seeds}; gains are held-out final minus base "
+            "(same prompts and evaluation seeds); composite/worst are standardised gains."
+        ),
+        "",
+        "| method | " + " | ".join(names) + " | composite | worst | worst cos < 0 |",
+        "|---|" + "---|" * (len(names) + 3),
+    ]
     for m, runs in results.items():
         cells = [stats([r["summary"]["gain"].get(n, float("nan")) for r in runs]) for n in names]
         cos = [c for r in runs for c in r["summary"]["worst_cosines"]]
         neg = f"{sum(c < 0 for c in cos)}/{len(cos)}" if cos else "n/a"
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {stats([r['summary']['composite'] for r in runs])} | "
-                     f"{stats([r['summary']['worst'] for r in runs])} | {neg} |")
+        lines.append(
+            f"| {m} | "
+            + " | ".join(cells)
+            + f" | {stats([r['summary']['composite'] for r in runs])} | "
+            f"{stats([r['summary']['worst'] for r in runs])} | {neg} |"
+        )
     table = "\n".join(lines)
     print(table)
     (out / "table.md").write_text(table + "\n")
     plots(results, out)
-    slim = {m: [{k: v for k, v in r.items() if k != "record"} for r in runs] for m, runs in results.items()}
+    slim = {
+        m: [{k: v for k, v in r.items() if k != "record"} for r in runs]
+        for m, runs in results.items()
+    }
     (out / "runs.json").write_text(json.dumps({"env": environment(), "results": slim}, indent=1))
 
 

@@ -256,7 +256,11 @@ def test_initialisation_is_seeded_and_leaves_the_global_rng_alone():
     c_weights = [p for n, p in zip(c.policy_names, c.policy_params) if ".lora_A." in n]
     assert a_weights and all(not torch.equal(x, y) for x, y in zip(a_weights, c_weights))
     # LoRA B starts at zero (PEFT's default init), so the adapters start as the identity
-    assert all(float(p.detach().abs().sum()) == 0 for n, p in zip(a.policy_names, a.policy_params) if ".lora_B." in n)
+    assert all(
+        float(p.detach().abs().sum()) == 0
+        for n, p in zip(a.policy_names, a.policy_params)
+        if ".lora_B." in n
+    )
 
 
 def test_lora_scale_is_alpha_over_rank():

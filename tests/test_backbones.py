@@ -49,25 +49,39 @@ class Family:
 R_F, R_Q, R_W = TINY_FLUX_RESOLUTION, TINY_QWEN_IMAGE_RESOLUTION, TINY_WAN_RESOLUTION
 FAMILIES = {
     "flux": Family(
-        "flux", build_tiny_flux_pipeline, FluxBackbone,
+        "flux",
+        build_tiny_flux_pipeline,
+        FluxBackbone,
         {"resolution": R_F, "max_sequence_length": 16, "guidance_scale": 3.5},
-        (4, 16, 16), (3, R_F, R_F), {"vae", "text_encoder", "text_encoder_2"},
+        (4, 16, 16),
+        (3, R_F, R_F),
+        {"vae", "text_encoder", "text_encoder_2"},
         {"height": R_F, "width": R_F, "max_sequence_length": 16, "guidance_scale": 3.5},
-        cfg=2.0, packed=True,
+        cfg=2.0,
+        packed=True,
     ),
     "qwen_image": Family(
-        "qwen_image", build_tiny_qwen_image_pipeline, QwenImageBackbone,
+        "qwen_image",
+        build_tiny_qwen_image_pipeline,
+        QwenImageBackbone,
         {"resolution": R_Q, "max_sequence_length": 200},
-        (4, 8, 8), (3, R_Q, R_Q), {"vae", "text_encoder"},
+        (4, 8, 8),
+        (3, R_Q, R_Q),
+        {"vae", "text_encoder"},
         {"height": R_Q, "width": R_Q, "max_sequence_length": 200},
         packed=True,
     ),
     "wan": Family(
-        "wan", build_tiny_wan_pipeline, WanBackbone,
+        "wan",
+        build_tiny_wan_pipeline,
+        WanBackbone,
         {"height": R_W, "width": R_W, "num_frames": TINY_WAN_FRAMES, "max_sequence_length": 16},
-        (4, 2, 4, 4), (TINY_WAN_FRAMES, 3, R_W, R_W), {"vae", "text_encoder"},
+        (4, 2, 4, 4),
+        (TINY_WAN_FRAMES, 3, R_W, R_W),
+        {"vae", "text_encoder"},
         {"height": R_W, "width": R_W, "num_frames": TINY_WAN_FRAMES, "max_sequence_length": 16},
-        cfg=4.0, video=True,
+        cfg=4.0,
+        video=True,
     ),
 }
 
@@ -135,7 +149,8 @@ def test_protocol_shapes_and_frozen_parts(family: Family, tiny_dir: str) -> None
     v = backbone.velocity(x, torch.tensor([0.1, 0.5, 1.0]), cond)
     assert v.shape == x.shape and v.dtype == torch.float32 and torch.isfinite(v).all()
     torch.testing.assert_close(
-        backbone.velocity(x, torch.tensor(0.5), cond), backbone.velocity(x, torch.full((3,), 0.5), cond)
+        backbone.velocity(x, torch.tensor(0.5), cond),
+        backbone.velocity(x, torch.full((3,), 0.5), cond),
     )
     decoded = backbone.decode(x)
     assert decoded.shape == (3, *family.decoded_shape)
@@ -148,9 +163,13 @@ def test_protocol_shapes_and_frozen_parts(family: Family, tiny_dir: str) -> None
     registered = {id(m) for m in backbone.modules()}
     assert all(id(m) not in registered for m in backbone.frozen_modules.values())
     backbone.train()
-    assert backbone.denoiser.training and not any(m.training for m in backbone.frozen_modules.values())
+    assert backbone.denoiser.training and not any(
+        m.training for m in backbone.frozen_modules.values()
+    )
     backbone.to(torch.float64)
-    assert all(next(m.parameters()).dtype == torch.float64 for m in backbone.frozen_modules.values())
+    assert all(
+        next(m.parameters()).dtype == torch.float64 for m in backbone.frozen_modules.values()
+    )
     names = [n for n, _ in backbone.denoiser.named_modules()]
     for target in backbone.lora_target_modules:
         assert any(n == target or n.endswith("." + target) for n in names), target
@@ -174,11 +193,15 @@ def test_sampler_matches_diffusers_pipeline(family: Family, tiny_dir: str) -> No
         ref = _pipeline_output(family, pipe, prompts, noise, steps, cfg, "latent")
         torch.testing.assert_close(backbone.time_grid(steps), pipe.scheduler.sigmas.double())
         ours = module.sample_latents(prompts, noise, adapter="base", steps=steps, cfg_scale=cfg)
-        torch.testing.assert_close(pack_latents(ours) if family.packed else ours, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            pack_latents(ours) if family.packed else ours, ref, atol=1e-5, rtol=1e-5
+        )
     ref_pixels = _pipeline_output(family, pipe, prompts, noise, steps, family.cfg, "pt")
     torch.testing.assert_close(backbone.decode(ours), ref_pixels, atol=1e-5, rtol=1e-5)
     # the LoRA-free policy equals the base model (LoRA B starts at zero)
-    torch.testing.assert_close(module.sample_latents(prompts, noise, steps=steps, cfg_scale=family.cfg), ours)
+    torch.testing.assert_close(
+        module.sample_latents(prompts, noise, steps=steps, cfg_scale=family.cfg), ours
+    )
 
 
 MODE_KWARGS = {
@@ -198,8 +221,13 @@ def _fit(module, steps: int = 3):
     prompts = ["a red circle", "a blue square", "two green dots", "a red word"]
     loader = DataLoader(prompts, batch_size=2, shuffle=False, collate_fn=list)
     trainer = Trainer(
-        max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -210,17 +238,27 @@ def _fit(module, steps: int = 3):
 @pytest.mark.parametrize("mode", sorted(MODE_KWARGS))
 def test_trains_three_steps_in_every_rule(family: Family, tiny_dir: str, mode: str) -> None:
     torch.manual_seed(0)
-    backbone = _backbone(family, tiny_dir, max_sequence_length=8) if family.name != "qwen_image" else _backbone(family, tiny_dir)
+    backbone = (
+        _backbone(family, tiny_dir, max_sequence_length=8)
+        if family.name != "qwen_image"
+        else _backbone(family, tiny_dir)
+    )
     module = _module(backbone, mode, **MODE_KWARGS[mode])
     lora = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     assert lora and all(".lora_" in n and ".policy." in n for n in lora)
-    base = {n: p.detach().clone() for n, p in backbone.denoiser.named_parameters() if ".lora_" not in n}
-    frozen = {k: [p.detach().clone() for p in m.parameters()] for k, m in backbone.frozen_modules.items()}
+    base = {
+        n: p.detach().clone() for n, p in backbone.denoiser.named_parameters() if ".lora_" not in n
+    }
+    frozen = {
+        k: [p.detach().clone() for p in m.parameters()] for k, m in backbone.frozen_modules.items()
+    }
     trainer = _fit(module)
     losses = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("loss")}
     assert losses and all(torch.isfinite(torch.tensor(v)) for v in losses.values()), losses
     assert module.step_index == 3
-    changed = [n for n, p in module.named_parameters() if p.requires_grad and not torch.equal(p, lora[n])]
+    changed = [
+        n for n, p in module.named_parameters() if p.requires_grad and not torch.equal(p, lora[n])
+    ]
     assert changed, "no LoRA parameter changed"
     for n, p in backbone.denoiser.named_parameters():
         if ".lora_" not in n:
@@ -231,7 +269,9 @@ def test_trains_three_steps_in_every_rule(family: Family, tiny_dir: str, mode: s
     assert out.shape == (1, *family.decoded_shape)
 
 
-def test_exported_lora_loads_into_the_family_pipeline(family: Family, tiny_dir: str, tmp_path) -> None:
+def test_exported_lora_loads_into_the_family_pipeline(
+    family: Family, tiny_dir: str, tmp_path
+) -> None:
     from marble_lightning.lora_export import DIFFUSERS_LORA_FILE, export_lora
 
     torch.manual_seed(0)
@@ -248,4 +288,6 @@ def test_exported_lora_loads_into_the_family_pipeline(family: Family, tiny_dir: 
     fresh = type(backbone.pipeline).from_pretrained(tiny_dir)
     fresh.load_lora_weights(str(tmp_path / "lora"))
     ref = _pipeline_output(family, fresh, prompts, noise, 3, 1.0, "latent")
-    torch.testing.assert_close(pack_latents(trained) if family.packed else trained, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        pack_latents(trained) if family.packed else trained, ref, atol=1e-5, rtol=1e-5
+    )

@@ -14,8 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize(
     "script, extra",
-    [("qp.py", []), ("k_scaling.py", ["--random-backbone"]), ("memory.py", ["--random-backbone"]),
-     ("step_time.py", []), ("quality.py", [])],
+    [
+        ("qp.py", []),
+        ("k_scaling.py", ["--random-backbone"]),
+        ("memory.py", ["--random-backbone"]),
+        ("step_time.py", []),
+        ("quality.py", []),
+    ],
 )
 def test_benchmark_quick(script: str, extra: list[str], tmp_path: Path) -> None:
     out = tmp_path / "result"

@@ -51,7 +51,11 @@ def test_trainer_checks_in_setup(tmp_path):
     with pytest.raises(ValueError, match="'fixed'"):
         fit(make_module("fixed"), max_steps=1, callbacks=[EMACoefficientCallback()])
     with pytest.raises(FileNotFoundError, match="nothere.txt"):
-        fit(make_module("marble"), max_steps=1, callbacks=[RewardEvalCallback(str(tmp_path / "nothere.txt"))])
+        fit(
+            make_module("marble"),
+            max_steps=1,
+            callbacks=[RewardEvalCallback(str(tmp_path / "nothere.txt"))],
+        )
 
 
 def test_refresh_schedule_and_uniform_stage():
@@ -66,7 +70,9 @@ def test_refresh_schedule_and_uniform_stage():
     for step, refresh_step in ((3, 2), (4, 4)):
         norms = torch.tensor([module.history[refresh_step][f"norm/{n}"] for n in names])
         kept = (norms > 0).double()
-        torch.testing.assert_close(torch.tensor(module.history[step]["alpha"], dtype=torch.float64), kept / kept.sum())
+        torch.testing.assert_close(
+            torch.tensor(module.history[step]["alpha"], dtype=torch.float64), kept / kept.sum()
+        )
         assert kept.sum() >= 2  # not a degenerate one-hot: at least two rewards share alpha
     # before the uniform stage, refresh steps use the QP's alpha* (not uniform here)
     assert module.history[0]["alpha"] != pytest.approx([1 / 3] * 3)
@@ -94,10 +100,16 @@ def test_reward_eval_callback(tmp_path):
 
     prompts = ["a green dog", "red house", "small box"]
     module = make_module("marble")
-    callback = RewardEvalCallback(prompts, every_n_steps=1, seed=5, images_per_prompt=2, batch_size=4)
+    callback = RewardEvalCallback(
+        prompts, every_n_steps=1, seed=5, images_per_prompt=2, batch_size=4
+    )
     logger = TensorBoardLogger(tmp_path, name="tb")
     fit(module, max_steps=2, callbacks=[callback], logger=logger, log_every_n_steps=1)
-    assert [(e["adapter"], e["step"]) for e in callback.history] == [("base", 0), ("policy", 1), ("policy", 2)]
+    assert [(e["adapter"], e["step"]) for e in callback.history] == [
+        ("base", 0),
+        ("policy", 1),
+        ("policy", 2),
+    ]
 
     def expected(adapter: str) -> dict[str, float]:
         repeated = [p for p in prompts for _ in range(2)]
@@ -105,22 +117,37 @@ def test_reward_eval_callback(tmp_path):
         red = images[:, 0].mean(dim=(1, 2))
         green = images[:2, 1].mean(dim=(1, 2))  # only "a green dog" has the word green
         dark = 1 - images.mean(dim=(1, 2, 3))
-        return {"eval/red": float(red.mean()), "eval/green": float(green.mean()), "eval/dark": float(dark.mean())}
+        return {
+            "eval/red": float(red.mean()),
+            "eval/green": float(green.mean()),
+            "eval/dark": float(dark.mean()),
+        }
 
     for adapter, entry in (("base", callback.history[0]), ("policy", callback.history[-1])):
         for key, value in expected(adapter).items():
             assert entry[key] == pytest.approx(value, rel=1e-5), (adapter, key)
-        assert entry["eval/mean"] == pytest.approx((entry["eval/red"] + entry["eval/green"] + entry["eval/dark"]) / 3)
+        assert entry["eval/mean"] == pytest.approx(
+            (entry["eval/red"] + entry["eval/green"] + entry["eval/dark"]) / 3
+        )
     assert callback.last_images is not None and callback.last_images.shape == (6, 3, 8, 8)
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(logger.log_dir)
     events.Reload()
-    assert "eval/images" in events.Tags()["images"] and "eval/images_base" in events.Tags()["images"]
+    assert (
+        "eval/images" in events.Tags()["images"] and "eval/images_base" in events.Tags()["images"]
+    )
     assert "eval/red" in events.Tags()["scalars"] and "eval/red_base" in events.Tags()["scalars"]
     logged = set(events.Tags()["scalars"])
-    expected_keys = {"reward/red_mean", "reward/green_std", "alpha/red", "alpha/dark", "loss/nft", "loss/kl"}
+    expected_keys = {
+        "reward/red_mean",
+        "reward/green_std",
+        "alpha/red",
+        "alpha/dark",
+        "loss/nft",
+        "loss/kl",
+    }
     expected_keys |= {"time/sampling", "time/rewards", "time/backward", "time/qp", "grad/norm"}
     expected_keys |= {"norm/red", "cos/red", "cos/worst", "gram/red_dark", "gram/dark_dark"}
     assert expected_keys <= logged, expected_keys - logged
@@ -150,9 +177,16 @@ def test_reward_eval_with_its_own_rewards_and_no_applicable_samples():
 def test_reward_eval_extra_rewards_are_scored_not_trained():
     module = make_module("marble")
     extra = [ChannelMean(1, "green2")]
-    callback = RewardEvalCallback(["a green dog", "red house"], every_n_steps=5, extra_rewards=extra, log_images=False)
+    callback = RewardEvalCallback(
+        ["a green dog", "red house"], every_n_steps=5, extra_rewards=extra, log_images=False
+    )
     fit(module, max_steps=1, callbacks=[callback])
-    assert module.reward_names == ["red", "green", "dark"] and callback.names == ["red", "green", "dark", "green2"]
+    assert module.reward_names == ["red", "green", "dark"] and callback.names == [
+        "red",
+        "green",
+        "dark",
+        "green2",
+    ]
     entry = callback.history[-1]
     images = module.sample(["a green dog", "red house"], seed=[0, 0], adapter="policy")
     assert entry["eval/green2"] == pytest.approx(float(images[:, 1].mean()), rel=1e-5)
@@ -160,8 +194,11 @@ def test_reward_eval_extra_rewards_are_scored_not_trained():
     assert entry["eval/mean"] == pytest.approx(sum(main) / 3)  # extra rewards stay out of the mean
     assert callback.samples[-1].shape == (2, 4)
     with pytest.raises(ValueError, match="green"):
-        fit(make_module("marble"), max_steps=1,
-            callbacks=[RewardEvalCallback(["a"], extra_rewards=[ChannelMean(1, "green")])])
+        fit(
+            make_module("marble"),
+            max_steps=1,
+            callbacks=[RewardEvalCallback(["a"], extra_rewards=[ChannelMean(1, "green")])],
+        )
 
 
 def test_refresh_period_has_one_source_of_truth():

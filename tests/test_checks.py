@@ -15,7 +15,9 @@ from marble_lightning.checks import check_choice, check_float, check_int, check_
 NAMES = st.from_regex(r"[a-z_][a-z0-9_.]{0,12}", fullmatch=True)
 FINITE = st.floats(allow_nan=False, allow_infinity=False, width=64)
 NOT_FINITE = st.sampled_from([math.nan, math.inf, -math.inf])
-NOT_NUMBERS = st.one_of(st.none(), st.booleans(), st.text(max_size=3), st.lists(st.integers(), max_size=2))
+NOT_NUMBERS = st.one_of(
+    st.none(), st.booleans(), st.text(max_size=3), st.lists(st.integers(), max_size=2)
+)
 
 
 def _raises_named(name: str, value: object):
@@ -56,11 +58,23 @@ BOUNDS = st.one_of(st.none(), st.floats(-1e6, 1e6, allow_nan=False))
 
 
 @settings(max_examples=200, deadline=None)
-@given(NAMES, st.one_of(FINITE, st.integers(-(10**6), 10**6)), BOUNDS, st.booleans(), BOUNDS, st.booleans())
+@given(
+    NAMES,
+    st.one_of(FINITE, st.integers(-(10**6), 10**6)),
+    BOUNDS,
+    st.booleans(),
+    BOUNDS,
+    st.booleans(),
+)
 def test_check_float_agrees_with_the_bounds(name, value, minimum, strict, maximum, maximum_strict):
     above = minimum is None or (value > minimum if strict else value >= minimum)
     below = maximum is None or (value < maximum if maximum_strict else value <= maximum)
-    kwargs = {"minimum": minimum, "strict": strict, "maximum": maximum, "maximum_strict": maximum_strict}
+    kwargs = {
+        "minimum": minimum,
+        "strict": strict,
+        "maximum": maximum,
+        "maximum_strict": maximum_strict,
+    }
     if above and below:
         out = check_float(name, value, **kwargs)
         assert out == value and type(out) is float
@@ -92,7 +106,9 @@ def test_check_float_strict_lower_bound_refuses_the_bound_itself(name, bound):
 
 # ------------------------------------------------------------------------------ check_choice
 @settings(max_examples=100, deadline=None)
-@given(NAMES, st.lists(st.text(max_size=4), min_size=1, max_size=5, unique=True), st.text(max_size=4))
+@given(
+    NAMES, st.lists(st.text(max_size=4), min_size=1, max_size=5, unique=True), st.text(max_size=4)
+)
 def test_check_choice_returns_members_and_lists_the_options(name, choices, value):
     if value in choices:
         assert check_choice(name, value, iter(choices)) is value
@@ -135,5 +151,7 @@ def test_check_weights_refuses_a_negative_or_non_finite_entry(name, weights, bad
 def test_check_weights_needs_one_entry_per_reward(name, weights, k):
     assume(k != len(weights))
     names = [f"r{i}" for i in range(k)]
-    with pytest.raises(ValueError, match=rf"^`{re.escape(name)}` should have one entry per reward \(K = {k}"):
+    with pytest.raises(
+        ValueError, match=rf"^`{re.escape(name)}` should have one entry per reward \(K = {k}"
+    ):
         check_weights(name, weights, k, names)

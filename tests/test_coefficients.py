@@ -20,7 +20,10 @@ def uniform(k: int) -> torch.Tensor:
 def refreshed(seed: int = 0, k: int = 3, zero: tuple[int, ...] = ()):
     """A real harmonisation of random gradients (rows in ``zero`` are zero, hence dropped)."""
     gen = torch.Generator().manual_seed(seed)
-    g = torch.randn(k, 6, generator=gen, dtype=torch.float64) * torch.tensor([1.0, 3.0, 0.5, 2.0, 1.5][:k])[:, None]
+    g = (
+        torch.randn(k, 6, generator=gen, dtype=torch.float64)
+        * torch.tensor([1.0, 3.0, 0.5, 2.0, 1.5][:k])[:, None]
+    )
     for i in zero:
         g[i] = 0.0
     gram = g @ g.T
@@ -32,7 +35,10 @@ def hand_weights(alpha: torch.Tensor, norms: torch.Tensor, dropped: torch.Tensor
     kept = [i for i in range(len(alpha)) if not bool(dropped[i])]
     m = sum(float(norms[i]) for i in kept) / len(kept)
     return torch.tensor(
-        [0.0 if bool(dropped[i]) else m * float(alpha[i]) / float(norms[i]) for i in range(len(alpha))],
+        [
+            0.0 if bool(dropped[i]) else m * float(alpha[i]) / float(norms[i])
+            for i in range(len(alpha))
+        ],
         dtype=torch.float64,
     )
 
@@ -158,13 +164,17 @@ def test_record_refresh_in_the_uniform_stage(zero):
     c.schedule(refresh=True, uniform=True)
     alpha, weights = c.record_refresh(h, gram)
     kept = 3 - len(zero)
-    expected_alpha = torch.tensor([0.0 if i in zero else 1.0 / kept for i in range(3)], dtype=torch.float64)
+    expected_alpha = torch.tensor(
+        [0.0 if i in zero else 1.0 / kept for i in range(3)], dtype=torch.float64
+    )
     torch.testing.assert_close(alpha, expected_alpha, rtol=0, atol=1e-15)
     torch.testing.assert_close(c.alpha, expected_alpha, rtol=0, atol=1e-15)
     norms = torch.sqrt(torch.diagonal(gram))
     expected_weights = hand_weights(expected_alpha, norms, h.dropped)
     torch.testing.assert_close(weights, expected_weights, rtol=1e-12, atol=0)
-    torch.testing.assert_close(weights, weights_from_alpha(expected_alpha, h.norms, h.dropped), rtol=0, atol=0)
+    torch.testing.assert_close(
+        weights, weights_from_alpha(expected_alpha, h.norms, h.dropped), rtol=0, atol=0
+    )
     a2, w2 = c.amortized_weights()
     torch.testing.assert_close(a2, expected_alpha, rtol=0, atol=1e-15)
     torch.testing.assert_close(w2, expected_weights, rtol=1e-12, atol=0)
@@ -182,7 +192,9 @@ def test_uniform_stage_switched_on_after_a_refresh():
     expected = torch.tensor([0.0, 0.5, 0.5], dtype=torch.float64)
     alpha, weights = c.amortized_weights()
     torch.testing.assert_close(alpha, expected, rtol=0, atol=0)
-    torch.testing.assert_close(weights, hand_weights(expected, c.norms, c.dropped), rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        weights, hand_weights(expected, c.norms, c.dropped), rtol=1e-12, atol=0
+    )
     assert float(weights[0]) == 0.0
 
 
@@ -204,7 +216,9 @@ def test_end_step_counts():
 )
 @settings(max_examples=25, deadline=None)
 def test_state_dict_round_trip_is_exact(seed, refreshes, extra_steps, uniform_stage):
-    c = Coefficients(torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64), refresh_every=2, every_step=False)
+    c = Coefficients(
+        torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64), refresh_every=2, every_step=False
+    )
     c.set_smoother(lambda a: 0.5 * a + 0.5 / 3)
     for i in range(refreshes):
         c.record_refresh(*refreshed(seed + i, zero=(2,) if i == 1 else ()))

@@ -52,7 +52,9 @@ def test_strategy_collective_on_one_device_is_the_identity():
     assert isinstance(c, Collective)
     assert (c.world_size, c.rank) == (1, 0)
     x = rank_tensor(1)
-    assert torch.equal(c.mean(x), x) and torch.equal(c.sum(x), x) and torch.equal(c.gather_rows(x), x)
+    assert (
+        torch.equal(c.mean(x), x) and torch.equal(c.sum(x), x) and torch.equal(c.gather_rows(x), x)
+    )
     assert c.gather_objects(("a", "b")) == ["a", "b"]
 
 

@@ -71,7 +71,10 @@ def test_epochs_are_deterministic_permutations():
 def test_ranks_split_the_single_process_batch():
     for epoch in range(3):
         single = PromptBatches(PROMPTS, prompts_per_step=4, seed=1)
-        ranks = [PromptBatches(PROMPTS, prompts_per_step=2, seed=1, rank=r, world_size=2) for r in range(2)]
+        ranks = [
+            PromptBatches(PROMPTS, prompts_per_step=2, seed=1, rank=r, world_size=2)
+            for r in range(2)
+        ]
         for d in (single, *ranks):
             d.epoch = epoch
         for whole, part0, part1 in zip(list(single), list(ranks[0]), list(ranks[1])):
@@ -128,13 +131,18 @@ def test_strata_give_fixed_counts_per_batch():
 
 def test_strata_ranks_split_the_single_process_batch():
     single = PromptBatches(STRATA, {"shapes": 4, "text": 2}, seed=1)
-    ranks = [PromptBatches(STRATA, {"shapes": 2, "text": 1}, seed=1, rank=r, world_size=2) for r in range(2)]
+    ranks = [
+        PromptBatches(STRATA, {"shapes": 2, "text": 1}, seed=1, rank=r, world_size=2)
+        for r in range(2)
+    ]
     for whole, part0, part1 in zip(list(single), list(ranks[0]), list(ranks[1])):
         assert sorted(whole) == sorted(part0 + part1) and not set(part0) & set(part1)
 
 
 def test_strata_datamodule_and_errors():
-    dm = PromptDataModule({"shapes": "toy:train:count,relation", "text": "toy:train:text"}, {"shapes": 2, "text": 2})
+    dm = PromptDataModule(
+        {"shapes": "toy:train:count,relation", "text": "toy:train:text"}, {"shapes": 2, "text": 2}
+    )
     dm.setup("fit")
     from marble_lightning.toy.prompts import parse_prompt
 

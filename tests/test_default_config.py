@@ -12,8 +12,11 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "100000000000",
-             "MALLOC_TOP_PAD_": "1073741824"}
+ALLOCATOR = {
+    "MALLOC_MMAP_THRESHOLD_": "33554432",
+    "MALLOC_TRIM_THRESHOLD_": "100000000000",
+    "MALLOC_TOP_PAD_": "1073741824",
+}
 
 
 def test_default_config_two_steps(tmp_path: Path) -> None:
@@ -30,27 +33,47 @@ def test_default_config_two_steps(tmp_path: Path) -> None:
     for cb in cfg["trainer"]["callbacks"]:
         if cb["class_path"].endswith("RewardEvalCallback"):
             # a few held-out prompts keep the smoke test short; the real run evaluates all of them
-            cb["init_args"]["prompts"] = ['the word "cat"', "two red circles", "a green circle left of a yellow square"]
+            cb["init_args"]["prompts"] = [
+                'the word "cat"',
+                "two red circles",
+                "a green circle left of a yellow square",
+            ]
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     env = dict(os.environ, **ALLOCATOR)
     proc = subprocess.run(
         [sys.executable, "-m", "marble_lightning", "fit", "--config", str(path)],
-        capture_output=True, text=True, env=env, timeout=900, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "marble: fit finished" in proc.stdout
     reports = list(tmp_path.glob("lightning_logs/version_*/report"))
     assert len(reports) == 1
     report = reports[0]
-    for name in ("alpha.png", "rewards.png", "grid_base.png", "grid_final.png", "summary.md", "history.json"):
+    for name in (
+        "alpha.png",
+        "rewards.png",
+        "grid_base.png",
+        "grid_final.png",
+        "summary.md",
+        "history.json",
+    ):
         assert (report / name).is_file(), name
     record = json.loads((report / "history.json").read_text())
     assert record["names"] == ["composition", "ocr", "quality", "jpeg", "clip"]
-    assert record["eval_names"] == record["names"] + ["ocr_edit"]  # evaluation-only strict OCR score
+    assert record["eval_names"] == record["names"] + [
+        "ocr_edit"
+    ]  # evaluation-only strict OCR score
     assert len(record["train"]) == 2
     assert len(record["eval_samples"]) == 2  # base and final
-    assert len(record["eval_samples"][0]) == 3 * cfg["trainer"]["callbacks"][-2]["init_args"]["images_per_prompt"]
+    assert (
+        len(record["eval_samples"][0])
+        == 3 * cfg["trainer"]["callbacks"][-2]["init_args"]["images_per_prompt"]
+    )
     summary = (report / "summary.md").read_text()
     for name in record["eval_names"]:
         assert f"| {name} |" in summary

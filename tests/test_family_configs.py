@@ -41,11 +41,16 @@ def test_tiny_config_trains_offline(family: str, tmp_path: Path, capsys) -> None
     root = tmp_path / "run"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        main([
-            "fit", "--config", str(REPO / "configs" / f"{FAMILIES[family]}.yaml"),
-            f"--model.backbone.init_args.pretrained={pipe}", f"--trainer.default_root_dir={root}",
-            "--trainer.max_steps=2",
-        ])
+        main(
+            [
+                "fit",
+                "--config",
+                str(REPO / "configs" / f"{FAMILIES[family]}.yaml"),
+                f"--model.backbone.init_args.pretrained={pipe}",
+                f"--trainer.default_root_dir={root}",
+                "--trainer.max_steps=2",
+            ]
+        )
     events = sorted(root.rglob("events.out.tfevents.*"))
     assert events, "no TensorBoard log"
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -44,16 +44,18 @@ class ConvAttnNet(nn.Module):
         return self.conv_out(torch.nn.functional.silu(h))
 
 
-
 def combine_per_sample(positive, negative, r, *, beta, a_max, batch_size):
     """Reference: ``(a_max / (beta B)) * (r @ P + (1 - r) @ N)`` from full per-sample matrices."""
     r = r.to(positive.dtype)
     return (a_max / (beta * batch_size)) * (r @ positive + (1.0 - r) @ negative)
 
+
 def lora_model(seed: int = 0) -> tuple[nn.Module, list[nn.Parameter]]:
     torch.manual_seed(seed)
     model = ConvAttnNet().double()
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["conv_in", "down", "to_q", "to_v", "to_out", "conv_out"])
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["conv_in", "down", "to_q", "to_v", "to_out", "conv_out"]
+    )
     model = inject_adapter_in_model(config, model)
     model.double()
     for name, p in model.named_parameters():
@@ -100,7 +102,9 @@ def test_engines_agree_over_accumulated_timesteps(k: int) -> None:
     assert reference.abs().max() > 1e-3
     torch.testing.assert_close(batched, reference, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(per_sample, reference, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(per_sample @ per_sample.T, reference @ reference.T, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        per_sample @ per_sample.T, reference @ reference.T, rtol=1e-9, atol=1e-12
+    )
 
 
 def test_per_sample_rows_are_single_sample_gradients() -> None:

@@ -33,30 +33,49 @@ def _config(tmp_path: Path, **model: object) -> Path:
     config = {
         "seed_everything": 0,
         "trainer": {
-            "accelerator": "cpu", "devices": 1, "max_steps": 3, "default_root_dir": str(tmp_path),
-            "enable_progress_bar": False, "enable_model_summary": False,
-            "num_sanity_val_steps": 0, "logger": False,
-            "callbacks": [{
-                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True},
-            }],
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 3,
+            "default_root_dir": str(tmp_path),
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "num_sanity_val_steps": 0,
+            "logger": False,
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True},
+                }
+            ],
         },
         "model": {
             "backbone": {"class_path": "marble_lightning.testing.TinySD3Backbone"},
             "rewards": [
-                {"class_path": "marble_lightning.testing.ChannelMean",
-                 "init_args": {"channel": 0, "name": "red"}},
+                {
+                    "class_path": "marble_lightning.testing.ChannelMean",
+                    "init_args": {"channel": 0, "name": "red"},
+                },
                 {"class_path": "marble_lightning.testing.Darkness", "init_args": {"name": "dark"}},
             ],
-            "mode": "amortized", "group_size": 2, "sample_steps": 2, "lora_rank": 2,
-            "lora_alpha": 4, "rollout_precision": "float32", **model,
+            "mode": "amortized",
+            "group_size": 2,
+            "sample_steps": 2,
+            "lora_rank": 2,
+            "lora_alpha": 4,
+            "rollout_precision": "float32",
+            **model,
         },
         "data": {
-            "train_prompts": PROMPTS, "prompts_per_step": 2, "heldout_prompts": HELDOUT,
-            "eval_images_per_prompt": 2, "eval_batch_size": 4,
+            "train_prompts": PROMPTS,
+            "prompts_per_step": 2,
+            "heldout_prompts": HELDOUT,
+            "eval_images_per_prompt": 2,
+            "eval_batch_size": 4,
         },
     }
-    path = tmp_path / "input" / "config.yaml"  # not the root: the CLI saves its own config.yaml there
+    path = (
+        tmp_path / "input" / "config.yaml"
+    )  # not the root: the CLI saves its own config.yaml there
     path.parent.mkdir(exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -109,8 +128,12 @@ def test_validation_equals_an_independent_evaluation(tmp_path: Path) -> None:
     from marble_lightning.data import PromptDataModule
 
     module = make_module("amortized")
-    data = PromptDataModule(PROMPTS, 2, heldout_prompts=HELDOUT, eval_images_per_prompt=2, eval_batch_size=4)
-    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    data = PromptDataModule(
+        PROMPTS, 2, heldout_prompts=HELDOUT, eval_images_per_prompt=2, eval_batch_size=4
+    )
+    trainer = Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
     result = trainer.validate(module, datamodule=data)[0]
     prompts = [p for p in HELDOUT for _ in range(2)]
     seeds = [1000 + c for _ in HELDOUT for c in range(2)]
@@ -119,9 +142,13 @@ def test_validation_equals_an_independent_evaluation(tmp_path: Path) -> None:
     for k, name in enumerate(module.reward_names):
         mask = scored.mask[:, k]
         if mask.any():
-            assert result[f"eval/{name}"] == pytest.approx(float(scored.values[mask, k].double().mean()), rel=1e-6)
+            assert result[f"eval/{name}"] == pytest.approx(
+                float(scored.values[mask, k].double().mean()), rel=1e-6
+            )
     finite = [result[f"eval/{n}"] for n in module.reward_names if f"eval/{n}" in result]
-    assert result["eval/mean"] == pytest.approx(sum(finite) / len(finite), rel=1e-6)  # logged as float32
+    assert result["eval/mean"] == pytest.approx(
+        sum(finite) / len(finite), rel=1e-6
+    )  # logged as float32
 
 
 def test_load_from_checkpoint_without_arguments(tmp_path: Path) -> None:
@@ -158,8 +185,10 @@ class _no_key_noise:
 
 
 def test_optimizer_and_cosine_schedule_from_the_config_resume_exactly(tmp_path: Path) -> None:
-    sched = {"class_path": "torch.optim.lr_scheduler.CosineAnnealingLR",
-             "init_args": {"T_max": 4, "eta_min": 1e-4}}
+    sched = {
+        "class_path": "torch.optim.lr_scheduler.CosineAnnealingLR",
+        "init_args": {"T_max": 4, "eta_min": 1e-4},
+    }
     opt = {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.01, "momentum": 0.9}}
     full = tmp_path / "full"
     full.mkdir()
@@ -174,7 +203,14 @@ def test_optimizer_and_cosine_schedule_from_the_config_resume_exactly(tmp_path: 
     part.mkdir()
     config = _config(part, optimizer=opt, lr_scheduler=sched)
     _cli("fit", "--config", str(config), "--trainer.max_steps=2")
-    _cli("fit", "--config", str(config), "--trainer.max_steps=4", "--ckpt_path", str(part / "ckpt" / "last.ckpt"))
+    _cli(
+        "fit",
+        "--config",
+        str(config),
+        "--trainer.max_steps=4",
+        "--ckpt_path",
+        str(part / "ckpt" / "last.ckpt"),
+    )
     resumed = torch.load(part / "ckpt" / "last.ckpt", weights_only=True)
     for key, value in end["state_dict"].items():
         assert torch.equal(resumed["state_dict"][key], value), key
@@ -183,12 +219,17 @@ def test_optimizer_and_cosine_schedule_from_the_config_resume_exactly(tmp_path: 
 
 
 @pytest.mark.parametrize(
-    "precision", [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu")), "bf16-mixed", "16-true"]
+    "precision",
+    [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu")), "bf16-mixed", "16-true"],
 )
 def test_precision_plugins_are_rejected_at_setup(precision) -> None:
     module = make_module("marble")
     before = [p.detach().clone() for p in module.trainable_parameters]
-    kwargs = {"plugins": [precision]} if isinstance(precision, MixedPrecision) else {"precision": precision}
+    kwargs = (
+        {"plugins": [precision]}
+        if isinstance(precision, MixedPrecision)
+        else {"precision": precision}
+    )
     with pytest.raises(ValueError, match=r"not supported.*32-true.*rollout_precision"):
         fit(module, max_steps=1, **kwargs)
     assert module.step_index == 0

@@ -9,11 +9,10 @@ import math
 import pytest
 import torch
 
-from marble_lightning.sampling import keyed_noise, training_timesteps
-
 from marble_lightning.harmonize import harmonize
 from marble_lightning.module import MODES, MarbleDiffusionModule
 from marble_lightning.nft import interpolation_coefficient
+from marble_lightning.sampling import keyed_noise, training_timesteps
 from marble_lightning.testing import (
     PROMPTS,
     TINY,
@@ -42,7 +41,9 @@ def _perturb(module: MarbleDiffusionModule, seed: int = 1) -> None:
     module.adapters.old_is_policy = False
 
 
-def _independent_gradients(module: MarbleDiffusionModule, rollout, timesteps, beta: float, a_max: float, kl_weight: float):
+def _independent_gradients(
+    module: MarbleDiffusionModule, rollout, timesteps, beta: float, a_max: float, kl_weight: float
+):
     """Per-reward and KL gradients written from the formulas (marble_lightning/nft.py), one
     autograd.grad per reward and timestep on a deep copy of the module."""
     twin = copy.deepcopy(module)
@@ -57,7 +58,9 @@ def _independent_gradients(module: MarbleDiffusionModule, rollout, timesteps, be
     for j in timesteps:
         t = float(twin.time_grid()[j])
         eps = keyed_noise(
-            rollout.prompts[:: twin.group_size], twin.group_size, twin.backbone.sample_shape,
+            rollout.prompts[:: twin.group_size],
+            twin.group_size,
+            twin.backbone.sample_shape,
             (twin.seed, "train", rollout.step, 0, j),
         )
         x_t = (1 - t) * x0 + t * eps
@@ -75,8 +78,12 @@ def _independent_gradients(module: MarbleDiffusionModule, rollout, timesteps, be
                 x0_pos = x_t - t * (beta * v + (1 - beta) * v_old)
                 x0_neg = x_t - t * ((1 + beta) * v_old - beta * v)
                 dims = (1, 2, 3)
-                l_pos = ((x0_pos - x0) ** 2).mean(dims) / (x0_pos - x0).abs().mean(dims).clamp_min(1e-5).detach()
-                l_neg = ((x0_neg - x0) ** 2).mean(dims) / (x0_neg - x0).abs().mean(dims).clamp_min(1e-5).detach()
+                l_pos = ((x0_pos - x0) ** 2).mean(dims) / (x0_pos - x0).abs().mean(dims).clamp_min(
+                    1e-5
+                ).detach()
+                l_neg = ((x0_neg - x0) ** 2).mean(dims) / (x0_neg - x0).abs().mean(dims).clamp_min(
+                    1e-5
+                ).detach()
                 loss = a_max * (r[kk] * l_pos + (1 - r[kk]) * l_neg).mean() / beta
             g = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
             flat = torch.cat([x.reshape(-1) for x in g]).double() / len(timesteps)
@@ -96,7 +103,9 @@ def test_refresh_direction_equals_harmonize_of_independent_gradients(gram):
     # the masked reward ("green") has r = 1/2 exactly where it does not apply
     green = module.reward_names.index("green")
     assert torch.all(rollout.r[green][~rollout.mask[:, green]] == 0.5)
-    grads, kl_grad = _independent_gradients(module, rollout, [0, 1, 2], beta=0.5, a_max=5.0, kl_weight=0.2)
+    grads, kl_grad = _independent_gradients(
+        module, rollout, [0, 1, 2], beta=0.5, a_max=5.0, kl_weight=0.2
+    )
     result = module.compute_update(rollout, refresh=True)
     assert result.timesteps == [0, 1, 2]  # accumulation over 3 timesteps
     expected = harmonize(grads)
@@ -127,7 +136,9 @@ def test_per_sample_refresh_with_old_equal_to_policy_and_kl(beta):
             q.copy_(p)
     rollout = module.rollout(PROMPTS[:3], step=0)
     assert module.adapters.old_is_policy
-    grads, kl_grad = _independent_gradients(module, rollout, [0, 1, 2], beta=beta, a_max=5.0, kl_weight=0.2)
+    grads, kl_grad = _independent_gradients(
+        module, rollout, [0, 1, 2], beta=beta, a_max=5.0, kl_weight=0.2
+    )
     result = module.compute_update(rollout, refresh=True)
     assert grads.norm(dim=1).min() > 1e-4 and kl_grad.norm() > 1e-4
     torch.testing.assert_close(result.grads.double(), grads, rtol=1e-4, atol=1e-7)
@@ -139,13 +150,19 @@ def test_train_timestep_subset_and_reuse_of_old_policy():
     module = make_module("marble", sample_steps=4, train_timesteps=2)
     rollout = module.rollout(PROMPTS[:2], step=0)
     assert module.adapters.old_is_policy
-    grads, _ = _independent_gradients(module, rollout, training_timesteps(module.seed, 0, 0, 4, 2), 1.0, 5.0, 0.0)
+    grads, _ = _independent_gradients(
+        module, rollout, training_timesteps(module.seed, 0, 0, 4, 2), 1.0, 5.0, 0.0
+    )
     result = module.compute_update(rollout, refresh=True)
-    assert len(result.timesteps) == 2 and result.timesteps == training_timesteps(module.seed, 0, 0, 4, 2)
+    assert len(result.timesteps) == 2 and result.timesteps == training_timesteps(
+        module.seed, 0, 0, 4, 2
+    )
     torch.testing.assert_close(result.grads.double(), grads, rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize(("aggregate", "gram"), [("r", "backward"), ("advantage", "backward"), ("r", "per_sample")])
+@pytest.mark.parametrize(
+    ("aggregate", "gram"), [("r", "backward"), ("advantage", "backward"), ("r", "per_sample")]
+)
 def test_amortized_step_with_cached_weights_equals_refresh_direction(aggregate, gram):
     module = make_module("amortized", sample_steps=2, beta=0.7, aggregate=aggregate, gram=gram)
     _perturb(module, seed=3)
@@ -240,7 +257,11 @@ def test_every_mode_trains(mode):
         assert not any(r["refresh"] for r in module.history)
         assert "cos/worst" in module.history[0] and "cos/worst" not in module.history[1]
     if mode == "sequential":
-        assert [r["alpha"] for r in module.history] == [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 1.0]]
+        assert [r["alpha"] for r in module.history] == [
+            [1.0, 0.0, 0.0],
+            [0.0, 0.0, 1.0],
+            [0.0, 0.0, 1.0],
+        ]
     if mode == "amortized":  # refresh_every=5 default: refresh at step 0 only
         assert [r["refresh"] for r in module.history] == [True, False, False]
 
@@ -255,7 +276,9 @@ def test_weighted_sum_scalarises_rewards_with_masked_entries_as_zero():
         mean, std = (a + b) / 2, abs(a - b) / 2
         expected = 0.0 if std == 0 else (a - mean) / (std + module.tracker.eps)
         assert rollout.scalar_advantages[i].item() == pytest.approx(expected, rel=1e-4, abs=1e-6)
-    torch.testing.assert_close(rollout.scalar_r, interpolation_coefficient(rollout.scalar_advantages, 5.0))
+    torch.testing.assert_close(
+        rollout.scalar_r, interpolation_coefficient(rollout.scalar_advantages, 5.0)
+    )
 
 
 def test_old_policy_ema_update():
@@ -356,7 +379,11 @@ def test_duplicate_reward_names_and_bad_backbone():
 
 
 @pytest.mark.parametrize(
-    ("reward", "match"), [(NaNReward(), r"'nan'.*non-finite(.|\n)*step 0"), (WrongShapeReward(), r"'wrong_shape'.*shape")]
+    ("reward", "match"),
+    [
+        (NaNReward(), r"'nan'.*non-finite(.|\n)*step 0"),
+        (WrongShapeReward(), r"'wrong_shape'.*shape"),
+    ],
 )
 def test_bad_reward_fails_at_first_step_with_state_untouched(reward, match):
     module = make_module("marble", rewards=[ChannelMean(0, "red"), reward])
@@ -380,12 +407,24 @@ def test_unet_denoiser_with_conv_lora_and_per_sample_engine():
     per-sample Gram engine gives the backward engine's direction."""
     from marble_lightning.toy.backbone import ToyBackbone, ToyModelConfig
 
-    config = ToyModelConfig(block_out_channels=(8, 16, 16), text_width=16, text_layers=1, text_heads=2, norm_num_groups=4)
+    config = ToyModelConfig(
+        block_out_channels=(8, 16, 16),
+        text_width=16,
+        text_layers=1,
+        text_heads=2,
+        norm_num_groups=4,
+    )
     directions = []
     for gram in ("backward", "per_sample"):
         module = MarbleDiffusionModule(
-            ToyBackbone.from_config(config, seed=0), tiny_rewards(), mode="marble", gram=gram,
-            group_size=2, sample_steps=2, lora_rank=2, lora_alpha=4,
+            ToyBackbone.from_config(config, seed=0),
+            tiny_rewards(),
+            mode="marble",
+            gram=gram,
+            group_size=2,
+            sample_steps=2,
+            lora_rank=2,
+            lora_alpha=4,
         )
         assert module.gram == gram
         assert any("conv1" in name for name in module.adapters.policy_names)
@@ -422,7 +461,9 @@ def test_backbone_time_grid_is_used_by_sampler_and_training():
     torch.testing.assert_close(module.sample_latents(prompts, noise), x, rtol=1e-5, atol=1e-6)
     rollout = module.rollout(PROMPTS[:2], step=0)
     grads, _ = _independent_gradients(module, rollout, [0, 1], 1.0, 5.0, 0.0)  # t = 1 and 0.75
-    torch.testing.assert_close(module.compute_update(rollout, refresh=True).grads.double(), grads, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(
+        module.compute_update(rollout, refresh=True).grads.double(), grads, rtol=1e-4, atol=1e-7
+    )
 
 
 def test_bad_backbone_time_grid_is_rejected():
@@ -439,5 +480,9 @@ def test_sample_noise_is_independent_of_the_training_seed():
     a = make_module("marble", seed=0)
     b = make_module("marble", seed=7)
     prompts = ["a green dog", "red house"]
-    torch.testing.assert_close(a.sample(prompts, seed=3, adapter="base"), b.sample(prompts, seed=3, adapter="base"))
-    assert not torch.equal(a.sample(prompts, seed=3, adapter="base"), a.sample(prompts, seed=4, adapter="base"))
+    torch.testing.assert_close(
+        a.sample(prompts, seed=3, adapter="base"), b.sample(prompts, seed=3, adapter="base")
+    )
+    assert not torch.equal(
+        a.sample(prompts, seed=3, adapter="base"), a.sample(prompts, seed=4, adapter="base")
+    )

@@ -37,7 +37,9 @@ class _DumpState(Callback):
                 "rewards": [r["reward/red_mean"] for r in pl_module.history],
                 "tracker": pl_module.tracker.state_dict(),
                 "eval": self.evaluator.history,
-                "norms": pl_module.cached_norms if pl_module.cached_norms is None else pl_module.cached_norms.clone(),
+                "norms": pl_module.cached_norms
+                if pl_module.cached_norms is None
+                else pl_module.cached_norms.clone(),
             },
             self.directory / f"rank{trainer.global_rank}.pt",
         )
@@ -45,8 +47,12 @@ class _DumpState(Callback):
 
 def _run(tmp: Path, devices: int, prompts_per_step: int, mode: str) -> list[dict]:
     tmp.mkdir(parents=True, exist_ok=True)
-    module = make_module(mode, kl_weight=0.05, old_policy={"start": 1, "rate": 0.3, "max_decay": 0.5})
-    evaluator = RewardEvalCallback(["a green dog", "red house", "small box"], every_n_steps=2, images_per_prompt=3)
+    module = make_module(
+        mode, kl_weight=0.05, old_policy={"start": 1, "rate": 0.3, "max_decay": 0.5}
+    )
+    evaluator = RewardEvalCallback(
+        ["a green dog", "red house", "small box"], every_n_steps=2, images_per_prompt=3
+    )
     callbacks = [evaluator, _DumpState(tmp, evaluator)]
     if mode == "amortized":
         callbacks += [HarmonizationCallback(refresh_every=2), EMACoefficientCallback(decay=0.5)]
@@ -79,7 +85,12 @@ def test_two_ranks_agree_and_match_one_process(tmp_path, mode):
         assert torch.equal(a, b)
     # equal, to float tolerance, to one process over the same global batch of 4 prompts
     torch.testing.assert_close(rank0["alpha"], one["alpha"], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(torch.tensor(rank0["alpha_history"]), torch.tensor(one["alpha_history"]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(rank0["alpha_history"]),
+        torch.tensor(one["alpha_history"]),
+        rtol=1e-4,
+        atol=1e-5,
+    )
     if mode != "weighted_sum":
         torch.testing.assert_close(rank0["norms"], one["norms"], rtol=1e-4, atol=1e-7)
     assert rank0["rewards"] == pytest.approx(one["rewards"], rel=1e-6)
@@ -88,7 +99,10 @@ def test_two_ranks_agree_and_match_one_process(tmp_path, mode):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-6)
     # held-out evaluation split over the ranks (9 images: 5 + 4) equals the single-process one
     assert rank0["eval"] == rank1["eval"]
-    assert [(e["adapter"], e["step"]) for e in rank0["eval"]] == [("base", 0), ("policy", 2)]  # the final one runs at fit end, after this dump
+    assert [(e["adapter"], e["step"]) for e in rank0["eval"]] == [
+        ("base", 0),
+        ("policy", 2),
+    ]  # the final one runs at fit end, after this dump
     for mine, ref in zip(rank0["eval"], one["eval"]):
         for key in ("eval/red", "eval/green", "eval/dark"):
             assert mine[key] == pytest.approx(ref[key], rel=1e-4), key

@@ -55,15 +55,35 @@ def _torchrun(out: Path, *args: str, nodes: int = 1, timeout: int = 600) -> None
     if nodes == 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                    f"--master_port={port}", str(WORKER), "--out", str(out), *args]  # fmt: skip
-        done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=timeout, check=False)
+        done = subprocess.run(
+            command, env=_env(), capture_output=True, text=True, timeout=timeout, check=False
+        )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
         return
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-             f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}", str(WORKER),
-             "--out", str(out), "--devices", "1", "--num-nodes", "2", *args],
-            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc_per_node=1",
+                f"--node_rank={node}",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+                str(WORKER),
+                "--out",
+                str(out),
+                "--devices",
+                "1",
+                "--num-nodes",
+                "2",
+                *args,
+            ],
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for node in range(2)
     ]
@@ -84,7 +104,11 @@ def _reference(mode: str) -> dict:
     finally:
         sys.path.remove(str(WORKER.parent))
     module = make_module(mode, **OPTIONS)
-    callbacks = [HarmonizationCallback(refresh_every=2), EMACoefficientCallback(decay=0.5)] if mode == "amortized" else []
+    callbacks = (
+        [HarmonizationCallback(refresh_every=2), EMACoefficientCallback(decay=0.5)]
+        if mode == "amortized"
+        else []
+    )
     trainer = Trainer(
         max_steps=3, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
@@ -93,7 +117,9 @@ def _reference(mode: str) -> dict:
         warnings.simplefilter("ignore")
         trainer.fit(module, datamodule=PromptDataModule(PROMPTS, prompts_per_step=4))
     return {
-        "adapters": [p.detach().clone() for p in module.trainable_parameters + module.old_parameters],
+        "adapters": [
+            p.detach().clone() for p in module.trainable_parameters + module.old_parameters
+        ],
         "alpha_history": [r["alpha"] for r in module.history],
         "norms": module.cached_norms,
         "rewards": [r["reward/red_mean"] for r in module.history],
@@ -112,7 +138,10 @@ def _check_equal(sharded: list[dict], one: dict, mode: str) -> None:
     assert all(torch.equal(a, b) for a, b in zip(rank0["adapters"], rank1["adapters"]))
     # equal to one process over the same global batch
     torch.testing.assert_close(
-        torch.tensor(rank0["alpha_history"]), torch.tensor(one["alpha_history"]), rtol=1e-5, atol=1e-7
+        torch.tensor(rank0["alpha_history"]),
+        torch.tensor(one["alpha_history"]),
+        rtol=1e-5,
+        atol=1e-7,
     )
     if mode != "weighted_sum":
         torch.testing.assert_close(rank0["norms"], one["norms"], rtol=1e-5, atol=1e-9)
@@ -137,7 +166,12 @@ def test_sharded_resume_is_bit_exact_and_export_gathers(tmp_path: Path) -> None:
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     _torchrun(full, "--modes", "amortized", "--adam", "--save-every", "1")
     ckpt = full / "amortized" / "ckpts" / "step=1.ckpt"
-    assert ckpt.is_dir() and {p.name for p in ckpt.iterdir()} == {".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"}
+    assert ckpt.is_dir() and {p.name for p in ckpt.iterdir()} == {
+        ".metadata",
+        "__0_0.distcp",
+        "__1_0.distcp",
+        "meta.pt",
+    }
     _torchrun(resumed, "--modes", "amortized", "--adam", "--resume", str(ckpt), "--export")
     for a, b in zip(_load(full, "amortized"), _load(resumed, "amortized")):
         assert a["global_step"] == b["global_step"] == 3
@@ -196,7 +230,10 @@ def test_replicated_lora_matches_one_process(tmp_path: Path) -> None:
     assert sharded[0]["base_local"] < sharded[0]["base_full"]
     assert sharded[0]["alpha_history"] == sharded[1]["alpha_history"]
     torch.testing.assert_close(
-        torch.tensor(sharded[0]["alpha_history"]), torch.tensor(one["alpha_history"]), rtol=1e-5, atol=1e-7
+        torch.tensor(sharded[0]["alpha_history"]),
+        torch.tensor(one["alpha_history"]),
+        rtol=1e-5,
+        atol=1e-7,
     )
     for a, b in zip(sharded[0]["adapters"], one["adapters"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
@@ -206,5 +243,3 @@ def test_replicated_lora_matches_one_process(tmp_path: Path) -> None:
 def test_two_nodes_torchrun_sharded(tmp_path: Path) -> None:
     _torchrun(tmp_path, "--modes", "marble", nodes=2)
     _check_equal(_load(tmp_path, "marble"), _reference("marble"), "marble")
-
-

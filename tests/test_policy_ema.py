@@ -53,9 +53,19 @@ def test_resume_bit_exact_and_export(tmp_path) -> None:
     fit(make_module("marble"), max_steps=4, callbacks=[straight_ema])
 
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=1, save_top_k=-1)
-    fit(make_module("marble"), max_steps=2, callbacks=[PolicyEMACallback(decay=0.9), ckpt], enable_checkpointing=True)
+    fit(
+        make_module("marble"),
+        max_steps=2,
+        callbacks=[PolicyEMACallback(decay=0.9), ckpt],
+        enable_checkpointing=True,
+    )
     resumed_ema = PolicyEMACallback(decay=0.9)
-    fit(make_module("marble"), max_steps=4, callbacks=[resumed_ema], ckpt_path=str(tmp_path / "last.ckpt"))
+    fit(
+        make_module("marble"),
+        max_steps=4,
+        callbacks=[resumed_ema],
+        ckpt_path=str(tmp_path / "last.ckpt"),
+    )
     assert resumed_ema.updates == straight_ema.updates == 4
     for name, w in straight_ema.weights.items():
         assert torch.equal(resumed_ema.weights[name], w)
@@ -63,8 +73,12 @@ def test_resume_bit_exact_and_export(tmp_path) -> None:
     # export-lora --ema writes the average, plain export the policy
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
     weights = saved["callbacks"]["PolicyEMACallback"]["weights"]
-    out = export_lora(str(tmp_path / "last.ckpt"), tmp_path / "ema", ema=True, format="peft", lora_alpha=4)
-    plain = export_lora(str(tmp_path / "last.ckpt"), tmp_path / "plain", format="peft", lora_alpha=4)
+    out = export_lora(
+        str(tmp_path / "last.ckpt"), tmp_path / "ema", ema=True, format="peft", lora_alpha=4
+    )
+    plain = export_lora(
+        str(tmp_path / "last.ckpt"), tmp_path / "plain", format="peft", lora_alpha=4
+    )
     exported, policy = load_file(str(out)), load_file(str(plain))
     assert exported.keys() == policy.keys()
     differs = 0
@@ -94,7 +108,11 @@ def test_reward_eval_uses_the_ema_when_asked() -> None:
         direct = without.evaluate(trainer, module, adapter="policy")
     assert direct["eval/red"] == pytest.approx(a["eval/red"], rel=1e-6)
     with pytest.raises(ValueError, match="needs a PolicyEMACallback"):
-        fit(make_module("marble"), max_steps=1, callbacks=[RewardEvalCallback(prompts, use_ema=True, log_images=False)])
+        fit(
+            make_module("marble"),
+            max_steps=1,
+            callbacks=[RewardEvalCallback(prompts, use_ema=True, log_images=False)],
+        )
 
 
 def test_bad_arguments() -> None:

@@ -40,7 +40,7 @@ def test_readme_python_block_runs(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the test machines are small and shared
     try:
-        exec(compile(BLOCKS[index], f"README.md:block{index}", "exec"), namespace)  # noqa: S102
+        exec(compile(BLOCKS[index], f"README.md:block{index}", "exec"), namespace)
     finally:
         torch.set_num_threads(threads)
 

@@ -31,7 +31,13 @@ def test_sd35m_reference_recipe(name: str, capsys) -> None:
     config = _printed(name, capsys)
     model = config["model"]
     rewards = [r["class_path"].rsplit(".", 1)[1] for r in model["rewards"]]
-    assert rewards == ["PickScoreReward", "HPSv21Reward", "CLIPScoreReward", "OCRReward", "CompositionReward"]
+    assert rewards == [
+        "PickScoreReward",
+        "HPSv21Reward",
+        "CLIPScoreReward",
+        "OCRReward",
+        "CompositionReward",
+    ]
     assert model["backbone"]["init_args"]["resolution"] == 512
     assert (model["solver"], model["sample_steps"], model["cfg_scale"]) == ("dpm2", 25, 1.0)
     assert (model["beta"], model["kl_weight"], model["a_max"]) == (0.1, 1e-4, 5.0)

@@ -63,7 +63,9 @@ def _run_config(tmp_path: Path, *, every: int = 2, report: bool = True) -> Path:
         if callback["class_path"].endswith("ModelCheckpoint"):
             callback["init_args"]["every_n_train_steps"] = every
     if report:
-        config["trainer"]["callbacks"].append({"class_path": "marble_lightning.report.RunReportCallback"})
+        config["trainer"]["callbacks"].append(
+            {"class_path": "marble_lightning.report.RunReportCallback"}
+        )
     path = tmp_path / "configs" / "run.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -119,7 +121,9 @@ def test_no_weights_only_false_anywhere() -> None:
     assert loads  # the scan found the loaders
 
 
-def test_crafted_pickle_is_refused_by_every_loading_path(tmp_path: Path, capsys, tiny_dir: str) -> None:
+def test_crafted_pickle_is_refused_by_every_loading_path(
+    tmp_path: Path, capsys, tiny_dir: str
+) -> None:
     marker = tmp_path / "PWNED"
 
     # the payload is live: an unsafe load would create the marker
@@ -142,7 +146,17 @@ def test_crafted_pickle_is_refused_by_every_loading_path(tmp_path: Path, capsys,
     with pytest.raises(Exception, match="(?i)weights.only|unsupported global"):
         export_lora(ckpt, tmp_path / "lora", lora_alpha=4)
     with pytest.raises(SystemExit) as exit_info:
-        main(["export-lora", "--ckpt", str(ckpt), "--out", str(tmp_path / "lora2"), "--lora-alpha", "4"])
+        main(
+            [
+                "export-lora",
+                "--ckpt",
+                str(ckpt),
+                "--out",
+                str(tmp_path / "lora2"),
+                "--lora-alpha",
+                "4",
+            ]
+        )
     assert exit_info.value.code == 2
     assert "safely" in capsys.readouterr().err
     assert not marker.exists()
@@ -168,7 +182,9 @@ def test_crafted_pickle_is_refused_by_every_loading_path(tmp_path: Path, capsys,
 
     # 5) Lightning checkpoints through `marble fit --ckpt_path` (explicit path and `last`)
     root = tmp_path / "root"
-    last = _crafted_pickle(root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", marker)
+    last = _crafted_pickle(
+        root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", marker
+    )
     for ckpt_arg in (str(last), "last"):
         with pytest.raises(SystemExit) as exit_info:
             main(_fit(TINY, tiny_dir, root, "--ckpt_path", ckpt_arg))
@@ -210,7 +226,14 @@ def test_reward_error_keeps_identity_with_a_two_argument_exception() -> None:
     assert (err.reward, err.step, err.prompts) == ("flaky", 3, prompts)
     assert isinstance(err.__cause__, SensorError) and err.__cause__.code == 7
     text = str(err)
-    for part in ("'flaky'", "step 3", "'a red circle'", "'two blue squares'", "SensorError", "sensor offline"):
+    for part in (
+        "'flaky'",
+        "step 3",
+        "'a red circle'",
+        "'two blue squares'",
+        "SensorError",
+        "sensor offline",
+    ):
         assert part in text, (part, text)
     # without a step (callers that do not pass one) and through a `type(err)(message)` re-raise
     with pytest.raises(RewardError, match="unknown step"):
@@ -259,14 +282,28 @@ def _fake_checkpoint(path: Path, **hparams) -> Path:
     return path
 
 
-def test_changed_lora_settings_on_resume_fail_naming_both_values(tiny_dir: str, tmp_path: Path, capsys) -> None:
+def test_changed_lora_settings_on_resume_fail_naming_both_values(
+    tiny_dir: str, tmp_path: Path, capsys
+) -> None:
     root = tmp_path / "root"
     config = yaml.safe_load(TINY.read_text())["model"]
     hparams = {k: v for k, v in config.items() if k not in ("backbone", "rewards")}
-    hparams.update(lora_rank=16, lora_alpha=32, _instantiator="lightning.pytorch.cli.instantiate_module")
+    hparams.update(
+        lora_rank=16, lora_alpha=32, _instantiator="lightning.pytorch.cli.instantiate_module"
+    )
     _fake_checkpoint(root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", **hparams)
     with pytest.raises(SystemExit) as exit_info:
-        main(_fit(TINY, tiny_dir, root, "--ckpt_path", "last", "--model.lora_rank=8", "--model.lora_alpha=64"))
+        main(
+            _fit(
+                TINY,
+                tiny_dir,
+                root,
+                "--ckpt_path",
+                "last",
+                "--model.lora_rank=8",
+                "--model.lora_alpha=64",
+            )
+        )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "model.lora_rank: checkpoint 16, requested 8" in err
@@ -276,7 +313,9 @@ def test_changed_lora_settings_on_resume_fail_naming_both_values(tiny_dir: str, 
     assert _files(root) == [root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"]
 
 
-def test_ckpt_path_last_without_a_run_fails_and_auto_starts_fresh(tiny_dir: str, tmp_path: Path, capsys) -> None:
+def test_ckpt_path_last_without_a_run_fails_and_auto_starts_fresh(
+    tiny_dir: str, tmp_path: Path, capsys
+) -> None:
     root = tmp_path / "root"
     with pytest.raises(SystemExit) as exit_info:
         main(_fit(TINY, tiny_dir, root, "--ckpt_path", "last"))
@@ -308,7 +347,9 @@ def test_shipped_configs_leave_logger_save_dir_to_the_root() -> None:
                 assert "save_dir" not in (logger.get("init_args") or {}), path.name
 
 
-def test_every_output_under_default_root_dir(tiny_dir: str, tmp_path: Path, monkeypatch, capsys) -> None:
+def test_every_output_under_default_root_dir(
+    tiny_dir: str, tmp_path: Path, monkeypatch, capsys
+) -> None:
     config = _run_config(tmp_path)
     cwd = tmp_path / "cwd"
     cwd.mkdir()
@@ -332,7 +373,12 @@ def test_every_output_under_default_root_dir(tiny_dir: str, tmp_path: Path, monk
 
 def _start(args: list[str], cwd: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [str(MARBLE), *args], cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [str(MARBLE), *args],
+        cwd=cwd,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -372,7 +418,9 @@ def test_signal_saves_resumable_checkpoint_and_report(sig, tiny_dir: str, tmp_pa
     assert "resume with the same command plus --ckpt_path last" in err
     assert FIT_MARKER not in out
     run = root / "lightning_logs" / "version_0"
-    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    checkpoint = torch.load(
+        run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+    )
     steps = checkpoint["global_step"]
     assert 1 <= steps < 10000
     import json
@@ -381,20 +429,34 @@ def test_signal_saves_resumable_checkpoint_and_report(sig, tiny_dir: str, tmp_pa
     assert len(history["train"]) == steps  # the report covers what ran
     if sig == signal.SIGINT:  # and the checkpoint resumes, in the same run folder
         done = subprocess.run(
-            [str(MARBLE), *_fit(config, tiny_dir, root, f"--trainer.max_steps={steps + 1}"), "--ckpt_path", "last"],
-            cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300, check=False,
+            [
+                str(MARBLE),
+                *_fit(config, tiny_dir, root, f"--trainer.max_steps={steps + 1}"),
+                "--ckpt_path",
+                "last",
+            ],
+            cwd=tmp_path,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
         )
         assert done.returncode == 0, done.stderr[-3000:]
         assert f"marble: resuming from {run / 'checkpoints' / 'last.ckpt'}" in done.stdout
         assert FIT_MARKER in done.stdout
         history = json.loads((run / "report" / "history.json").read_text())
-        assert [r["step"] for r in history["train"]] == list(range(steps + 1))  # continued, not restarted
+        assert [r["step"] for r in history["train"]] == list(
+            range(steps + 1)
+        )  # continued, not restarted
         assert not (root / "lightning_logs" / "version_1").exists()
 
 
 def _lora(path: Path) -> dict[str, torch.Tensor]:
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    return {k: v for k, v in checkpoint["state_dict"].items() if ".lora_" in k}, checkpoint["global_step"]
+    return {k: v for k, v in checkpoint["state_dict"].items() if ".lora_" in k}, checkpoint[
+        "global_step"
+    ]
 
 
 @pytest.mark.slow  # ~90 s: three runs in fresh processes
@@ -405,10 +467,17 @@ def test_kill9_then_ckpt_path_last_resumes_bit_identically(tiny_dir: str, tmp_pa
     reference_root = tmp_path / "reference"
     done = subprocess.run(
         [str(MARBLE), *_fit(config, tiny_dir, reference_root, steps)],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300, check=False,
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    reference, reference_step = _lora(reference_root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt")
+    reference, reference_step = _lora(
+        reference_root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    )
     assert reference_step == 6 and reference
 
     # the documented crash-and-resume: the same command, killed, then re-run with --ckpt_path last
@@ -420,7 +489,7 @@ def test_kill9_then_ckpt_path_last_resumes_bit_identically(tiny_dir: str, tmp_pa
     def first_checkpoint_written() -> bool:
         try:
             return _lora(last)[1] == 3
-        except Exception:  # noqa: BLE001  (not there yet, or being written)
+        except Exception:
             return False
 
     _wait_for(first_checkpoint_written, proc)
@@ -432,14 +501,24 @@ def test_kill9_then_ckpt_path_last_resumes_bit_identically(tiny_dir: str, tmp_pa
     # a changed model setting is refused before anything is restored
     refused = subprocess.run(
         [str(MARBLE), *command, "--ckpt_path", "last", "--model.lora_rank=8"],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300, check=False,
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert refused.returncode == 2
     assert "model.lora_rank: checkpoint 2, requested 8" in refused.stderr
 
     done = subprocess.run(
         [str(MARBLE), *command, "--ckpt_path", "last"],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300, check=False,
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"marble: resuming from {last}" in done.stdout

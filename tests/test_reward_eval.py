@@ -32,12 +32,19 @@ def test_model_checkpoint_monitors_eval_mean(tmp_path: Path) -> None:
     module = make_module("marble")
     evaluator = RewardEvalCallback(HELDOUT, every_n_steps=1, seed=3, log_images=False)
     checkpoint = ModelCheckpoint(
-        dirpath=tmp_path / "ckpt", monitor="eval/mean", mode="max", save_top_k=-1,
-        every_n_train_steps=1, filename="step{step}", auto_insert_metric_name=False,
+        dirpath=tmp_path / "ckpt",
+        monitor="eval/mean",
+        mode="max",
+        save_top_k=-1,
+        every_n_train_steps=1,
+        filename="step{step}",
+        auto_insert_metric_name=False,
     )
     # the checkpoint callback is listed first on purpose: Lightning runs it after the evaluator
     trainer = fit(module, max_steps=3, callbacks=[checkpoint, evaluator], enable_checkpointing=True)
-    policy = {e["global_step"]: e["eval/mean"] for e in evaluator.history if e["adapter"] == "policy"}
+    policy = {
+        e["global_step"]: e["eval/mean"] for e in evaluator.history if e["adapter"] == "policy"
+    }
     assert sorted(policy) == [1, 2, 3]
     # every step's checkpoint carries that step's evaluation (not the previous one)
     scores = {Path(path).name: float(score) for path, score in checkpoint.best_k_models.items()}
@@ -61,15 +68,23 @@ def test_early_stopping_reads_eval_mean() -> None:
     evaluator = RewardEvalCallback(HELDOUT, every_n_steps=1, seed=3, log_images=False)
     # 8 prompts, 4 per step: 2 steps per epoch. Epoch 0 sets the best score; epoch 1 cannot
     # beat it by min_delta=1 (eval/mean is in [0, 1]), so training stops after 4 of 10 steps.
-    stopper = EarlyStopping(monitor="eval/mean", mode="max", patience=0, min_delta=1.0, check_on_train_epoch_end=True)
+    stopper = EarlyStopping(
+        monitor="eval/mean", mode="max", patience=0, min_delta=1.0, check_on_train_epoch_end=True
+    )
     trainer = fit(module, max_steps=10, prompts_per_step=4, callbacks=[evaluator, stopper])
     assert trainer.global_step == 4 and stopper.stopped_epoch == 1
-    by_step = {e["global_step"]: e["eval/mean"] for e in evaluator.history if e["adapter"] == "policy"}
+    by_step = {
+        e["global_step"]: e["eval/mean"] for e in evaluator.history if e["adapter"] == "policy"
+    }
     assert float(stopper.best_score) == by_step[2]  # the latest evaluation at the end of epoch 0
     # without the evaluator there is nothing to monitor
     with pytest.raises(RuntimeError, match="eval/mean"):
-        fit(make_module("marble"), max_steps=2, prompts_per_step=4,
-            callbacks=[EarlyStopping(monitor="eval/mean", check_on_train_epoch_end=True)])
+        fit(
+            make_module("marble"),
+            max_steps=2,
+            prompts_per_step=4,
+            callbacks=[EarlyStopping(monitor="eval/mean", check_on_train_epoch_end=True)],
+        )
 
 
 def test_non_finite_values_are_not_published() -> None:
@@ -79,7 +94,9 @@ def test_non_finite_values_are_not_published() -> None:
     trainer = fit(module, max_steps=1, callbacks=[evaluator])
     entry = evaluator.history[-1]
     assert math.isnan(entry["eval/green"]) and "eval/green" not in trainer.callback_metrics
-    assert entry["eval/mean"] == composite({n: entry[f"eval/{n}"] for n in ("red", "green", "dark")})
+    assert entry["eval/mean"] == composite(
+        {n: entry[f"eval/{n}"] for n in ("red", "green", "dark")}
+    )
     assert entry["eval/mean"] == pytest.approx((entry["eval/red"] + entry["eval/dark"]) / 2)
     assert float(trainer.callback_metrics["eval/mean"]) == entry["eval/mean"]
 
@@ -97,7 +114,11 @@ class _Dump(Callback):
             {
                 "history": [e.history for e in self.evaluators],
                 "samples": [e.samples for e in self.evaluators],
-                "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("eval/")},
+                "metrics": {
+                    k: float(v)
+                    for k, v in trainer.callback_metrics.items()
+                    if k.startswith("eval/")
+                },
             },
             self.directory / f"rank{trainer.global_rank}.pt",
         )
@@ -108,13 +129,21 @@ def _run(tmp: Path, devices: int) -> list[dict]:
     module = make_module("marble")
     evaluators = [
         # 9 images: 5 on rank 0, 4 on rank 1, in chunks of 2
-        RewardEvalCallback(HELDOUT, every_n_steps=1, images_per_prompt=3, batch_size=2, log_images=False),
+        RewardEvalCallback(
+            HELDOUT, every_n_steps=1, images_per_prompt=3, batch_size=2, log_images=False
+        ),
         # 1 image: rank 1 has none and still takes part in the sync
         RewardEvalCallback(["a green dog"], every_n_steps=1, seed=9, log_images=False),
     ]
     trainer = Trainer(
-        max_steps=1, accelerator="cpu", devices=devices, strategy="ddp_fork" if devices > 1 else "auto",
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        max_steps=1,
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp_fork" if devices > 1 else "auto",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         callbacks=[*evaluators, _Dump(tmp, evaluators)],
     )
     with warnings.catch_warnings():
@@ -125,7 +154,9 @@ def _run(tmp: Path, devices: int) -> list[dict]:
 
 
 def _same(a: object, b: object) -> bool:
-    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+    return a == b or (
+        isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)
+    )
 
 
 def _close(a: object, b: object, rel: float) -> bool:
@@ -161,4 +192,6 @@ def test_two_ranks_evaluate_like_one_process(tmp_path: Path) -> None:
             for rank, dump in enumerate((rank0, rank1)):
                 local = dump["samples"][which][evaluation]
                 assert local.shape == full[rank::2].shape
-                torch.testing.assert_close(local, full[rank::2], rtol=1e-4, atol=1e-6, equal_nan=True)
+                torch.testing.assert_close(
+                    local, full[rank::2], rtol=1e-4, atol=1e-6, equal_nan=True
+                )

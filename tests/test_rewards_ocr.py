@@ -165,12 +165,16 @@ def brute_ctc_probability(probs: np.ndarray, chars: list[str], target: str) -> f
     st.integers(2, 5),
     st.sampled_from(["a", "ab", "ba", "aa", "abb", "ca"]),
 )
-def test_target_likelihood_matches_brute_force_alignment_sum(seed: int, frames: int, target: str) -> None:
+def test_target_likelihood_matches_brute_force_alignment_sum(
+    seed: int, frames: int, target: str
+) -> None:
     from types import SimpleNamespace
 
     chars = ["blank", "a", "A", "b", "c", " "]  # RapidOCR's layout: blank first, space last
     r = OCRReward(num_threads=1, likelihood_weight=1.0)
-    r._engine = SimpleNamespace(text_rec=SimpleNamespace(postprocess_op=SimpleNamespace(character=chars)))
+    r._engine = SimpleNamespace(
+        text_rec=SimpleNamespace(postprocess_op=SimpleNamespace(character=chars))
+    )
     probs = np.random.default_rng(seed).dirichlet(np.ones(len(chars)), size=frames)
     expected = brute_ctc_probability(probs, chars, target)
     got = r.target_likelihood(probs, target)

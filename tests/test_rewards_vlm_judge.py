@@ -39,8 +39,12 @@ class _Judge(BaseHTTPRequestHandler):
         if "garbage" in text:
             payload = b"<html>oops"
         else:
-            answer = "I think it is good" if "words" in text else text.split("score=")[1].split('"')[0]
-            payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
+            answer = (
+                "I think it is good" if "words" in text else text.split("score=")[1].split('"')[0]
+            )
+            payload = json.dumps(
+                {"choices": [{"message": {"role": "assistant", "content": answer}}]}
+            ).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
@@ -101,7 +105,9 @@ def test_server_dying_mid_run(server) -> None:
     url = _url(server)
     server.shutdown()
     server.server_close()
-    with pytest.raises(Exception, match=url.replace(".", r"\.") + "/chat/completions cannot be reached"):
+    with pytest.raises(
+        Exception, match=url.replace(".", r"\.") + "/chat/completions cannot be reached"
+    ):
         MultiReward([judge])(IMAGES[:2], ["score=4", "score=5"], step=3)
 
 

@@ -79,7 +79,8 @@ def test_marble_and_amortized_options():
 
 
 @pytest.mark.parametrize(
-    "mode, option", [(m, o) for m, o in itertools.product(MODES, OPTION_MODE) if OPTION_MODE[o] != m]
+    "mode, option",
+    [(m, o) for m, o in itertools.product(MODES, OPTION_MODE) if OPTION_MODE[o] != m],
 )
 def test_options_of_other_modes_raise_naming_option_and_mode(mode, option):
     kwargs = dict(OWN_OPTION[mode])
@@ -121,21 +122,29 @@ def test_fixed_alpha_sums_to_one_and_loss_weights_are_unnormalised(weights, step
     names = [f"r{i}" for i in range(len(weights))]
     rule = make_rule("fixed", names, fixed_alpha=weights)
     alpha = rule.alpha(step)
-    assert alpha.tolist() == pytest.approx([w / sum(weights) for w in weights], rel=1e-12, abs=1e-15)
+    assert alpha.tolist() == pytest.approx(
+        [w / sum(weights) for w in weights], rel=1e-12, abs=1e-15
+    )
     assert float(alpha.sum()) == pytest.approx(1.0, abs=1e-12) and bool((alpha >= 0).all())
     lw = rule.loss_weights(step)
     assert lw.dtype == torch.float64 and lw.tolist() == [float(w) for w in weights]
 
 
 def test_defaults_of_weighted_sum_and_fixed_are_uniform():
-    torch.testing.assert_close(make_rule("weighted_sum", NAMES).alpha(0), torch.full((3,), 1 / 3, dtype=torch.float64))
+    torch.testing.assert_close(
+        make_rule("weighted_sum", NAMES).alpha(0), torch.full((3,), 1 / 3, dtype=torch.float64)
+    )
     fixed = make_rule("fixed", NAMES)
     torch.testing.assert_close(fixed.alpha(0), torch.full((3,), 1 / 3, dtype=torch.float64))
     torch.testing.assert_close(fixed.loss_weights(0), torch.full((3,), 1 / 3, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("mode, option", [("weighted_sum", "reward_weights"), ("fixed", "fixed_alpha")])
-@pytest.mark.parametrize("bad", [[1.0, 2.0], [1.0, -1.0, 2.0], [0.0, 0.0, 0.0], [1.0, float("nan"), 1.0]])
+@pytest.mark.parametrize(
+    "mode, option", [("weighted_sum", "reward_weights"), ("fixed", "fixed_alpha")]
+)
+@pytest.mark.parametrize(
+    "bad", [[1.0, 2.0], [1.0, -1.0, 2.0], [0.0, 0.0, 0.0], [1.0, float("nan"), 1.0]]
+)
 def test_bad_weights_name_the_option(mode, option, bad):
     with pytest.raises(ValueError, match=f"`{option}`"):
         make_rule(mode, NAMES, **{option: bad})
@@ -157,7 +166,9 @@ def test_single_reward_is_one_hot(name, index):
 def test_single_needs_a_known_reward():
     with pytest.raises(ValueError, match="needs `single_reward`"):
         make_rule("single", NAMES)
-    with pytest.raises(ValueError, match=r"`single_reward` names unknown reward 'blue'.*\['red', 'green', 'dark'\]"):
+    with pytest.raises(
+        ValueError, match=r"`single_reward` names unknown reward 'blue'.*\['red', 'green', 'dark'\]"
+    ):
         make_rule("single", NAMES, single_reward="blue")
 
 
@@ -187,7 +198,9 @@ def test_sequential_active_matches_cumulative_sum(stages, steps):
 
 
 def test_sequential_boundaries_by_hand():
-    rule = make_rule("sequential", NAMES, stages=[("red", 2), ("dark", 3), {"reward": "green", "steps": 1}])
+    rule = make_rule(
+        "sequential", NAMES, stages=[("red", 2), ("dark", 3), {"reward": "green", "steps": 1}]
+    )
     assert [rule.active(s) for s in range(9)] == [0, 0, 2, 2, 2, 1, 1, 1, 1]
 
 
@@ -217,14 +230,18 @@ def test_sequential_bad_stages(stages, match):
 @SETTINGS
 def test_alpha_of_every_rule_is_on_the_simplex(mode, k, data):
     names = [f"r{i}" for i in range(k)]
-    weights = data.draw(st.lists(st.floats(0.0, 10.0), min_size=k, max_size=k).filter(lambda w: sum(w) > 1e-3))
+    weights = data.draw(
+        st.lists(st.floats(0.0, 10.0), min_size=k, max_size=k).filter(lambda w: sum(w) > 1e-3)
+    )
     options = {
         "marble": {},
         "amortized": {},
         "weighted_sum": {"reward_weights": weights},
         "fixed": {"fixed_alpha": weights},
         "single": {"single_reward": names[data.draw(st.integers(0, k - 1))]},
-        "sequential": {"stages": [(names[data.draw(st.integers(0, k - 1))], data.draw(st.integers(1, 4)))]},
+        "sequential": {
+            "stages": [(names[data.draw(st.integers(0, k - 1))], data.draw(st.integers(1, 4)))]
+        },
     }[mode]
     rule = make_rule(mode, names, **options)
     for step in data.draw(st.lists(st.integers(0, 50), min_size=1, max_size=5)):

@@ -61,7 +61,10 @@ def _problem(seed: int = 0, b: int = 3, d: int = 4):
     return a, bias, noise, c, u
 
 
-@pytest.mark.parametrize("grid", [uniform_time_grid(5), torch.tensor([1.0, 0.9, 0.5, 0.45, 0.1, 0.0], dtype=torch.float64)])
+@pytest.mark.parametrize(
+    "grid",
+    [uniform_time_grid(5), torch.tensor([1.0, 0.9, 0.5, 0.45, 0.1, 0.0], dtype=torch.float64)],
+)
 def test_euler_matches_hand_written_loop(grid):
     a, bias, noise, c, _ = _problem()
     velocity, calls = _linear_field(a, bias)
@@ -72,7 +75,9 @@ def test_euler_matches_hand_written_loop(grid):
         for i in range(noise.shape[0])
     ]
     torch.testing.assert_close(out, torch.stack(rows), rtol=1e-12, atol=1e-12)
-    assert calls == [noise.shape[0]] * (len(grid) - 1)  # one velocity call per step, no CFG doubling
+    assert calls == [noise.shape[0]] * (
+        len(grid) - 1
+    )  # one velocity call per step, no CFG doubling
     assert out.shape == noise.shape and out.dtype == noise.dtype
 
 
@@ -91,7 +96,9 @@ def test_euler_cfg_matches_hand_written_guidance(scale):
 
         return field
 
-    expected = torch.stack([_hand_euler(noise[i : i + 1], grid, guided(i))[0] for i in range(noise.shape[0])])
+    expected = torch.stack(
+        [_hand_euler(noise[i : i + 1], grid, guided(i))[0] for i in range(noise.shape[0])]
+    )
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     # both halves in one batched call per step
     assert calls == [2 * noise.shape[0]] * 4
@@ -103,8 +110,12 @@ def test_euler_cfg_scale_one_equals_conditional_and_zero_equals_unconditional():
     grid = uniform_time_grid(3)
     cond_only = euler_sample(velocity, noise, {"c": c}, grid)
     uncond_only = euler_sample(velocity, noise, {"c": u}, grid)
-    torch.testing.assert_close(euler_sample(velocity, noise, {"c": c}, grid, uncond={"c": u}, cfg_scale=1.0), cond_only)
-    torch.testing.assert_close(euler_sample(velocity, noise, {"c": c}, grid, uncond={"c": u}, cfg_scale=0.0), uncond_only)
+    torch.testing.assert_close(
+        euler_sample(velocity, noise, {"c": c}, grid, uncond={"c": u}, cfg_scale=1.0), cond_only
+    )
+    torch.testing.assert_close(
+        euler_sample(velocity, noise, {"c": c}, grid, uncond={"c": u}, cfg_scale=0.0), uncond_only
+    )
     assert not torch.allclose(cond_only, uncond_only)
 
 
@@ -163,7 +174,9 @@ def test_keyed_noise_equals_direct_generator_draws():
 
 
 @given(
-    prompts=st.lists(st.sampled_from(["cat", "dog", "a red cat", "sky", ""]), min_size=1, max_size=6),
+    prompts=st.lists(
+        st.sampled_from(["cat", "dog", "a red cat", "sky", ""]), min_size=1, max_size=6
+    ),
     perm_seed=st.integers(0, 1000),
     count=st.integers(1, 3),
 )
@@ -245,12 +258,18 @@ def test_evaluation_noise_per_image_seeds():
     seeds = [3, 3, 9, 4]
     out = evaluation_noise(prompts, seeds, (3,), dtype=torch.float64)
     for i, (p, s) in enumerate(zip(prompts, seeds)):
-        torch.testing.assert_close(out[i], _draw(("sample", s), 0, p, 1, (3,))[0].double(), rtol=0, atol=0)
+        torch.testing.assert_close(
+            out[i], _draw(("sample", s), 0, p, 1, (3,))[0].double(), rtol=0, atol=0
+        )
     # a tensor of seeds works like a list
-    assert torch.equal(evaluation_noise(prompts, torch.tensor(seeds), (3,), dtype=torch.float64), out)
+    assert torch.equal(
+        evaluation_noise(prompts, torch.tensor(seeds), (3,), dtype=torch.float64), out
+    )
     # the same seed for every distinct prompt equals the int seed
     distinct = ["a", "b", "c"]
-    assert torch.equal(evaluation_noise(distinct, [8, 8, 8], (3,)), evaluation_noise(distinct, 8, (3,)))
+    assert torch.equal(
+        evaluation_noise(distinct, [8, 8, 8], (3,)), evaluation_noise(distinct, 8, (3,))
+    )
 
 
 @given(
@@ -268,10 +287,12 @@ def test_evaluation_noise_chunking_invariance(n, cut, seed):
     if cut in (0, n):
         parts = evaluation_noise(prompts, seeds, (2, 2))
     else:
-        parts = torch.cat([
-            evaluation_noise(prompts[:cut], seeds[:cut], (2, 2)),
-            evaluation_noise(prompts[cut:], seeds[cut:], (2, 2)),
-        ])
+        parts = torch.cat(
+            [
+                evaluation_noise(prompts[:cut], seeds[:cut], (2, 2)),
+                evaluation_noise(prompts[cut:], seeds[cut:], (2, 2)),
+            ]
+        )
     assert torch.equal(whole, parts)
 
 

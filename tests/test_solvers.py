@@ -79,7 +79,10 @@ def test_full_interval_dpm_beats_euler_at_equal_cost() -> None:
 def test_flow_sample_dispatch_and_cfg() -> None:
     eps = torch.randn(4, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     grid = uniform_time_grid(7)
-    assert torch.equal(flow_sample(gaussian_velocity, eps, {}, grid), euler_sample(gaussian_velocity, eps, {}, grid))
+    assert torch.equal(
+        flow_sample(gaussian_velocity, eps, {}, grid),
+        euler_sample(gaussian_velocity, eps, {}, grid),
+    )
     assert torch.equal(
         flow_sample(gaussian_velocity, eps, {}, grid, solver="dpm2"),
         dpm_solver_2m_sample(gaussian_velocity, eps, {}, grid),
@@ -94,9 +97,7 @@ def test_flow_sample_dispatch_and_cfg() -> None:
     cond = {"shift": torch.ones(4, 2, dtype=torch.float64)}
     uncond = {"shift": torch.zeros(4, 2, dtype=torch.float64)}
     guided = dpm_solver_2m_sample(cond_velocity, eps, cond, grid, uncond=uncond, cfg_scale=2.0)
-    direct = dpm_solver_2m_sample(
-        lambda x, t, c: gaussian_velocity(x, t, {}) + 2.0, eps, {}, grid
-    )
+    direct = dpm_solver_2m_sample(lambda x, t, c: gaussian_velocity(x, t, {}) + 2.0, eps, {}, grid)
     torch.testing.assert_close(guided, direct)
 
 

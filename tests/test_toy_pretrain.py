@@ -30,7 +30,7 @@ def test_training_data_is_train_split_and_deterministic():
     assert set(a) - {""} <= set(train_prompts())
     assert 0.05 < a.count("") / len(a) < 0.16
     x = pretrain.render_batch(a[:8], np.random.default_rng(1))
-    assert x.shape == (8, 3, 32, 32) and 0 <= x.min() and x.max() <= 1
+    assert x.shape == (8, 3, 32, 32) and x.min() >= 0 and x.max() <= 1
     with pytest.raises(ValueError, match="not a toy-world prompt"):
         pretrain.render_batch(["a photo of a dog"], np.random.default_rng(0))
 

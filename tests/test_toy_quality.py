@@ -73,7 +73,9 @@ def test_quality_orders_clean_renders_above_degraded_ones():
 
     assert q.applies_to(prompts).all()
     masked = QualityReward().applies_to(prompts)
-    assert masked.tolist() == [quoted_text(p) is None for p in prompts] and 0 < masked.sum() < len(prompts)
+    assert masked.tolist() == [quoted_text(p) is None for p in prompts] and 0 < masked.sum() < len(
+        prompts
+    )
 
 
 def test_quality_would_reward_recoloured_text_hence_text_is_masked():

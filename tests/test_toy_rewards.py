@@ -75,7 +75,9 @@ def test_jpeg_cap_stops_rewarding_erased_content(scenes) -> None:
     blank = torch.ones_like(images[:2])
     uncapped = JPEGCompressibilityReward(quality=95)
     assert float(uncapped(blank, prompts[:2]).min()) > JPEG_CAP  # a blank image compresses best...
-    assert torch.equal(ToyJPEGReward()(blank, prompts[:2]), torch.full((2,), JPEG_CAP))  # ...but earns only the cap
+    assert torch.equal(
+        ToyJPEGReward()(blank, prompts[:2]), torch.full((2,), JPEG_CAP)
+    )  # ...but earns only the cap
     raw = uncapped(images, prompts)
     torch.testing.assert_close(ToyJPEGReward()(images, prompts), raw.clamp(max=JPEG_CAP))
     with pytest.raises(ValueError, match="max_score"):
