@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from marble_lightning.checks import check_choice, check_float, check_int
+
 __all__ = ["PerPromptStatTracker"]
 
 NonFinitePolicy = Literal["raise", "drop"]
@@ -60,23 +62,11 @@ class PerPromptStatTracker:
         on_nonfinite: NonFinitePolicy = "raise",
         reward_names: Sequence[str] | None = None,
     ) -> None:
-        if not isinstance(num_rewards, int) or num_rewards < 1:
-            raise ValueError(
-                "Parameter `num_rewards` should be a positive integer. Found `num_rewards = "
-                f"{num_rewards!r}`."
-            )
-        if not eps >= 0.0:
-            raise ValueError(f"Parameter `eps` should be non-negative. Found `eps = {eps}`.")
-        if window is not None and (not isinstance(window, int) or window < 1):
-            raise ValueError(
-                "Parameter `window` should be None or a positive integer. Found `window = "
-                f"{window!r}`."
-            )
-        if on_nonfinite not in ("raise", "drop"):
-            raise ValueError(
-                "Parameter `on_nonfinite` should be 'raise' or 'drop'. Found `on_nonfinite = "
-                f"{on_nonfinite!r}`."
-            )
+        check_int("num_rewards", num_rewards)
+        check_float("eps", eps, minimum=0.0)
+        if window is not None:
+            check_int("window", window)
+        check_choice("on_nonfinite", on_nonfinite, ("raise", "drop"))
         if reward_names is not None and len(reward_names) != num_rewards:
             raise ValueError(
                 f"Parameter `reward_names` should have {num_rewards} names (one per reward). "

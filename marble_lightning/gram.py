@@ -138,9 +138,7 @@ def per_reward_gradients(
             ],
             dim=1,
         )
-    raise ValueError(
-        f"Parameter `engine` should be 'backward' or 'batched'. Found `engine = {engine!r}`."
-    )
+    raise ValueError(f"`engine` should be one of ('backward', 'batched'), got {engine!r}")
 
 
 @dataclass

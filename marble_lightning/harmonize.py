@@ -33,6 +33,8 @@ import quadprog
 import torch
 from torch import Tensor
 
+from marble_lightning.checks import check_choice, check_float
+
 __all__ = [
     "Harmonized",
     "GroupHarmonized",
@@ -216,11 +218,7 @@ def min_norm_coefficients(gram: Tensor, *, regularization: float = 1e-10) -> Ten
         ValueError: if ``gram`` is not square, is empty, has a non-finite entry, a negative diagonal
             entry or is not symmetric; if ``regularization`` is negative; if the solver fails.
     """
-    if not regularization >= 0.0:
-        raise ValueError(
-            "Parameter `regularization` should be non-negative. Found `regularization = "
-            f"{regularization}`."
-        )
+    check_float("regularization", regularization, minimum=0.0)
     matrix = _gram_to_numpy(gram)
     alpha = _solve_min_norm(matrix, regularization)
     return torch.as_tensor(alpha, dtype=_float_dtype(gram), device=gram.device)
@@ -228,6 +226,18 @@ def min_norm_coefficients(gram: Tensor, *, regularization: float = 1e-10) -> Ten
 
 def _float_dtype(tensor: Tensor) -> torch.dtype:
     return tensor.dtype if tensor.is_floating_point() else torch.get_default_dtype()
+
+
+def _check_options(
+    rescale: str, norm_tol: float, abs_norm_tol: float, regularization: float
+) -> None:
+    check_choice("rescale", rescale, ("mean_norm", "none"))
+    for name, value in (
+        ("norm_tol", norm_tol),
+        ("abs_norm_tol", abs_norm_tol),
+        ("regularization", regularization),
+    ):
+        check_float(name, value, minimum=0.0)
 
 
 def harmonize_gram(
@@ -268,24 +278,7 @@ def harmonize_gram(
     Raises:
         ValueError: on an invalid ``gram`` or option.
     """
-    if rescale not in ("mean_norm", "none"):
-        raise ValueError(
-            f"Parameter `rescale` should be 'mean_norm' or 'none'. Found `rescale = {rescale!r}`."
-        )
-    if not norm_tol >= 0.0:
-        raise ValueError(
-            f"Parameter `norm_tol` should be non-negative. Found `norm_tol = {norm_tol}`."
-        )
-    if not abs_norm_tol >= 0.0:
-        raise ValueError(
-            "Parameter `abs_norm_tol` should be non-negative. Found `abs_norm_tol = "
-            f"{abs_norm_tol}`."
-        )
-    if not regularization >= 0.0:
-        raise ValueError(
-            "Parameter `regularization` should be non-negative. Found `regularization = "
-            f"{regularization}`."
-        )
+    _check_options(rescale, norm_tol, abs_norm_tol, regularization)
     matrix = _gram_to_numpy(gram)
     k = matrix.shape[0]
     norms = np.sqrt(np.diag(matrix))
@@ -526,11 +519,10 @@ def _solve_bounded_min_norm(matrix: np.ndarray, floor: float, regularization: fl
 
 
 def _check_floor(floor: float, count: int) -> float:
-    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0.0 <= floor <= 1.0:
-        raise ValueError(f"Parameter `floor` should lie in [0, 1]. Found `floor = {floor!r}`.")
+    check_float("floor", floor, minimum=0.0, maximum=1.0)
     if count * floor > 1.0 + 1e-12:
         raise ValueError(
-            f"Parameter `floor` is infeasible: {count} coefficients of at least {floor} cannot sum "
+            f"`floor` is infeasible: {count} coefficients of at least {floor} cannot sum "
             f"to 1 (needs `{count} * floor <= 1`, i.e. floor <= {1.0 / count:.6g})."
         )
     return float(floor)
@@ -634,19 +626,7 @@ def harmonize_groups_gram(
     Raises:
         ValueError: on an invalid ``gram``, groups, weights or an infeasible floor.
     """
-    if rescale not in ("mean_norm", "none"):
-        raise ValueError(
-            f"Parameter `rescale` should be 'mean_norm' or 'none'. Found `rescale = {rescale!r}`."
-        )
-    for name, value in (
-        ("norm_tol", norm_tol),
-        ("abs_norm_tol", abs_norm_tol),
-        ("regularization", regularization),
-    ):
-        if not value >= 0.0:
-            raise ValueError(
-                f"Parameter `{name}` should be non-negative. Found `{name} = {value}`."
-            )
+    _check_options(rescale, norm_tol, abs_norm_tol, regularization)
     matrix = _gram_to_numpy(gram)
     k = matrix.shape[0]
     parsed = _check_groups(groups, k)
