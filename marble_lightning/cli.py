@@ -30,6 +30,7 @@ import os
 import pickle
 import signal
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -572,6 +573,8 @@ def main(args: Sequence[str] | None = None) -> None:
         sys.exit(_EXTRA_COMMANDS[argv[0]](argv[1:]))
 
     _check_config_files(argv)
+    # the module optimises in training_step and checkpoints after the step, by design
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     from marble_lightning.data import PromptDataModule
     from marble_lightning.module import MarbleDiffusionModule
 

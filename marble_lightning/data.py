@@ -16,6 +16,7 @@ batches an uninterrupted one would.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -381,7 +382,9 @@ class PromptDataModule(LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         fitting = self.trainer is not None and self.trainer.state.fn == "fit"
         if fitting and not self.heldout:
-            return []  # no validation during fit without held-out prompts
+            # no validation during fit without held-out prompts (Lightning would say so)
+            warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
+            return []
         return self._evaluation_loader()
 
     def test_dataloader(self) -> DataLoader:

@@ -262,14 +262,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _run_two_nodes(commands: list[tuple[list[str], dict[str, str]]]) -> list:
+    procs = [
+        subprocess.Popen(
+            cmd, cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for cmd, env in commands
+    ]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=600))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    return [(proc.returncode, err) for proc, (_, err) in zip(procs, outputs)]
+
+
+_TWO_NODES = ["--trainer.num_nodes=2", "--trainer.devices=1", "--trainer.strategy=ddp"]
+
+
+def _check_two_nodes(tmp_path: Path, results: list, cli_single: dict) -> None:
+    dumped = all((tmp_path / "dump" / f"rank{r}.pt").is_file() for r in (0, 1))
+    assert dumped and all(rc in (0, 134) for rc, _ in results), "\n".join(
+        err[-2000:] for _, err in results
+    )
+    _assert_ranks_agree_and_match(_load_ranks(tmp_path / "dump", 2), cli_single)
+
+
 @pytest.mark.slow
 def test_two_nodes_through_torchrun(tmp_path, tiny_pipeline, cli_single) -> None:
     """Two ``torchrun --nnodes=2 --nproc_per_node=1`` launches on localhost (one per "node")."""
     config = _tiny_config(tmp_path, tiny_pipeline, tmp_path / "dump", prompts_per_step=2)
     port = _free_port()
     torchrun = Path(sys.executable).parent / "torchrun"
-    procs = [
-        subprocess.Popen(
+    commands = [
+        (
             [
                 str(torchrun),
                 "--nnodes=2",
@@ -282,28 +311,31 @@ def test_two_nodes_through_torchrun(tmp_path, tiny_pipeline, cli_single) -> None
                 "fit",
                 "--config",
                 str(config),
-                "--trainer.num_nodes=2",
-                "--trainer.devices=1",
-                "--trainer.strategy=ddp",
+                *_TWO_NODES,
             ],
-            cwd=str(REPO),
-            env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+            _env(),
+        )  # fmt: skip
+        for node in (0, 1)
+    ]
+    _check_two_nodes(tmp_path, _run_two_nodes(commands), cli_single)
+
+
+@pytest.mark.slow
+def test_two_nodes_through_lightning_num_nodes(tmp_path, tiny_pipeline, cli_single) -> None:
+    """Lightning's own multi-node launch: the same ``marble fit --trainer.num_nodes=2`` command on
+    each "node", told its place by ``MASTER_ADDR``, ``MASTER_PORT`` and ``NODE_RANK``."""
+    config = _tiny_config(tmp_path, tiny_pipeline, tmp_path / "dump", prompts_per_step=2)
+    port = _free_port()
+    commands = [
+        (
+            [sys.executable, "-m", "marble_lightning", "fit", "--config", str(config), *_TWO_NODES],
+            {
+                **_env(),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "NODE_RANK": str(node),
+            },
         )
         for node in (0, 1)
     ]
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=600))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    dumped = all((tmp_path / "dump" / f"rank{r}.pt").is_file() for r in (0, 1))
-    assert dumped and all(p.returncode in (0, 134) for p in procs), "\n".join(
-        err[-2000:] for _, err in outputs
-    )
-    _assert_ranks_agree_and_match(_load_ranks(tmp_path / "dump", 2), cli_single)
+    _check_two_nodes(tmp_path, _run_two_nodes(commands), cli_single)
