@@ -405,7 +405,8 @@ class MarbleModelParallelStrategy(ModelParallelStrategy):
                 self.model, optimizer, optim_state_dict=optim_state[key],
                 options=StateDictOptions(cpu_offload=True),
             )  # fmt: skip
-        metadata = torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
+        # plain values only: never unpickle code, whatever the caller asked
+        metadata = torch.load(path / _METADATA_FILENAME, weights_only=True)
         # the module's on_load_checkpoint checks the adapter keys (the values are already loaded)
         metadata["state_dict"] = state
         return metadata
