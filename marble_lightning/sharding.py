@@ -50,7 +50,7 @@ from marble_lightning.gram import (
     sharded_gram,
 )
 from marble_lightning.harmonize import gram_cosines, harmonize_gram
-from marble_lightning.update import NFTUpdate, UpdateResult
+from marble_lightning.update import NFTUpdate, UpdateResult, finish_result
 
 __all__ = [
     "LORA_SHARDING",
@@ -323,14 +323,7 @@ class ShardedNFTUpdate(NFTUpdate):
         if float(process_group_sum(self.group)(bad)) > 0:
             result.direction = torch.full_like(result.direction, float("nan"))
         metrics["time/qp"] = time.perf_counter() - start
-        if result.cosines is not None:
-            kept = result.cosines[~torch.isnan(result.cosines)]
-            for i, name in enumerate(names):
-                metrics[f"cos/{name}"] = float(result.cosines[i])
-            metrics["cos/worst"] = float(kept.min()) if kept.numel() else float("nan")
-        result.timesteps = timesteps
-        result.metrics = metrics
-        return result
+        return finish_result(result, metrics, names, timesteps)
 
 
 # ------------------------------------------------------------------------------- the strategy

@@ -229,6 +229,28 @@ def _tiny_clip_text_encoder(seed: int, vocab_size: int):
     return CLIPTextModelWithProjection(config).eval()
 
 
+def _tiny_vae(latent_channels: int, size: int, scaling: float, shift: float) -> Any:
+    """A two-block ``AutoencoderKL`` (random weights from the current torch seed)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=size,
+        scaling_factor=scaling,
+        shift_factor=shift,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        mid_block_add_attention=False,
+    ).eval()
+
+
 def build_tiny_sd3_pipeline(
     directory: str | Path, *, seed: int = 0, latent_channels: int = 16
 ) -> str:
@@ -257,7 +279,6 @@ def build_tiny_sd3_pipeline(
         ``str(directory)``, ready for ``StableDiffusion3Pipeline.from_pretrained``.
     """
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
@@ -285,22 +306,7 @@ def build_tiny_sd3_pipeline(
         qk_norm="rms_norm",
     ).eval()
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=4,
-        sample_size=TINY_SD3_RESOLUTION,
-        scaling_factor=1.5305,
-        shift_factor=0.0609,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        mid_block_add_attention=False,
-    ).eval()
+    vae = _tiny_vae(latent_channels, TINY_SD3_RESOLUTION, 1.5305, 0.0609)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
@@ -773,7 +779,6 @@ def build_tiny_flux_pipeline(
     ``[64, 16]``.
     """
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         FluxPipeline,
         FluxTransformer2DModel,
@@ -798,22 +803,7 @@ def build_tiny_flux_pipeline(
         axes_dims_rope=(4, 6, 6),
     ).eval()
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=4,
-        sample_size=TINY_FLUX_RESOLUTION,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        mid_block_add_attention=False,
-    ).eval()
+    vae = _tiny_vae(latent_channels, TINY_FLUX_RESOLUTION, 0.3611, 0.1159)
     clip_config = CLIPTextConfig(
         vocab_size=len(clip_tokenizer),
         hidden_size=_TINY_CLIP_WIDTH,

@@ -48,6 +48,7 @@ __all__ = [
     "NFTUpdate",
     "UpdateResult",
     "apply_direction",
+    "finish_result",
     "plan_losses",
     "step_metrics",
 ]
@@ -321,14 +322,7 @@ class NFTUpdate:
                 skipped=weights is not None and float(weights.sum()) <= 0,
             )
         metrics["time/qp"] = time.perf_counter() - start
-        if result.cosines is not None:
-            kept = result.cosines[~torch.isnan(result.cosines)]
-            for i, name in enumerate(names):
-                metrics[f"cos/{name}"] = float(result.cosines[i])
-            metrics["cos/worst"] = float(kept.min()) if kept.numel() else float("nan")
-        result.timesteps = timesteps
-        result.metrics = metrics
-        return result
+        return finish_result(result, metrics, names, timesteps)
 
 
 def step_metrics(
@@ -387,3 +381,18 @@ def apply_direction(
         scheduler.step()
     adapters.old_is_policy = False
     return {"grad/norm": float(norm), "skipped": 0.0}
+
+
+def finish_result(
+    result: UpdateResult, metrics: dict[str, float], names: list[str], timesteps: list[int]
+) -> UpdateResult:
+    """Add the cosine metrics (``cos/<k>``, ``cos/worst`` over the kept rewards) and attach
+    ``metrics`` and ``timesteps`` to ``result``."""
+    if result.cosines is not None:
+        kept = result.cosines[~torch.isnan(result.cosines)]
+        for i, name in enumerate(names):
+            metrics[f"cos/{name}"] = float(result.cosines[i])
+        metrics["cos/worst"] = float(kept.min()) if kept.numel() else float("nan")
+    result.timesteps = timesteps
+    result.metrics = metrics
+    return result
