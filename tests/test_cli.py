@@ -21,23 +21,6 @@ CONFIG = REPO / "configs" / "tiny_sd3.yaml"
 MARBLE = Path(sys.executable).parent / "marble"
 
 
-@pytest.fixture(autouse=True)
-def _plain_argv(monkeypatch) -> None:
-    """main(args) runs LightningCLI in-process; keep pytest's own argv out of its way."""
-    monkeypatch.setattr(sys, "argv", ["marble"])
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> str:
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("cli_tiny_sd3") / "pipe"
-    with pytest.raises(SystemExit) as exit_info:
-        main(["make-tiny-sd3", "--out", str(out)])
-    assert exit_info.value.code == 0
-    assert (out / "model_index.json").is_file()
-    return str(out)
-
-
 def _fit_args(tiny_dir: str, root: Path, *extra: str) -> list[str]:
     return [
         "fit",

@@ -10,13 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ALLOCATOR
 
 ROOT = Path(__file__).resolve().parents[1]
-ALLOCATOR = {
-    "MALLOC_MMAP_THRESHOLD_": "33554432",
-    "MALLOC_TRIM_THRESHOLD_": "100000000000",
-    "MALLOC_TOP_PAD_": "1073741824",
-}
 
 
 def test_default_config_two_steps(tmp_path: Path) -> None:

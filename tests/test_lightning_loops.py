@@ -24,8 +24,7 @@ HELDOUT = PROMPTS[:3]
 
 
 @pytest.fixture(autouse=True)
-def _plain_argv(monkeypatch) -> None:
-    monkeypatch.setattr(sys, "argv", ["marble"])
+def _one_thread() -> None:
     torch.set_num_threads(1)
 
 

@@ -16,32 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import ALLOCATOR
 
 from marble_lightning.cli import FIT_MARKER, main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny_sd3.yaml"
 MARBLE = Path(sys.executable).parent / "marble"
-ALLOCATOR = {
-    "MALLOC_MMAP_THRESHOLD_": "33554432",
-    "MALLOC_TRIM_THRESHOLD_": "100000000000",
-    "MALLOC_TOP_PAD_": "1073741824",
-}
-
-
-@pytest.fixture(autouse=True)
-def _plain_argv(monkeypatch) -> None:
-    monkeypatch.setattr(sys, "argv", ["marble"])
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> str:
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("rel_tiny_sd3") / "pipe"
-    with pytest.raises(SystemExit) as exit_info:
-        main(["make-tiny-sd3", "--out", str(out)])
-    assert exit_info.value.code == 0
-    return str(out)
 
 
 def _env() -> dict[str, str]:
