@@ -36,6 +36,7 @@ No Lightning import: this is pure autograd plumbing, tested against the ``"backw
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import logging
 import warnings
@@ -435,7 +436,7 @@ def shard_direction(weights: Tensor, rows: Tensor) -> Tensor:
     return weights.to(dtype=rows.dtype, device=rows.device) @ rows.detach()
 
 
-class GradientAccumulator:
+class GradientAccumulator(abc.ABC):
     """Sums, over the training timesteps of one update, the gradient rows of the loss rows.
 
     Per timestep :meth:`add` gets the NFT terms and the losses (``R`` reward rows, then the KL
@@ -446,13 +447,15 @@ class GradientAccumulator:
         """Context for the policy's forward pass of a timestep (hooks of the per-sample engine)."""
         return contextlib.nullcontext()
 
+    @abc.abstractmethod
     def add(
         self, terms: Any, losses: list[Tensor], rows: Tensor, use_kl: bool, reuse_old: bool
     ) -> None:
-        raise NotImplementedError
+        """Accumulate one timestep's gradient rows."""
 
+    @abc.abstractmethod
     def result(self, n_timesteps: int, scales: Tensor, nft_scale: float) -> Tensor:
-        raise NotImplementedError
+        """``[R (+1), P]`` rows averaged over ``n_timesteps``."""
 
 
 class _LossGradients(GradientAccumulator):

@@ -207,7 +207,7 @@ class DiffusersBackbone(nn.Module):
 
     def _configure(self, pipeline: Any, **options: Any) -> None:
         """Check the family's options; set ``sample_shape`` and any other attribute."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement _configure()")
 
     # -- shared set-up ---------------------------------------------------------------------------
 
