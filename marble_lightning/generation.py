@@ -55,7 +55,7 @@ class PolicySampling:
         cfg = self.cfg_scale if cfg_scale is None else float(cfg_scale)
         cond = self.backbone.encode_prompts(list(prompts))
         uncond = self.backbone.encode_prompts([""] * len(prompts)) if cfg != 1.0 else None
-        with self.adapters.using(adapter):
+        with self.adapters.inference(adapter):
             return flow_sample(
                 self.backbone.velocity,
                 noise,

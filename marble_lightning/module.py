@@ -113,7 +113,14 @@ class MarbleDiffusionModule(EvaluationSteps, PolicySampling, LightningModule):
             step (e.g. ``CosineAnnealingLR`` with ``eta_min`` for a cosine decay to a floor);
             ``None``: constant learning rate.
         seed: seed of the LoRA initialisation and of every noise draw.
-        harmonization: :class:`~marble_lightning.options.HarmonizationOptions`. solver: euler/dpm2
+        harmonization: :class:`~marble_lightning.options.HarmonizationOptions`.
+        solver: rollout and evaluation sampler: ``"euler"`` or ``"dpm2"`` (second-order
+            DPM-Solver, :func:`~marble_lightning.sampling.dpm_solver_2m_sample`).
+        merge_lora: fold the LoRA into a transient copy of the frozen weights for gradient-free
+            forwards (rollouts, evaluation, old / reference velocities): the same outputs to float
+            rounding at the base model's cost (:meth:`LoraAdapterPair.inference
+            <marble_lightning.adapters.LoraAdapterPair.inference>`); ``False`` runs the LoRA
+            branches (no extra memory).
 
     Attributes:
         rule: the :class:`~marble_lightning.rules.TrainingRule` built from ``mode``.
@@ -164,6 +171,7 @@ class MarbleDiffusionModule(EvaluationSteps, PolicySampling, LightningModule):
         seed: int = 0,
         harmonization: HarmonizationOptions | None = None,
         solver: str = "euler",
+        merge_lora: bool = True,
     ) -> None:
         super().__init__()
         given = _given_hyperparameters.get()  # LightningCLI's configuration, if it built us
@@ -204,7 +212,7 @@ class MarbleDiffusionModule(EvaluationSteps, PolicySampling, LightningModule):
         )
 
         self.adapters = LoraAdapterPair.for_backbone(
-            backbone, lora_rank, lora_alpha, lora_targets, self.seed
+            backbone, lora_rank, lora_alpha, lora_targets, self.seed, merge=bool(merge_lora)
         )
         self.engine = GradientEngine(gram, backbone.denoiser, self.adapters.policy_params)
         self.gram = self.engine.name

@@ -100,7 +100,7 @@ def collect_rollout(
     with torch.no_grad():
         cond = backbone.encode_prompts(repeated)
         uncond = backbone.encode_prompts([""] * len(repeated)) if cfg_scale != 1.0 else None
-        with adapters.using(OLD), autocast:
+        with adapters.inference(OLD), autocast:
             x0 = flow_sample(
                 backbone.velocity,
                 noise,

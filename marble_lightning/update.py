@@ -217,10 +217,10 @@ class NFTUpdate:
             with torch.no_grad():
                 v_old = v_ref = None
                 if not reuse_old:
-                    with self.adapters.using(OLD):
+                    with self.adapters.inference(OLD):
                         v_old = velocity(x_t, tt, cond)
                 if use_kl:
-                    with self.adapters.using(BASE):
+                    with self.adapters.inference(BASE):
                         v_ref = velocity(x_t, tt, cond)
             with acc.capture():
                 v = velocity(x_t, tt, cond)

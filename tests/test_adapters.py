@@ -274,3 +274,88 @@ def test_lora_scale_is_alpha_over_rank():
     with torch.no_grad():
         expected = layer.base_layer(x) + (4.0 / 2) * x @ a.T @ b.T
         torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def hand_merged_state(backbone, adapter: str) -> dict:
+    """The plain model's state with ``scale * B @ A`` of ``adapter`` added by hand (linear and
+    convolution LoRA layers), independent of PEFT's merge code."""
+    named = dict(backbone.denoiser.named_modules())
+    state = {}
+    for name, module in named.items():
+        if not hasattr(module, "lora_A") or adapter not in module.lora_A:
+            continue
+        a = module.lora_A[adapter].weight.detach()
+        b = module.lora_B[adapter].weight.detach()
+        scale = module.scaling[adapter]
+        if a.ndim == 4:  # conv: A is k x k (r, Cin, k, k), B is 1 x 1 (Cout, r, 1, 1)
+            delta = torch.einsum("or,rikl->oikl", b[:, :, 0, 0], a)
+        else:
+            delta = b @ a
+        state[f"{name}.weight"] = module.base_layer.weight.detach() + scale * delta
+    return state
+
+
+@pytest.mark.parametrize("family", ["sd3", "toy"])
+@pytest.mark.parametrize("adapter", [POLICY, OLD])
+def test_inference_equals_an_independently_merged_model(family, adapter):
+    if family == "sd3":
+        backbone, pair = make_pair()
+        plain = TinySD3Backbone(seed=0)
+        data = inputs(backbone)
+    else:
+        from marble_lightning.toy.backbone import ToyBackbone
+
+        backbone, plain = ToyBackbone(), ToyBackbone()
+        pair = LoraAdapterPair.for_backbone(backbone, 4, 8.0, None, 0)
+        gen = torch.Generator().manual_seed(3)
+        data = (
+            torch.randn(3, 3, 32, 32, generator=gen),
+            torch.tensor([0.9, 0.5, 0.1]),
+            backbone.encode_prompts(["two red circles", "the word cat", ""]),
+        )
+    randomise(pair.policy_params, 1, std=0.05)
+    randomise(pair.old_params, 2, std=0.05)
+    before = {k: v.clone() for k, v in backbone.denoiser.state_dict().items()}
+    storages = [p.data_ptr() for p in backbone.denoiser.parameters()]
+    with torch.no_grad():
+        with pair.using(adapter):
+            unmerged = out(backbone, data)
+        with pair.inference(adapter):
+            merged = out(backbone, data)
+            assert_grad_flags(pair)
+    merged_state = hand_merged_state(backbone, adapter)
+    plain.denoiser.load_state_dict(merged_state, strict=False)
+    reference = out(plain, data)
+    torch.testing.assert_close(merged, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
+    with pair.using(BASE):
+        assert not torch.allclose(merged, out(backbone, data), atol=1e-4)  # the LoRA matters
+    # base weights restored bit for bit (same storage), the policy active again
+    after = backbone.denoiser.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert storages == [p.data_ptr() for p in backbone.denoiser.parameters()]
+    with pair.using(POLICY):
+        expected = out(backbone, data)
+    torch.testing.assert_close(out(backbone, data), expected, rtol=0, atol=0)
+
+
+def test_inference_restores_the_weights_after_an_exception_and_merge_false_is_using():
+    backbone, pair = make_pair()
+    data = inputs(backbone)
+    randomise(pair.policy_params, 1)
+    randomise(pair.old_params, 2)
+    before = {k: v.clone() for k, v in backbone.denoiser.state_dict().items()}
+    policy_out = out(backbone, data)
+    with pytest.raises(KeyError, match="boom"), pair.inference(OLD):
+        raise KeyError("boom")
+    after = backbone.denoiser.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    torch.testing.assert_close(out(backbone, data), policy_out, rtol=0, atol=0)
+    assert_grad_flags(pair)
+    pair.merge = False
+    with pair.using(OLD):
+        expected = out(backbone, data)
+    with pair.inference(OLD):
+        torch.testing.assert_close(out(backbone, data), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="'nope'"), pair.inference("nope"):
+        pass
