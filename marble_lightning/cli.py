@@ -5,6 +5,7 @@ Usage::
     marble fit --config configs/sd35m_marble.yaml            # also: python -m marble_lightning ...
     marble fit --config configs/tiny_sd3.yaml --print_config # resolved config, then exit
     marble validate | test | predict --config ... --ckpt_path ...
+    marble test --config configs/marble.yaml                 # no --ckpt_path: the base model
     marble export-lora --ckpt RUN/checkpoints/last.ckpt --out lora_dir [--config RUN/config.yaml]
     marble make-tiny-sd3 --out build/tiny_sd3                # tiny random SD3 pipeline for tests
     marble make-tiny-flux --out build/tiny_flux              # ... FLUX / qwen-image / wan twins
@@ -20,6 +21,12 @@ relaunch the other ranks through this same entry point (console script or ``pyth
 
 ``fit`` ends with the line ``marble: fit finished, checkpoints in <dir>`` on global rank 0, which
 scripts can wait for.
+
+``validate`` / ``test`` / ``predict`` score ``data.heldout_prompts``; when the config leaves it
+unset they take the ``prompts`` of the config's ``RewardEvalCallback`` (one such callback), else
+they stop with an error. Without ``--ckpt_path`` they score the model as configured: the LoRA
+adapters start as the identity, so that is the base model. With ``--ckpt_path`` the evaluation
+data settings (:data:`EVALUATION_DATA_KEYS`) may differ from the checkpoint's run.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from lightning.pytorch.loggers import CSVLogger
 from marble_lightning.interrupts import GracefulInterrupt, checkpoint_dir
 
 __all__ = [
+    "EVALUATION_DATA_KEYS",
     "FIT_MARKER",
     "RESUME_AUTO",
     "RESUME_LAST",
@@ -107,6 +115,19 @@ Every ``trainer`` setting (``max_steps``, callbacks such as the evaluation frequ
 change on resume too; any other model setting, the backbone, the reward list, the data settings
 and ``seed_everything`` must match the checkpoint's run, or the CLI refuses to resume."""
 
+EVALUATION_DATA_KEYS = frozenset(
+    {"heldout_prompts", "eval_images_per_prompt", "eval_seed", "eval_batch_size", "num_workers"}
+)
+"""Data settings that only choose what ``validate`` / ``test`` / ``predict`` score: these commands
+accept values differing from the checkpoint's run (applied and logged)."""
+
+_EVALUATION_COMMANDS = ("validate", "test", "predict")
+
+
+def _first_rank() -> bool:
+    """Before the trainer exists: not a process that a distributed launcher started as rank > 0."""
+    return all(os.environ.get(k, "0") == "0" for k in ("LOCAL_RANK", "NODE_RANK"))
+
 
 def _plain(value: Any) -> Any:
     """JSON-normal form (tuples -> lists, Namespaces -> dicts, paths -> str) for comparisons."""
@@ -154,6 +175,16 @@ def _logger_entries(trainer_cfg: Any) -> list[Any]:
     if logger is None or isinstance(logger, bool):
         return []
     return list(logger) if isinstance(logger, list) else [logger]
+
+
+def _without(value: Any, keys: frozenset[str]) -> Any:
+    return {k: v for k, v in value.items() if k not in keys} if isinstance(value, dict) else value
+
+
+def _init_args(entry: Any) -> Any:
+    """The init arguments of a ``class_path`` entry, or the entry itself."""
+    init = entry.get("init_args") if hasattr(entry, "get") else None
+    return entry if init is None else init
 
 
 def _versioned_logger(entry: Any) -> bool:
@@ -292,12 +323,19 @@ class MarbleCLI(LightningCLI):
             old, new = _plain(hparams[key]), model_args[key]
             if old != new:
                 (applied if key in SAFE_ON_RESUME else conflicts).append((f"model.{key}", old, new))
+        evaluating = sub in _EVALUATION_COMMANDS
         data_hparams = checkpoint.get("datamodule_hyper_parameters") or {}
         data_cfg = _plain(requested.get("data") or {})
         data_args = data_cfg.get("init_args", data_cfg) if isinstance(data_cfg, dict) else {}
         for key in sorted(data_hparams):
             if not key.startswith("_") and key in data_args:
-                _diff(f"data.{key}", _plain(data_hparams[key]), data_args[key], conflicts)
+                free = evaluating and key in EVALUATION_DATA_KEYS
+                _diff(
+                    f"data.{key}",
+                    _plain(data_hparams[key]),
+                    data_args[key],
+                    applied if free else conflicts,
+                )
         run_config = Path(path).resolve().parent.parent / "config.yaml"
         saved = None
         if run_config.is_file():
@@ -317,7 +355,11 @@ class MarbleCLI(LightningCLI):
                     conflicts,
                 )
             if not data_hparams:
-                _diff("data", _plain(saved.get("data")), _plain(now.get("data")), conflicts)
+                old_data, new_data = _plain(saved.get("data")), _plain(now.get("data"))
+                if evaluating:
+                    old_data = _without(old_data, EVALUATION_DATA_KEYS)
+                    new_data = _without(new_data, EVALUATION_DATA_KEYS)
+                _diff("data", old_data, new_data, conflicts)
             if saved.get("seed_everything") != now.get("seed_everything"):
                 conflicts.append(
                     ("seed_everything", saved.get("seed_everything"), now.get("seed_everything"))
@@ -336,9 +378,10 @@ class MarbleCLI(LightningCLI):
                 "Resume with the run's own settings (its config.yaml), or start a fresh run "
                 "without --ckpt_path."
             )
+        what = "resume" if sub == "fit" else sub
         for key, old, new in applied:
             print(
-                f"marble: resume: {key}: checkpoint run {_show(old)}, now {_show(new)} (applied)",
+                f"marble: {what}: {key}: checkpoint run {_show(old)}, now {_show(new)} (applied)",
                 file=sys.stderr,
                 flush=True,
             )
@@ -373,6 +416,47 @@ class MarbleCLI(LightningCLI):
     # ------------------------------------------------------------------ instantiation
     def before_instantiate_classes(self) -> None:
         self._fill_save_dirs()
+        self._evaluation_defaults()
+
+    def _evaluation_defaults(self) -> None:
+        """``validate`` / ``test`` / ``predict``: held-out prompts from the config's
+        ``RewardEvalCallback`` when ``data.heldout_prompts`` is unset; say what is scored."""
+        sub = self.config.get("subcommand")
+        if sub not in _EVALUATION_COMMANDS:
+            return
+        requested = self.config[sub]
+        data = _init_args(requested.get("data"))
+        if data is not None and hasattr(data, "get") and data.get("heldout_prompts") is None:
+            trainer_cfg = requested.get("trainer")
+            entries = trainer_cfg.get("callbacks") if trainer_cfg is not None else None
+            entries = [] if entries is None else entries if isinstance(entries, list) else [entries]
+            found = [
+                _init_args(e).get("prompts")
+                for e in entries
+                if hasattr(e, "get") and str(e.get("class_path", "")).endswith("RewardEvalCallback")
+            ]
+            found = [p for p in found if p is not None]
+            if len(found) != 1:
+                _fail(
+                    f"marble: error: `marble {sub}` scores data.heldout_prompts, which is not set: "
+                    "pass --data.heldout_prompts (a list of prompts, a .txt file, a GenEval .jsonl "
+                    "file or toy:heldout)"
+                )
+            data["heldout_prompts"] = found[0]
+            if _first_rank():
+                print(
+                    f"marble: {sub}: data.heldout_prompts not set; scoring the prompts of the "
+                    f"config's RewardEvalCallback ({_show(_plain(found[0]))})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        if requested.get("ckpt_path") is None and _first_rank():
+            print(
+                f"marble: {sub} without --ckpt_path scores the model as configured (LoRA starts as "
+                "the identity: the base model)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def instantiate_classes(self) -> None:
         try:

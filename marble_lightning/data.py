@@ -12,6 +12,12 @@ Resumption. The training dataloader is stateful (``state_dict`` / ``load_state_d
 Lightning in the fit loop's checkpoint state): it records the epoch and how many batches of it
 the trainer has processed, and a resumed run skips those, so an interrupted run sees exactly the
 batches an uninterrupted one would.
+
+Evaluation. ``heldout_prompts`` also takes GenEval metadata ``.jsonl`` files and lists mixing
+inline prompts with prompt files (:func:`resolve_prompt_records`); ``val_dataloader`` /
+``test_dataloader`` / ``predict_dataloader`` serve :class:`EvaluationPrompts` batches that keep
+each image's source file, GenEval tag and metadata, so ``marble validate | test`` can report the
+full table (:class:`~marble_lightning.callbacks.EvaluationTableCallback`).
 """
 
 from __future__ import annotations
@@ -26,11 +32,22 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from marble_lightning.checks import check_int
+from marble_lightning.rewards.geneval import PromptRecord, read_prompt_file
 from marble_lightning.seeding import generator
 
-__all__ = ["EvaluationPrompts", "PromptBatches", "PromptDataModule", "resolve_prompts"]
+__all__ = [
+    "PROMPT_FILE_SUFFIXES",
+    "EvaluationPrompts",
+    "PromptBatches",
+    "PromptDataModule",
+    "resolve_prompt_records",
+    "resolve_prompts",
+]
 
 PromptSource = str | Sequence[str]
+
+PROMPT_FILE_SUFFIXES = (".txt", ".jsonl")
+"""Prompt files of an evaluation set: plain text (one prompt per line) and GenEval metadata."""
 
 
 def resolve_prompts(source: PromptSource, *, what: str = "prompts") -> list[str]:
@@ -83,6 +100,82 @@ def resolve_prompts(source: PromptSource, *, what: str = "prompts") -> list[str]
     if not prompts:
         raise ValueError(f"`{what}`: the prompt list is empty")
     return prompts
+
+
+def _toy_records(source: str, what: str) -> list[PromptRecord]:
+    return [PromptRecord(p, source) for p in resolve_prompts(source, what=what)]
+
+
+def _file_records(path: str | Path, what: str) -> list[PromptRecord]:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"`{what}`: prompt file {str(path)!r} does not exist")
+    if path.suffix.lower() not in (*PROMPT_FILE_SUFFIXES, ""):
+        raise ValueError(
+            f"`{what}`: prompt file {str(path)!r} has an unknown suffix {path.suffix!r}; use .txt "
+            "(one prompt per line) or .jsonl (GenEval metadata, one JSON object per line)"
+        )
+    try:
+        return read_prompt_file(path)
+    except ValueError as err:
+        raise ValueError(f"`{what}`: {err}") from err
+
+
+def _looks_like_file(item: str) -> bool:
+    """A list item names a prompt file: a known suffix, or an existing file with a suffix."""
+    if item.lower().endswith(PROMPT_FILE_SUFFIXES):
+        return True
+    return not any(c.isspace() for c in item) and bool(Path(item).suffix) and Path(item).is_file()
+
+
+def resolve_prompt_records(
+    source: str | Path | Sequence[str | Path | PromptRecord], *, what: str = "heldout_prompts"
+) -> list[PromptRecord]:
+    """An evaluation set as :class:`~marble_lightning.rewards.geneval.PromptRecord` s.
+
+    Args:
+        source: ``"toy:<split>"`` or the path of a prompt file (``.txt`` or no suffix: one prompt
+            per line, ``#`` comments skipped; ``.jsonl``: GenEval metadata, one JSON object with
+            ``prompt``, ``tag``, ``include``, ... per line, see
+            :func:`~marble_lightning.rewards.geneval.read_prompt_file`); or a list mixing inline
+            prompts, ``toy:`` splits, records and prompt files (an item ending in ``.txt`` /
+            ``.jsonl`` is a file, an existing file of another suffix an error, any other string
+            a prompt), concatenated in order.
+        what: the argument name used in error messages.
+
+    Returns:
+        The records in order; ``source`` is the file name (``""`` inline, the spec for ``toy:``)
+        and ``metadata`` the GenEval line (``None`` for plain prompts).
+
+    Raises:
+        FileNotFoundError: a prompt file does not exist (the message names the path).
+        ValueError: an unknown file suffix, a malformed jsonl line (file and line named), an
+            empty file or list, or an item that is neither a string nor a record.
+    """
+    if isinstance(source, (str, Path)):
+        if isinstance(source, str) and source.startswith("toy:"):
+            return _toy_records(source, what)
+        return _file_records(source, what)
+    records: list[PromptRecord] = []
+    for item in source:
+        if isinstance(item, PromptRecord):
+            records.append(item)
+        elif isinstance(item, Path):
+            records.extend(_file_records(item, what))
+        elif isinstance(item, str) and item.startswith("toy:"):
+            records.extend(_toy_records(item, what))
+        elif isinstance(item, str) and _looks_like_file(item.strip()):
+            records.extend(_file_records(item.strip(), what))
+        elif isinstance(item, str) and item.strip():
+            records.append(PromptRecord(item.strip()))
+        else:
+            raise ValueError(
+                f"`{what}`: every item should be a prompt, a prompt file or 'toy:<split>', got "
+                f"{item!r}"
+            )
+    if not records:
+        raise ValueError(f"`{what}`: the prompt list is empty")
+    return records
 
 
 def _identity(batch: Any) -> Any:
@@ -260,9 +353,11 @@ class PromptDataModule(LightningDataModule):
         prompts_per_step: ``P``, unique prompts per batch per rank (``>= 1``); with strata, a
             mapping of the same keys to per-stratum counts (``P`` is their sum).
         seed: seed of the per-epoch shuffle.
-        heldout_prompts: optional evaluation prompts (same forms), exposed as
-            :attr:`heldout` for evaluation callbacks and served by ``val_dataloader`` /
-            ``test_dataloader`` / ``predict_dataloader`` (``marble validate | test | predict``).
+        heldout_prompts: optional evaluation prompts: a list, a ``.txt`` file, ``"toy:heldout"``,
+            a GenEval metadata ``.jsonl`` file, or a list mixing prompts and prompt files (see
+            :func:`resolve_prompt_records`). Exposed as :attr:`heldout` (strings) and
+            :attr:`heldout_records` and served by ``val_dataloader`` / ``test_dataloader`` /
+            ``predict_dataloader`` (``marble validate | test | predict``).
         num_workers: dataloader workers (``0``: load in the main process).
         eval_images_per_prompt: images per held-out prompt; copy ``c`` uses seed
             ``eval_seed + c`` (``>= 1``).
@@ -312,7 +407,7 @@ class PromptDataModule(LightningDataModule):
         self.eval_seed = int(eval_seed)
         self.eval_batch_size = check_int("eval_batch_size", eval_batch_size)
         self._train: list[str] | dict[str, list[str]] | None = None
-        self._heldout: list[str] | None = None
+        self._heldout: list[PromptRecord] | None = None
 
     @property
     def train_strata(self) -> list[str] | dict[str, list[str]]:
@@ -337,13 +432,19 @@ class PromptDataModule(LightningDataModule):
         return strata
 
     @property
-    def heldout(self) -> list[str] | None:
-        """The resolved held-out prompts (``None`` if none were given)."""
+    def heldout_records(self) -> list[PromptRecord] | None:
+        """The resolved held-out set with sources and GenEval metadata (``None``: none given)."""
         if self.heldout_source is None:
             return None
         if self._heldout is None:
-            self._heldout = resolve_prompts(self.heldout_source, what="heldout_prompts")
+            self._heldout = resolve_prompt_records(self.heldout_source, what="heldout_prompts")
         return self._heldout
+
+    @property
+    def heldout(self) -> list[str] | None:
+        """The resolved held-out prompts as strings (``None`` if none were given)."""
+        records = self.heldout_records
+        return None if records is None else [r.prompt for r in records]
 
     def setup(self, stage: str) -> None:
         self.train  # noqa: B018  (resolve now: clear errors before training starts)
@@ -367,11 +468,11 @@ class PromptDataModule(LightningDataModule):
         return _ResumableLoader(dataset, self._consumed, num_workers=self.num_workers)
 
     def _evaluation_loader(self) -> DataLoader:
-        prompts = self.heldout
+        prompts = self.heldout_records
         if not prompts:
             raise ValueError(
-                "evaluation needs held-out prompts: set `data.heldout_prompts` (a list, a text "
-                "file or 'toy:heldout')"
+                "evaluation needs held-out prompts: set `data.heldout_prompts` (a list, a .txt "
+                "file, a GenEval .jsonl file or 'toy:heldout')"
             )
         rank, world = self._rank_world()
         dataset = EvaluationPrompts(
@@ -395,18 +496,23 @@ class PromptDataModule(LightningDataModule):
 
 
 class EvaluationPrompts(IterableDataset):
-    """Batches ``{"prompts": [...], "seeds": [...]}`` of this rank's share of an evaluation set.
+    """Batches of this rank's share of an evaluation set.
 
     The set is every prompt times ``images_per_prompt`` copies (copy ``c`` has seed ``seed + c``);
     rank ``r`` of ``W`` takes items ``r, r + W, ...``, so no item is scored twice and the union
     over ranks is the whole set, whatever ``W``.
+
+    Each batch is a dict of ``B``-long lists: ``prompts``, ``seeds``, ``sources`` (file name,
+    ``""`` inline), ``tags`` (GenEval tag or ``""``), ``metadata`` (GenEval line or ``None``) and
+    ``indices`` (the prompt's index in the set).
     """
 
     def __init__(
-        self, prompts: Sequence[str], images_per_prompt: int, seed: int, batch_size: int,
-        rank: int = 0, world: int = 1,
+        self, prompts: Sequence[str | PromptRecord], images_per_prompt: int, seed: int,
+        batch_size: int, rank: int = 0, world: int = 1,
     ) -> None:  # fmt: skip
-        items = [(p, seed + c) for p in prompts for c in range(images_per_prompt)]
+        records = [p if isinstance(p, PromptRecord) else PromptRecord(p) for p in prompts]
+        items = [(i, r, seed + c) for i, r in enumerate(records) for c in range(images_per_prompt)]
         self.items = items[rank::world]
         self.batch_size = batch_size
 
@@ -416,4 +522,11 @@ class EvaluationPrompts(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, list]]:
         for start in range(0, len(self.items), self.batch_size):
             chunk = self.items[start : start + self.batch_size]
-            yield {"prompts": [p for p, _ in chunk], "seeds": [s for _, s in chunk]}
+            yield {
+                "prompts": [r.prompt for _, r, _ in chunk],
+                "seeds": [s for _, _, s in chunk],
+                "sources": [r.source for _, r, _ in chunk],
+                "tags": [r.tag or "" for _, r, _ in chunk],
+                "metadata": [None if r.metadata is None else dict(r.metadata) for _, r, _ in chunk],
+                "indices": [i for i, _, _ in chunk],
+            }

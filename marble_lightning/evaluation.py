@@ -3,12 +3,17 @@
 
 A mixin of :class:`~marble_lightning.module.MarbleDiffusionModule`. Evaluation batches come from
 :meth:`~marble_lightning.data.PromptDataModule.val_dataloader` (and ``test_`` / ``predict_``):
-dicts ``{"prompts": [B], "seeds": [B]}``, already split across ranks, so nothing is scored twice.
+dicts ``{"prompts": [B], "seeds": [B]}`` plus, from
+:class:`~marble_lightning.data.EvaluationPrompts`, ``sources``, ``tags``, ``metadata`` and
+``indices`` (``[B]`` each), already split across ranks, so nothing is scored twice.
 
 * ``validate`` logs ``eval/<name>``, ``eval/<name>_sem`` and ``eval/mean`` (the composite of the
   trained rewards' means, :func:`~marble_lightning.metrics.composite`); ``test`` logs the same
   under ``test/``. Sums are reduced across ranks by :class:`~marble_lightning.metrics.RewardMetric`,
   so ``ModelCheckpoint(monitor="eval/mean")`` and ``EarlyStopping`` work with a validation loop.
+* ``validation_step`` / ``test_step`` return the batch's images and scores (:data:`StepOutput`);
+  :class:`~marble_lightning.callbacks.EvaluationTableCallback` turns them into the per-image table
+  of :func:`~marble_lightning.prompt_eval.evaluate_prompts` (CSV, summary, GenEval accuracy).
 * ``predict_step`` returns images ``[B, 3, H, W]`` and their per-image rewards (``[B, K]``, NaN
   where a reward does not apply); :class:`ImageWriter` saves PNGs and a CSV.
 """
@@ -26,8 +31,16 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 
 from marble_lightning.metrics import RewardMetric, composite
+from marble_lightning.rewards.geneval import PromptRecord
 
-__all__ = ["EvaluationSteps", "ImageWriter"]
+__all__ = ["EvaluationSteps", "ImageWriter", "StepOutput", "unpack_evaluation_batch"]
+
+StepOutput = dict[str, Any]
+"""What ``validation_step`` / ``test_step`` return: ``prompts`` and ``seeds`` (``[B]``), ``images``
+``[B, 3, H, W]`` in ``[0, 1]``, ``rewards`` (a :class:`~marble_lightning.rewards.base.RewardBatch`:
+``values`` and ``mask`` ``[B, K]``), ``records`` (``B``
+:class:`~marble_lightning.rewards.geneval.PromptRecord` s: source, GenEval metadata) and
+``indices`` (``[B]``, each prompt's index in the evaluation set)."""
 
 
 def _unpack(batch: Any) -> tuple[list[str], list[int]]:
@@ -40,6 +53,26 @@ def _unpack(batch: Any) -> tuple[list[str], list[int]]:
     raise ValueError(
         f"an evaluation batch should be {{'prompts': [...], 'seeds': [...]}}, got {batch!r}"
     )
+
+
+def unpack_evaluation_batch(batch: Any) -> list[tuple[int, PromptRecord, int]]:
+    """``[(index, record, seed)]`` of an evaluation batch; plain batches get no source or
+    metadata and indices ``0..B-1``."""
+    prompts, seeds = _unpack(batch)
+    extra = batch if isinstance(batch, dict) else {}
+    n = len(prompts)
+    sources = list(extra.get("sources") or [""] * n)
+    metadata = list(extra.get("metadata") or [None] * n)
+    indices = [int(i) for i in (extra.get("indices") or range(n))]
+    if not len(sources) == len(metadata) == len(indices) == len(seeds) == n:
+        raise ValueError(
+            f"an evaluation batch should hold {n} items in every list, got "
+            f"{ {k: len(v) for k, v in extra.items() if isinstance(v, (list, tuple))} }"
+        )
+    return [
+        (index, PromptRecord(prompt, str(source), meta), seed)
+        for index, prompt, source, meta, seed in zip(indices, prompts, sources, metadata, seeds)
+    ]
 
 
 class EvaluationSteps:
@@ -66,9 +99,18 @@ class EvaluationSteps:
             metrics[stage] = RewardMetric(self.reward_names).to(self.device)
         return metrics[stage]
 
-    def _evaluation_step(self, batch: Any, stage: str) -> None:
-        _, scored = self._score(batch)
+    def _evaluation_step(self, batch: Any, stage: str) -> StepOutput:
+        items = unpack_evaluation_batch(batch)
+        images, scored = self._score(batch)
         self._metric(stage).update(scored)
+        return {
+            "prompts": [r.prompt for _, r, _ in items],
+            "seeds": [s for _, _, s in items],
+            "images": images,
+            "rewards": scored,
+            "records": [r for _, r, _ in items],
+            "indices": [i for i, _, _ in items],
+        }
 
     def _evaluation_end(self, stage: str, prefix: str) -> None:
         metric = self._metric(stage)
@@ -85,14 +127,16 @@ class EvaluationSteps:
         if math.isfinite(mean):
             self.log(f"{prefix}/mean", mean)  # type: ignore[attr-defined]
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluation_step(batch, "validate")
+    def validation_step(self, batch: Any, batch_idx: int) -> StepOutput:
+        """Scores one batch (logged at epoch end); returns the :data:`StepOutput`."""
+        return self._evaluation_step(batch, "validate")
 
     def on_validation_epoch_end(self) -> None:
         self._evaluation_end("validate", "eval")
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluation_step(batch, "test")
+    def test_step(self, batch: Any, batch_idx: int) -> StepOutput:
+        """Scores one batch (logged under ``test/``); returns the :data:`StepOutput`."""
+        return self._evaluation_step(batch, "test")
 
     def on_test_epoch_end(self) -> None:
         self._evaluation_end("test", "test")

@@ -162,3 +162,33 @@ def test_strata_datamodule_and_errors():
     bad = PromptDataModule({"text": "toy:nope"}, {"text": 1})
     with pytest.raises(ValueError, match=r"train_prompts\['text'\]"):
         bad.setup("fit")
+
+
+def test_heldout_prompt_files_and_records(tmp_path):
+    import json
+
+    from marble_lightning.data import EvaluationPrompts, resolve_prompt_records
+    from marble_lightning.toy.prompts import heldout_prompts
+
+    meta = {"tag": "counting", "prompt": "two dogs", "include": [{"class": "dog", "count": 2}]}
+    jsonl = tmp_path / "geneval.jsonl"
+    jsonl.write_text(json.dumps(meta) + "\n", encoding="utf-8")
+    txt = tmp_path / "list.txt"
+    txt.write_text("# comment\na cat\n", encoding="utf-8")
+    records = resolve_prompt_records(["inline", str(jsonl), txt, "toy:heldout:count"])
+    toy = heldout_prompts(["count"])
+    assert [r.prompt for r in records] == ["inline", "two dogs", "a cat", *toy]
+    assert [r.source for r in records[:3]] == ["", "geneval.jsonl", "list.txt"]
+    assert records[1].tag == "counting" and records[2].metadata is None
+    assert [r.prompt for r in resolve_prompt_records(str(jsonl))] == ["two dogs"]
+    dm = PromptDataModule("toy:train", heldout_prompts=[str(jsonl), "x"], eval_images_per_prompt=2)
+    assert dm.heldout == ["two dogs", "x"] and dm.heldout_records[0].metadata == meta
+    batches = list(EvaluationPrompts(dm.heldout_records, 2, 10, batch_size=3, rank=1, world=2))
+    assert batches == [
+        {
+            "prompts": ["two dogs", "x"], "seeds": [11, 11], "sources": ["geneval.jsonl", ""],
+            "tags": ["counting", ""], "metadata": [meta, None], "indices": [0, 1],
+        }
+    ]  # fmt: skip
+    plain = next(iter(EvaluationPrompts(["a", "b"], 1, 0, batch_size=4)))
+    assert plain["prompts"] == ["a", "b"] and plain["sources"] == ["", ""]

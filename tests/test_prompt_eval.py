@@ -166,6 +166,9 @@ def test_evaluate_prompts_table_and_files(tmp_path) -> None:
     assert math.isnan(table.rows[-1]["geneval_strict"])  # plain prompts have no GenEval score
     assert math.isnan(table.rows[0]["green"])  # "green" applies only to prompts with the word
     assert set(table.by_source) == {"geneval.jsonl", "pick.txt", "<list>"}
+    assert table.counts["green"] == 2 and table.counts["geneval_strict"] == 6
+    text = table.format("base")
+    assert text.startswith("base: 12 images") and "GenEval strict accuracy" in text
     # the same images as the module's own sampler at those seeds (the base model, no checkpoint)
     images = module.sample(["a photo of a dog"], seed=[1], adapter="base")
     assert module.rewards(images, ["a photo of a dog"]).values[0, 0].item() == pytest.approx(
@@ -176,6 +179,7 @@ def test_evaluate_prompts_table_and_files(tmp_path) -> None:
     assert len(rows) == 12 and "geneval_strict" in rows[0]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["images"] == 12 and summary["geneval"]["overall"] == pytest.approx(2 / 3)
+    assert summary["counts"]["red"] == 12
     # chunking does not change the table
     again = evaluate_prompts(
         module,
