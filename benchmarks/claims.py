@@ -1,0 +1,240 @@
+"""The paper's claims on the toy world: six training rules, several seeds, intervals and tests.
+
+Methods (configs generated from configs/marble.yaml by scripts/make_toy_configs.py: same world,
+budget and evaluation): MARBLE with the reference recipe (refresh every 10, EMA 0.7, no uniform
+stage), its equal-alpha ablation (alpha = 1/K on normalised gradients, no QP), decoupled fixed
+uniform coefficients, the weighted sum, full per-step MARBLE and this project's default. Each run
+is ``benchmarks/quality.py``'s (held-out gains of the same images before and after training,
+standardised composite and worst reward, worst-reward cosines on diagnostic steps). Reported:
+
+* per method: mean gain of every reward, composite and worst with 95% Student-t intervals over
+  seeds;
+* paired t-tests (runs paired by seed: same prompt order and rollout noise keys) of composite and
+  worst between MARBLE variants and the baselines;
+* the paper's claims, each marked as holding (p < 0.05 in the claimed direction), not shown, or
+  contradicted (p < 0.05 against it).
+
+Nothing is tuned here: the configs are fixed before the held-out numbers are read.
+
+    python benchmarks/claims.py --seeds 0 1 2 3 4 --jobs 2     # the study (hours on 2 cores)
+    python benchmarks/claims.py --collect                      # tables from summaries.json only
+
+Every finished run's summary is added to ``<out>/summaries.json`` at once (with its config's
+hash, CPU and torch capability), so an interrupted study continues where it stopped, on this
+machine or another; a run whose config changed is run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import environment, environment_markdown
+from _stats import mean_interval, paired_test
+from default_run import ALLOCATOR, run_seed
+from quality import METHODS, load_config, summarise
+
+STUDY = {
+    "marble (reference recipe)": "reference",
+    "equal alpha (reference ablation)": "equal alpha",
+    "decoupled (fixed uniform)": "decoupled",
+    "weighted sum": "weighted sum",
+    "marble (full, per-step)": "full per-step",
+    "marble (amortised)": "default",
+}
+"""Method (a key of ``quality.METHODS``) -> short label."""
+
+MARBLES = ["reference", "full per-step", "default"]
+BASELINES = ["weighted sum", "equal alpha", "decoupled"]
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cpu_line() -> str:
+    import platform
+
+    import torch
+
+    model = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, capability {torch.backends.cpu.get_cpu_capability()}"
+
+
+def verdict(test, direction: int = 1) -> str:
+    """``holds`` / ``contradicted`` at p < 0.05 in / against ``direction``; else ``not shown``."""
+    if not math.isfinite(test.p):
+        return "not shown (too few seeds)"
+    if test.p < 0.05:
+        return "holds" if test.difference.mean * direction > 0 else "contradicted"
+    return "not shown"
+
+
+def build_report(summaries: dict, seeds: list[int]) -> str:
+    """The markdown report from ``{label: {seed: {"summary": ...}}}`` (only the given seeds)."""
+    labels = [label for label in STUDY.values() if label in summaries]
+    runs = {
+        label: {s: summaries[label][str(s)]["summary"] for s in seeds if str(s) in summaries[label]}
+        for label in labels
+    }
+    some = next((r for per in runs.values() for r in per.values()), None)
+    if some is None:
+        return "no finished runs"
+    names = list(some["gain"])
+    lines = [
+        "Held-out gain (final minus base on the same images), mean over seeds with its 95% "
+        "t-interval; composite and worst are gains standardised by the base model's per-image std "
+        "(composite: their mean over the trained rewards, worst: their minimum). `cos < 0`: "
+        "diagnostic steps whose update direction had a negative cosine with some reward's "
+        "gradient.",
+        "",
+        "| method | seeds | " + " | ".join(names) + " | composite | worst | cos < 0 |",
+        "|---|---|" + "---|" * (len(names) + 3),
+    ]
+    for label in labels:
+        per = runs[label]
+        cells = [
+            str(mean_interval([r["gain"].get(n, math.nan) for r in per.values()])) for n in names
+        ]
+        cos = [c for r in per.values() for c in r["worst_cosines"]]
+        neg = f"{sum(c < 0 for c in cos)}/{len(cos)}" if cos else "n/a"
+        comp = mean_interval([r["composite"] for r in per.values()])
+        worst = mean_interval([r["worst"] for r in per.values()])
+        lines.append(
+            f"| {label} | {len(per)} | " + " | ".join(cells) + f" | {comp} | {worst} | {neg} |"
+        )
+
+    def paired(a: str, b: str, key: str):
+        common = sorted(set(runs.get(a, {})) & set(runs.get(b, {})))
+        return paired_test(
+            [runs[a][s][key] for s in common], [runs[b][s][key] for s in common]
+        ), len(common)
+
+    lines += [
+        "",
+        "Paired t-tests over seeds (difference A - B, its 95% interval, t and two-sided p):",
+        "",
+        "| A | B | pairs | composite A - B | worst A - B |",
+        "|---|---|---|---|---|",
+    ]
+    pairs = [(m, b) for m in MARBLES for b in BASELINES]
+    pairs += [("reference", "default"), ("reference", "full per-step")]
+    tests = {}
+    for a, b in pairs:
+        if a not in runs or b not in runs:
+            continue
+        comp, n = paired(a, b, "composite")
+        worst, _ = paired(a, b, "worst")
+        tests[(a, b)] = comp
+        lines.append(f"| {a} | {b} | {n} | {comp} | {worst} |")
+
+    lines += ["", "The paper's claims on the toy world (p < 0.05 for 'holds'):", ""]
+    for m in MARBLES:
+        for b in ("weighted sum", "equal alpha"):
+            if (m, b) in tests:
+                t = tests[(m, b)]
+                lines.append(
+                    f"* MARBLE ({m}) beats {b} on composite: **{verdict(t)}** "
+                    f"(difference {t.difference}, p = {t.p:.3f})."
+                )
+    for m in MARBLES:
+        if m not in runs:
+            continue
+        lows = {n: mean_interval([r["gain"][n] for r in runs[m].values()]) for n in names}
+        trained = [n for n in names if n in some.get("std_gain", {})] or names
+        up = [n for n in trained if lows[n].low > 0]
+        down = [n for n in trained if lows[n].high < 0]
+        state = (
+            "holds"
+            if len(up) == len(trained)
+            else f"contradicted ({', '.join(down)} down)"
+            if down
+            else f"not shown (interval includes 0: {', '.join(n for n in trained if n not in up)})"
+        )
+        lines.append(f"* MARBLE ({m}) improves every reward: **{state}**.")
+    for m in MARBLES + ["weighted sum"]:
+        if m not in runs:
+            continue
+        cos = [c for r in runs[m].values() for c in r["worst_cosines"]]
+        if cos:
+            neg = sum(c < 0 for c in cos)
+            lines.append(
+                f"* Worst-reward cosine of {m}: negative on {neg}/{len(cos)} diagnostic steps "
+                f"(min {min(cos):+.2f})."
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--methods", nargs="+", default=list(STUDY), choices=list(STUDY))
+    parser.add_argument("--diagnostics-every", type=int, default=5)
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--max-steps", type=int, default=None, help="smoke runs only")
+    parser.add_argument("--collect", action="store_true", help="no runs: report what is stored")
+    parser.add_argument("--out", default="benchmarks/results/claims")
+    args = parser.parse_args(argv)
+    for key, value in ALLOCATOR.items():
+        os.environ.setdefault(key, value)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = out / "summaries.json"
+    summaries: dict = json.loads(store.read_text()) if store.is_file() else {}
+    lock = threading.Lock()
+    threads = 1 if args.jobs > 1 else None
+
+    def one(method: str, seed: int) -> None:
+        label = STUDY[method]
+        config = load_config(METHODS[method], args.diagnostics_every, quick=False)
+        if args.max_steps is not None:
+            config["trainer"]["max_steps"] = args.max_steps
+        digest = config_hash(config)
+        if summaries.get(label, {}).get(str(seed), {}).get("config") == digest:
+            return
+        path, elapsed = run_seed(config, seed, out / "runs" / METHODS[method], None, threads)
+        record = json.loads(path.read_text())
+        entry = {
+            "config": digest,
+            "elapsed_s": round(elapsed, 1),
+            "threads": threads or os.cpu_count(),
+            "cpu": cpu_line(),
+            "summary": summarise(record),
+        }
+        with lock:
+            summaries.setdefault(label, {})[str(seed)] = entry
+            store.write_text(json.dumps(summaries, indent=1, sort_keys=True) + "\n")
+        print(f"{label} seed {seed}: {elapsed / 60:.1f} min", flush=True)
+
+    if not args.collect:
+        jobs = [(m, s) for s in args.seeds for m in args.methods]  # seed-major: balanced partials
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            for future in [pool.submit(one, m, s) for m, s in jobs]:
+                future.result()
+    report = "\n".join(
+        [environment_markdown(), f"CPU: {cpu_line()}", "", build_report(summaries, args.seeds)]
+    )
+    print(report)
+    (out / "table.md").write_text(report + "\n")
+    (out / "environment.json").write_text(json.dumps(environment(), indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""benchmarks/_stats.py (t intervals, paired t-tests) and benchmarks/claims.py's report."""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _stats import mean_interval, paired_test, t_cdf, t_quantile
+
+# two-sided 95% critical values of Student's t (standard tables)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 9: 2.262, 29: 2.045}
+
+
+@pytest.mark.parametrize(("df", "value"), sorted(T975.items()))
+def test_quantile_matches_the_tables(df, value):
+    assert t_quantile(0.975, df) == pytest.approx(value, abs=1e-3)
+    assert t_quantile(0.025, df) == pytest.approx(-value, abs=1e-3)
+
+
+def test_cdf_matches_closed_forms():
+    # df = 1 is Cauchy: F(x) = 1/2 + atan(x) / pi; df = 2: F(x) = 1/2 + x / (2 sqrt(2 + x^2))
+    for x in (-7.0, -1.3, 0.0, 0.4, 2.5, 30.0):
+        assert t_cdf(x, 1) == pytest.approx(0.5 + math.atan(x) / math.pi, abs=1e-9)
+        assert t_cdf(x, 2) == pytest.approx(0.5 + x / (2 * math.sqrt(2 + x * x)), abs=1e-9)
+
+
+def test_cdf_matches_scipy():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for df in (1, 3, 4, 10, 50):
+        for x in (-4.0, -0.7, 0.2, 1.9, 6.0):
+            assert t_cdf(x, df) == pytest.approx(scipy_stats.t.cdf(x, df), abs=1e-9)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.floats(-5, 5), min_size=3, max_size=8), st.floats(-2, 2))
+def test_paired_test_is_the_one_sample_test_of_differences(a, shift):
+    rng = random.Random(len(a))
+    b = [x - shift + rng.gauss(0, 0.3) for x in a]
+    test = paired_test(a, b)
+    d = [x - y for x, y in zip(a, b)]
+    sd = statistics.stdev(d)
+    if sd < 1e-9:
+        return
+    t = statistics.fmean(d) / (sd / math.sqrt(len(d)))
+    assert test.t == pytest.approx(t, rel=1e-9, abs=1e-12)
+    assert test.p == pytest.approx(2 * (1 - t_cdf(abs(t), len(d) - 1)), abs=1e-12)
+    # the interval excludes 0 exactly when p < 0.05
+    excludes = test.difference.low > 0 or test.difference.high < 0
+    if abs(test.p - 0.05) > 1e-6:
+        assert excludes == (test.p < 0.05)
+
+
+def test_interval_coverage_by_simulation():
+    """About 95% of intervals from normal samples of 5 cover the true mean."""
+    rng = random.Random(0)
+    covered = 0
+    for _ in range(2000):
+        iv = mean_interval([rng.gauss(1.0, 2.0) for _ in range(5)])
+        covered += iv.low <= 1.0 <= iv.high
+    assert 0.93 < covered / 2000 < 0.97
+
+
+def test_paired_test_needs_equal_lengths():
+    with pytest.raises(ValueError, match="3 and 2"):
+        paired_test([1, 2, 3], [1, 2])
+
+
+def fake_summary(gains: dict, composite: float, worst: float, cosines: list[float]) -> dict:
+    return {
+        "gain": gains,
+        "std_gain": dict(gains),
+        "composite": composite,
+        "worst": worst,
+        "worst_cosines": cosines,
+    }
+
+
+def test_claims_report_marks_claims_from_the_tests():
+    from claims import build_report
+
+    names = ["a", "b"]
+    seeds = [0, 1, 2, 3, 4]
+    summaries: dict = {}
+    for s in seeds:
+        summaries.setdefault("reference", {})[str(s)] = {
+            "summary": fake_summary({"a": 0.1 + 0.01 * s, "b": 0.2}, 1.0 + 0.1 * s, 0.5, [0.2])
+        }
+        summaries.setdefault("weighted sum", {})[str(s)] = {
+            "summary": fake_summary({"a": -0.1, "b": 0.3 + 0.01 * s}, 0.2 + 0.05 * s, -1.0, [-0.3])
+        }
+        summaries.setdefault("equal alpha", {})[str(s)] = {
+            # composite higher than the reference's on every seed: the claim is contradicted
+            "summary": fake_summary(
+                {"a": 0.05, "b": 0.01 * s}, 2.0 + 0.1 * s + 0.01 * s * s, 0.1, []
+            )
+        }
+    report = build_report(summaries, seeds)
+    assert "| reference | 5 |" in report
+    assert "MARBLE (reference) beats weighted sum on composite: **holds**" in report
+    assert "MARBLE (reference) beats equal alpha on composite: **contradicted**" in report
+    assert "MARBLE (reference) improves every reward: **holds**" in report
+    assert "Worst-reward cosine of weighted sum: negative on 5/5" in report
+    assert "Worst-reward cosine of reference: negative on 0/5" in report
+    header = next(line for line in report.splitlines() if line.startswith("| method"))
+    assert all(f"| {n} |" in header for n in names)
