@@ -486,3 +486,22 @@ def test_sample_noise_is_independent_of_the_training_seed():
     assert not torch.equal(
         a.sample(prompts, seed=3, adapter="base"), a.sample(prompts, seed=4, adapter="base")
     )
+
+
+def test_merged_lora_forwards_train_like_the_lora_branches():
+    """merge_lora only changes float rounding: same rollouts, alpha and adapters after 3 steps."""
+    from marble_lightning.testing import base_state, fit, lora_state, make_module
+
+    runs = {}
+    for merge in (True, False):
+        module = make_module("marble", merge_lora=merge, seed=3)
+        base = base_state(module)
+        fit(module, max_steps=3)
+        after = base_state(module)
+        assert all(torch.equal(base[k], after[k]) for k in base)  # frozen weights untouched
+        runs[merge] = (lora_state(module), module.current_alpha.clone(), module.adapters.merge)
+    (merged, alpha_m, flag_m), (plain, alpha_p, flag_p) = runs[True], runs[False]
+    assert flag_m and not flag_p
+    for a, b in zip(merged, plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(alpha_m, alpha_p, rtol=1e-4, atol=1e-6)
