@@ -19,9 +19,10 @@ Nothing is tuned here: the configs are fixed before the held-out numbers are rea
     python benchmarks/claims.py --seeds 0 1 2 3 4 --jobs 2     # the study (hours on 2 cores)
     python benchmarks/claims.py --collect                      # tables from summaries.json only
 
-Every finished run's summary is added to ``<out>/summaries.json`` at once (with its config's
-hash, CPU and torch capability), so an interrupted study continues where it stopped, on this
-machine or another; a run whose config changed is run again.
+Rollouts run in float32 whatever the CPU (``--rollout-precision``), so the numbers do not depend
+on which machine ran a seed. Every finished run's summary is added to ``<out>/summaries.json`` at
+once (with its config's hash, CPU and torch capability), so an interrupted study continues where
+it stopped, on this machine or another; a run whose config changed is run again.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, environment_markdown
+from _common import cpu_model, environment, environment_markdown
 from _stats import mean_interval, paired_test
 from default_run import ALLOCATOR, run_seed
 from quality import METHODS, load_config, summarise
@@ -61,19 +62,9 @@ def config_hash(config: dict) -> str:
 
 
 def cpu_line() -> str:
-    import platform
-
     import torch
 
-    model = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, capability {torch.backends.cpu.get_cpu_capability()}"
+    return f"{cpu_model()}, capability {torch.backends.cpu.get_cpu_capability()}"
 
 
 def verdict(test, direction: int = 1) -> str:
@@ -189,6 +180,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--diagnostics-every", type=int, default=5)
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--max-steps", type=int, default=None, help="smoke runs only")
+    parser.add_argument(
+        "--rollout-precision",
+        default="float32",
+        help="pinned for every run (default float32: the same arithmetic on every CPU, so seeds "
+        "run on different machines stay comparable; 'auto' would pick bf16 on some)",
+    )
     parser.add_argument("--collect", action="store_true", help="no runs: report what is stored")
     parser.add_argument("--out", default="benchmarks/results/claims")
     args = parser.parse_args(argv)
@@ -204,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     def one(method: str, seed: int) -> None:
         label = STUDY[method]
         config = load_config(METHODS[method], args.diagnostics_every, quick=False)
+        config["model"]["rollout_precision"] = args.rollout_precision
         if args.max_steps is not None:
             config["trainer"]["max_steps"] = args.max_steps
         digest = config_hash(config)
@@ -228,8 +226,14 @@ def main(argv: list[str] | None = None) -> None:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             for future in [pool.submit(one, m, s) for m, s in jobs]:
                 future.result()
+    machines = sorted({e["cpu"] for per in summaries.values() for e in per.values()})
     report = "\n".join(
-        [environment_markdown(), f"CPU: {cpu_line()}", "", build_report(summaries, args.seeds)]
+        [
+            environment_markdown(),
+            f"Runs made on: {'; '.join(machines) or 'none yet'}",
+            "",
+            build_report(summaries, args.seeds),
+        ]
     )
     print(report)
     (out / "table.md").write_text(report + "\n")

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("memory.py", ["--random-backbone"]),
         ("step_time.py", []),
         ("quality.py", []),
+        ("merged_lora.py", []),
     ],
 )
 def test_benchmark_quick(script: str, extra: list[str], tmp_path: Path) -> None:
