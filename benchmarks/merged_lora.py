@@ -1,7 +1,8 @@
 """Gradient-free forwards with the LoRA folded into the weights vs through the LoRA branches.
 
 The toy UNet with the default LoRA (rank 16 on every ResNet convolution, attention and
-feed-forward projection), one rollout batch (24 images), the old adapter: the two ways alternate
+feed-forward projection), one rollout of the default config (24 images, 10 sampler forwards of
+the old adapter in one context, so one merge per rollout as in training): the two ways alternate
 within one run and the script prints the median times and their ratio. Also the base model
 (adapters off) for the floor, and the largest output difference.
 
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--batch", type=int, default=24)
+    parser.add_argument("--forwards", type=int, default=10, help="forwards per context")
     parser.add_argument("--out", default=None, help="also write the table here (markdown)")
     args = parser.parse_args(argv)
     rounds = 2 if args.quick else args.rounds
@@ -55,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
             for name, context in ways.items():
                 start = time.perf_counter()
                 with context():
-                    out = backbone.velocity(x, t, cond)
+                    for _ in range(args.forwards):
+                        out = backbone.velocity(x, t, cond)
                 if r:  # round 0 warms up
                     times[name].append(time.perf_counter() - start)
                 outputs[name] = out
@@ -64,10 +67,10 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         environment_markdown(),
         "",
-        f"Toy UNet forward, {args.batch} images, median of {rounds} interleaved rounds; "
-        f"max |merged - LoRA| = {diff:.1e}",
+        f"Toy UNet, {args.forwards} forwards of {args.batch} images in one context, median of "
+        f"{rounds} interleaved rounds; max |merged - LoRA| = {diff:.1e}",
         "",
-        "| forward | median ms | vs LoRA branches |",
+        "| forwards | median ms | vs LoRA branches |",
         "|---|---|---|",
     ]
     for name, values in times.items():
