@@ -83,18 +83,40 @@ def build_report(summaries: dict, seeds: list[int]) -> str:
         label: {s: summaries[label][str(s)]["summary"] for s in seeds if str(s) in summaries[label]}
         for label in labels
     }
+    entries = {
+        label: {s: summaries[label][str(s)] for s in seeds if str(s) in summaries[label]}
+        for label in labels
+    }
     some = next((r for per in runs.values() for r in per.values()), None)
     if some is None:
         return "no finished runs"
-    names = list(some["gain"])
+    first = next(e for per in entries.values() for e in per.values())
+    trained = list(first.get("trained") or [n for n in some["gain"] if n != "ocr_edit"])
+    names = trained + sorted(n for n in some["gain"] if n not in trained)
+
+    def cosines(label: str, refresh: bool | None) -> list[float]:
+        """Worst-reward cosines of ``label``'s runs (refresh steps, other steps or all)."""
+        values = []
+        for e in entries[label].values():
+            for _, is_refresh, c in e.get("cosines", []):
+                if refresh is None or is_refresh == refresh:
+                    values.append(c)
+        return values
+
+    def negatives(values: list[float]) -> str:
+        return f"{sum(c < 0 for c in values)}/{len(values)}" if values else "-"
+
     lines = [
         "Held-out gain (final minus base on the same images), mean over seeds with its 95% "
         "t-interval; composite and worst are gains standardised by the base model's per-image std "
         "(composite: their mean over the trained rewards, worst: their minimum). `cos < 0`: "
         "diagnostic steps whose update direction had a negative cosine with some reward's "
-        "gradient.",
+        "gradient, on refresh steps (fresh alpha) / other diagnostic steps (cached alpha); "
+        "columns after the trained rewards are evaluated only.",
         "",
-        "| method | seeds | " + " | ".join(names) + " | composite | worst | cos < 0 |",
+        "| method | seeds | "
+        + " | ".join(names)
+        + " | composite | worst | cos < 0 refresh / other |",
         "|---|---|" + "---|" * (len(names) + 3),
     ]
     for label in labels:
@@ -102,8 +124,7 @@ def build_report(summaries: dict, seeds: list[int]) -> str:
         cells = [
             str(mean_interval([r["gain"].get(n, math.nan) for r in per.values()])) for n in names
         ]
-        cos = [c for r in per.values() for c in r["worst_cosines"]]
-        neg = f"{sum(c < 0 for c in cos)}/{len(cos)}" if cos else "n/a"
+        neg = f"{negatives(cosines(label, True))} / {negatives(cosines(label, False))}"
         comp = mean_interval([r["composite"] for r in per.values()])
         worst = mean_interval([r["worst"] for r in per.values()])
         lines.append(
@@ -147,7 +168,6 @@ def build_report(summaries: dict, seeds: list[int]) -> str:
         if m not in runs:
             continue
         lows = {n: mean_interval([r["gain"][n] for r in runs[m].values()]) for n in names}
-        trained = [n for n in names if n in some.get("std_gain", {})] or names
         up = [n for n in trained if lows[n].low > 0]
         down = [n for n in trained if lows[n].high < 0]
         state = (
@@ -158,15 +178,15 @@ def build_report(summaries: dict, seeds: list[int]) -> str:
             else f"not shown (interval includes 0: {', '.join(n for n in trained if n not in up)})"
         )
         lines.append(f"* MARBLE ({m}) improves every reward: **{state}**.")
-    for m in MARBLES + ["weighted sum"]:
+    for m in MARBLES + ["weighted sum", "equal alpha", "decoupled"]:
         if m not in runs:
             continue
-        cos = [c for r in runs[m].values() for c in r["worst_cosines"]]
-        if cos:
-            neg = sum(c < 0 for c in cos)
+        fresh, cached = cosines(m, True), cosines(m, False)
+        every = fresh + cached
+        if every:
             lines.append(
-                f"* Worst-reward cosine of {m}: negative on {neg}/{len(cos)} diagnostic steps "
-                f"(min {min(cos):+.2f})."
+                f"* Worst-reward cosine of {m}: negative on {negatives(fresh)} refresh steps and "
+                f"{negatives(cached)} other diagnostic steps (min {min(every):+.2f})."
             )
     return "\n".join(lines)
 
@@ -205,7 +225,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.max_steps is not None:
             config["trainer"]["max_steps"] = args.max_steps
         digest = config_hash(config)
-        if summaries.get(label, {}).get(str(seed), {}).get("config") == digest:
+        stored = summaries.get(label, {}).get(str(seed), {})
+        if stored.get("config") == digest and "cosines" in stored:
             return
         path, elapsed = run_seed(config, seed, out / "runs" / METHODS[method], None, threads)
         record = json.loads(path.read_text())
@@ -215,6 +236,12 @@ def main(argv: list[str] | None = None) -> None:
             "threads": threads or os.cpu_count(),
             "cpu": cpu_line(),
             "summary": summarise(record),
+            "trained": list(record["names"]),
+            "cosines": [
+                [h["step"], bool(h.get("refresh")), h["cos/worst"]]
+                for h in record["train"]
+                if math.isfinite(h.get("cos/worst", math.nan))
+            ],
         }
         with lock:
             summaries.setdefault(label, {})[str(seed)] = entry

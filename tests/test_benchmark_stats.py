@@ -91,10 +91,14 @@ def test_claims_report_marks_claims_from_the_tests():
     summaries: dict = {}
     for s in seeds:
         summaries.setdefault("reference", {})[str(s)] = {
-            "summary": fake_summary({"a": 0.1 + 0.01 * s, "b": 0.2}, 1.0 + 0.1 * s, 0.5, [0.2])
+            "summary": fake_summary({"a": 0.1 + 0.01 * s, "b": 0.2}, 1.0 + 0.1 * s, 0.5, [0.2]),
+            "trained": names,
+            "cosines": [[0, True, 0.2], [5, False, -0.1]],
         }
         summaries.setdefault("weighted sum", {})[str(s)] = {
-            "summary": fake_summary({"a": -0.1, "b": 0.3 + 0.01 * s}, 0.2 + 0.05 * s, -1.0, [-0.3])
+            "summary": fake_summary({"a": -0.1, "b": 0.3 + 0.01 * s}, 0.2 + 0.05 * s, -1.0, [-0.3]),
+            "trained": names,
+            "cosines": [[5, False, -0.3]],
         }
         summaries.setdefault("equal alpha", {})[str(s)] = {
             # composite higher than the reference's on every seed: the claim is contradicted
@@ -107,7 +111,8 @@ def test_claims_report_marks_claims_from_the_tests():
     assert "MARBLE (reference) beats weighted sum on composite: **holds**" in report
     assert "MARBLE (reference) beats equal alpha on composite: **contradicted**" in report
     assert "MARBLE (reference) improves every reward: **holds**" in report
-    assert "Worst-reward cosine of weighted sum: negative on 5/5" in report
-    assert "Worst-reward cosine of reference: negative on 0/5" in report
+    assert "cosine of weighted sum: negative on - refresh steps and 5/5 other" in report
+    assert "cosine of reference: negative on 0/5 refresh steps and 5/5 other" in report
+    assert "| reference | 5 |" in report and "| 0/5 / 5/5 |" in report
     header = next(line for line in report.splitlines() if line.startswith("| method"))
     assert all(f"| {n} |" in header for n in names)
