@@ -529,7 +529,9 @@ def _export_lora_command(argv: Sequence[str]) -> int:
         ),
     )
     parser.add_argument(
-        "--ckpt", required=True, help="Lightning checkpoint (.ckpt) written by `marble fit`"
+        "--ckpt",
+        required=True,
+        help="checkpoint written by `marble fit`: a .ckpt file or a sharded run's folder",
     )
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument(

@@ -22,7 +22,8 @@ Two output formats:
 
 The source is either a live module (a ``MarbleDiffusionModule``, a backbone, or the denoiser
 itself; the adapter is read through peft's ``get_peft_model_state_dict``) or a Lightning
-checkpoint file (read with ``torch.load(weights_only=True)``; the adapter is found by its
+checkpoint: a file (read with ``torch.load(weights_only=True)``) or a sharded run's
+distributed-checkpoint folder (:func:`read_checkpoint`); the adapter is found by its
 parameter names ``...denoiser.<module>.lora_{A,B}.<adapter>.weight``, the rank from the tensor
 shapes and ``lora_alpha`` from the checkpoint's hyper-parameters, the run's saved
 ``config.yaml`` or the ``lora_alpha`` argument).
@@ -47,6 +48,7 @@ __all__ = [
     "export_lora",
     "lora_config_dict",
     "lora_state_from_model",
+    "read_checkpoint",
 ]
 
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -232,6 +234,40 @@ def _is_sd3_state(state: Mapping[str, Tensor]) -> bool:
     )
 
 
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint as a dict, read with ``weights_only=True``: a ``.ckpt`` file, or the
+    distributed-checkpoint folder of a sharded run (``MarbleModelParallelStrategy``), whose
+    ``state_dict`` tensors (the adapters) are read whole in this one process and merged with the
+    folder's ``meta.pt`` (hyper-parameters, callbacks).
+
+    Raises:
+        FileNotFoundError: ``path`` is neither a file nor such a folder.
+    """
+    path = Path(path)
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    if not (path.is_dir() and (path / ".metadata").is_file()):
+        raise FileNotFoundError(
+            f"export_lora: checkpoint {str(path)!r} does not exist (expected a .ckpt file or a "
+            "sharded checkpoint folder holding .metadata)"
+        )
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = FileSystemReader(str(path))
+    prefix = "state_dict."
+    tensors = {
+        fqn[len(prefix) :]: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for fqn, meta in reader.read_metadata().state_dict_metadata.items()
+        if fqn.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
+    }
+    load({"state_dict": tensors}, storage_reader=reader, no_dist=True)
+    meta = path / "meta.pt"
+    checkpoint = torch.load(meta, map_location="cpu", weights_only=True) if meta.is_file() else {}
+    checkpoint["state_dict"] = tensors
+    return checkpoint
+
+
 def export_lora(
     source: nn.Module | str | Path,
     out_dir: str | Path,
@@ -247,7 +283,8 @@ def export_lora(
 
     Args:
         source: a live module (``MarbleDiffusionModule``, backbone or denoiser with a peft
-            adapter) or the path of a Lightning checkpoint (``.ckpt``).
+            adapter) or the path of a Lightning checkpoint (a ``.ckpt`` file or a sharded run's
+            checkpoint folder).
         out_dir: output directory (created).
         adapter_name: adapter to export (``"policy"``: the trained policy).
         format: ``"diffusers"`` (SD3 LoRA file for ``load_lora_weights``), ``"peft"``
@@ -287,9 +324,7 @@ def export_lora(
         ) or _DIFFUSERS_PIPELINES.get(type(_unwrap_denoiser(source)).__name__)
     else:
         path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"export_lora: checkpoint {str(path)!r} does not exist")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = read_checkpoint(path)
         state_dict = checkpoint.get("state_dict", checkpoint)
         if ema:  # the EMA tensors carry the policy tensors' checkpoint names
             from marble_lightning.callbacks.policy_ema import ema_state_from_checkpoint

@@ -316,3 +316,40 @@ def test_sd3_export_loads_with_model_level_loader(tiny_dir: str, tmp_path) -> No
     torch.testing.assert_close(
         _transformer_out(transformer, x, cond), expected, atol=1e-6, rtol=1e-6
     )
+
+
+def test_export_from_a_sharded_checkpoint_folder_equals_the_file(tiny_dir: str, tmp_path) -> None:
+    """A distributed-checkpoint folder (the layout MarbleModelParallelStrategy writes: adapter
+    tensors under ``state_dict.``, Lightning's ``meta.pt`` beside) exports the same files as the
+    equivalent single-file checkpoint."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint import save
+
+    from marble_lightning.lora_export import read_checkpoint
+
+    backbone = _adapted_backbone(tiny_dir)
+    state = {
+        f"backbone.{k}": v.detach().clone()
+        for k, v in backbone.state_dict().items()
+        if ".lora_" in k
+    }
+    meta = {"hyper_parameters": {"lora_alpha": ALPHA}, "global_step": 3}
+    single = tmp_path / "single" / "checkpoints" / "last.ckpt"
+    single.parent.mkdir(parents=True)
+    torch.save({"state_dict": state, **meta}, single)
+    folder = tmp_path / "sharded" / "checkpoints" / "last.ckpt"
+    save(
+        {"state_dict": {k: v.clone() for k, v in state.items()}}, checkpoint_id=folder, no_dist=True
+    )
+    torch.save(meta, folder / "meta.pt")
+
+    read = read_checkpoint(folder)
+    assert read["hyper_parameters"] == {"lora_alpha": ALPHA} and read["global_step"] == 3
+    assert sorted(read["state_dict"]) == sorted(state)
+    for key, value in state.items():
+        assert torch.equal(read["state_dict"][key], value)
+    a = load_file(export_lora(str(single), tmp_path / "from_file"))
+    b = load_file(export_lora(str(folder), tmp_path / "from_folder"))  # alpha from meta.pt
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(FileNotFoundError, match="sharded checkpoint folder"):
+        read_checkpoint(tmp_path / "sharded")  # a folder without .metadata
