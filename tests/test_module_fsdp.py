@@ -193,6 +193,18 @@ def test_sharded_resume_is_bit_exact_and_export_gathers(tmp_path: Path) -> None:
         match = [v for k, v in exported.items() if k.endswith(short)]
         assert len(match) == 1 and torch.equal(match[0], value), name
 
+    # the last sharded folder reads back whole in one process (what `marble export-lora` does)
+    from marble_lightning.lora_export import read_checkpoint
+
+    folders = sorted(
+        (full / "amortized" / "ckpts").glob("step=*.ckpt"), key=lambda p: p.stat().st_mtime
+    )
+    read = read_checkpoint(folders[-1])
+    assert read["global_step"] == 3
+    full_final = dict(zip(module.adapters.policy_names, _load(full, "amortized")[0]["adapters"]))
+    for name, value in full_final.items():
+        assert torch.equal(read["state_dict"]["backbone.denoiser." + name], value), name
+
 
 # ---------------------------------------------------------------- configuration errors, no ranks
 def test_tensor_parallel_mesh_is_refused() -> None:
