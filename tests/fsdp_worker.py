@@ -119,6 +119,11 @@ def main() -> None:
     torch.set_num_threads(1)
     for mode in args.modes:
         _fit(args, mode, args.out / mode)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # a clean teardown: a rank leaving with live gloo threads can abort ("terminate called
+        # without an active exception") while another still finishes its export
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
