@@ -234,7 +234,9 @@ def test_harmonize_direction_weights_cosines_consistent(grads: np.ndarray, resca
     np.testing.assert_allclose(
         direction, m * d_star, rtol=1e-9, atol=1e-9 * m * max(1.0, norms.mean() / m)
     )
-    if np.linalg.norm(d_star) > 1e-6:  # cosines are ill-defined for a (numerically) zero direction
+    # cosines are reported as 0 at a numerically stationary point: ||d*||^2 <= 100 x the QP's
+    # regularisation (1e-10), i.e. ||d*|| <= 1e-4 (hypothesis found ||d*|| ~ 1e-5 cases)
+    if np.linalg.norm(d_star) ** 2 > 100 * 1e-10 * (1 + 1e-6):
         cos = grads @ direction / (norms * np.linalg.norm(direction))
         np.testing.assert_allclose(result.cosines.numpy(), cos, atol=1e-6)
     np.testing.assert_allclose(
