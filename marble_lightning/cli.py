@@ -108,7 +108,7 @@ none)."""
 RESUME_AUTO = "auto"
 """``--ckpt_path auto``: like ``last`` when such a run exists, else start fresh (auto-resume)."""
 
-SAFE_ON_RESUME = frozenset({"diagnostics_every", "merge_lora"})
+SAFE_ON_RESUME = frozenset({"diagnostics_every", "merge_lora", "eval_sample_steps"})
 """Model hyper-parameters that may differ from the checkpoint's on resume (applied and logged).
 
 Every ``trainer`` setting (``max_steps``, callbacks such as the evaluation frequency, loggers) may

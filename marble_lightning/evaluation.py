@@ -81,16 +81,20 @@ class EvaluationSteps:
     rewards: Any
     reward_names: list[str]
     device: torch.device
+    eval_sample_steps: int | None
 
     def forward(
         self, prompts: Sequence[str], seed: int | Sequence[int] = 0, **kwargs: Any
     ) -> Tensor:
-        """Images ``[B, 3, H, W]`` in ``[0, 1]`` of the policy for ``prompts`` (see ``sample``)."""
+        """Images ``[B, 3, H, W]`` in ``[0, 1]`` of the policy for ``prompts`` (see ``sample``;
+        ``steps`` defaults to ``eval_sample_steps``)."""
+        kwargs.setdefault("steps", self.eval_sample_steps)
         return self.sample(list(prompts), seed=seed, **kwargs)  # type: ignore[attr-defined]
 
     def _score(self, batch: Any) -> tuple[Tensor, Any]:
         prompts, seeds = _unpack(batch)
-        images = self.sample(prompts, seed=seeds)  # type: ignore[attr-defined]
+        steps = self.eval_sample_steps
+        images = self.sample(prompts, seed=seeds, steps=steps)  # type: ignore[attr-defined]
         return images, self.rewards(images, prompts)
 
     def _metric(self, stage: str) -> RewardMetric:

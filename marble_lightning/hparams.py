@@ -19,7 +19,7 @@ __all__ = ["validate_hparams"]
 _POSITIVE = ("beta", "a_max", "lr", "lora_alpha")
 _NON_NEGATIVE = ("cfg_scale", "kl_weight", "weight_decay")
 _INTS = ("group_size", "sample_steps", "updates_per_rollout", "lora_rank")
-_OPTIONAL_INTS = ("train_timesteps", "diagnostics_every", "refresh_every")
+_OPTIONAL_INTS = ("train_timesteps", "diagnostics_every", "refresh_every", "eval_sample_steps")
 
 
 def validate_hparams(h: Mapping[str, Any]) -> None:

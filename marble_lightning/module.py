@@ -121,6 +121,9 @@ class MarbleDiffusionModule(EvaluationSteps, PolicySampling, LightningModule):
             rounding at the base model's cost (:meth:`LoraAdapterPair.inference
             <marble_lightning.adapters.LoraAdapterPair.inference>`); ``False`` runs the LoRA
             branches (no extra memory).
+        eval_sample_steps: sampler steps of held-out evaluation, ``validate`` / ``test`` /
+            ``predict`` and ``forward`` (``None``: ``sample_steps``). Rollouts may use fewer steps
+            than evaluation (the MARBLE release: 25 rollout, 40 evaluation steps).
 
     Attributes:
         rule: the :class:`~marble_lightning.rules.TrainingRule` built from ``mode``.
@@ -172,6 +175,7 @@ class MarbleDiffusionModule(EvaluationSteps, PolicySampling, LightningModule):
         harmonization: HarmonizationOptions | None = None,
         solver: str = "euler",
         merge_lora: bool = True,
+        eval_sample_steps: int | None = None,
     ) -> None:
         super().__init__()
         given = _given_hyperparameters.get()  # LightningCLI's configuration, if it built us
@@ -187,6 +191,7 @@ class MarbleDiffusionModule(EvaluationSteps, PolicySampling, LightningModule):
             raise ValueError("`rewards` should hold at least one reward model, got K=0")
         validate_hparams(self.hparams)
         self.group_size, self.sample_steps = group_size, sample_steps
+        self.eval_sample_steps = eval_sample_steps
         self.train_timesteps, self.updates_per_rollout = train_timesteps, updates_per_rollout
         self.cfg_scale, self.beta, self.a_max = float(cfg_scale), float(beta), float(a_max)
         self.lr, self.weight_decay, self.grad_clip = float(lr), float(weight_decay), grad_clip

@@ -246,11 +246,14 @@ def evaluate_prompts(
         seed: noise seed of copy 0 of each prompt.
         images_per_prompt: images per prompt.
         batch_size: images per sampling batch.
-        steps: sampler steps (default: the module's ``sample_steps``).
+        steps: sampler steps (default: the module's ``eval_sample_steps``, else its
+            ``sample_steps``).
         adapter: ``"policy"``, ``"old"`` or ``"base"``.
         out_dir: if given, rank 0 writes ``per_image.csv`` and ``summary.json`` there.
     """
     records = resolve_records(prompts)
+    if steps is None:
+        steps = getattr(module, "eval_sample_steps", None)
     scorer = (
         rewards
         if isinstance(rewards, MultiReward)

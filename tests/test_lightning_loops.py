@@ -150,6 +150,25 @@ def test_validation_equals_an_independent_evaluation(tmp_path: Path) -> None:
     )  # logged as float32
 
 
+def test_validate_test_and_forward_sample_with_eval_sample_steps() -> None:
+    """``eval_sample_steps`` sets the evaluation's sampler apart from the rollouts'."""
+    from marble_lightning.data import PromptDataModule
+
+    module = make_module("amortized", sample_steps=2, eval_sample_steps=4)
+    data = PromptDataModule(PROMPTS, 2, heldout_prompts=HELDOUT, eval_batch_size=8)
+    trainer = Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    result = trainer.test(module, datamodule=data)[0]
+    seeds = [1000] * len(HELDOUT)
+    for steps, expected in ((4, True), (2, False)):
+        scored = module.rewards(module.sample(HELDOUT, seed=seeds, steps=steps), HELDOUT)
+        name = module.reward_names[0]
+        mean = float(scored.values[scored.mask[:, 0], 0].double().mean())
+        assert (result[f"test/{name}"] == pytest.approx(mean, rel=1e-6)) is expected
+    assert torch.equal(module(HELDOUT, seed=seeds), module.sample(HELDOUT, seed=seeds, steps=4))
+
+
 def test_load_from_checkpoint_without_arguments(tmp_path: Path) -> None:
     config = _config(tmp_path)
     _cli("fit", "--config", str(config))

@@ -40,6 +40,7 @@ def test_sd35m_reference_recipe(name: str, capsys) -> None:
     ]
     assert model["backbone"]["init_args"]["resolution"] == 512
     assert (model["solver"], model["sample_steps"], model["cfg_scale"]) == ("dpm2", 25, 1.0)
+    assert model["eval_sample_steps"] == 40
     assert (model["beta"], model["kl_weight"], model["a_max"]) == (0.1, 1e-4, 5.0)
     assert (model["lr"], model["weight_decay"], model["grad_clip"]) == (3e-4, 1e-4, 1.0)
     assert model["group_size"] == 24 and model["mode"] == "amortized"

@@ -307,11 +307,11 @@ def test_ckpt_path_last_without_a_run_fails_and_auto_starts_fresh(
     assert "nothing to resume" in captured.err
     assert f"{FIT_MARKER} {root / 'lightning_logs' / 'version_0' / 'checkpoints'}" in captured.out
     # auto again: resumes version_0 (the newest run with a last.ckpt), applying the new max_steps
-    # ... and merge_lora, which changes float rounding only
+    # ... and merge_lora (float rounding only) and the evaluation's sampler steps
     main(
         _fit(
             TINY, tiny_dir, root, "--ckpt_path", "auto", "--trainer.max_steps=2",
-            "--model.merge_lora=false",
+            "--model.merge_lora=false", "--model.eval_sample_steps=3",
         )
     )  # fmt: skip
     captured = capsys.readouterr()
@@ -319,6 +319,7 @@ def test_ckpt_path_last_without_a_run_fails_and_auto_starts_fresh(
     assert f"marble: resuming from {last}" in captured.out
     assert "trainer.max_steps: checkpoint run 1, now 2 (applied)" in captured.err
     assert "model.merge_lora: checkpoint run true, now false (applied)" in captured.err
+    assert "model.eval_sample_steps: checkpoint run null, now 3 (applied)" in captured.err
     assert not (root / "lightning_logs" / "version_1").exists()
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 2
 

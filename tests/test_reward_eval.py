@@ -195,3 +195,60 @@ def test_two_ranks_evaluate_like_one_process(tmp_path: Path) -> None:
                 torch.testing.assert_close(
                     local, full[rank::2], rtol=1e-4, atol=1e-6, equal_nan=True
                 )
+
+
+def _forwards_per_evaluation(module, evaluator: RewardEvalCallback) -> list[int]:
+    """Counts ``module.backbone.velocity`` calls inside each ``evaluator.evaluate``; the returned
+    list gets one count per evaluation."""
+    calls: list[int] = []
+    inner_velocity, inner_evaluate = module.backbone.velocity, evaluator.evaluate
+
+    def velocity(*args, **kwargs):
+        calls[-1] += 1
+        return inner_velocity(*args, **kwargs)
+
+    def evaluate(*args, **kwargs):
+        calls.append(0)
+        module.backbone.velocity = velocity
+        try:
+            return inner_evaluate(*args, **kwargs)
+        finally:
+            module.backbone.velocity = inner_velocity
+
+    evaluator.evaluate = evaluate
+    return calls
+
+
+def test_evaluation_sampler_steps_are_set_apart_from_the_rollouts() -> None:
+    """``RewardEvalCallback(sample_steps=5)`` samples the held-out images with 5 steps while the
+    rollouts keep the module's 2: its per-image scores are those of ``sample(..., steps=5)``."""
+    module = make_module("marble", sample_steps=2)
+    evaluator = RewardEvalCallback(
+        HELDOUT, every_n_steps=10, seed=3, images_per_prompt=2, log_images=False, sample_steps=5
+    )
+    calls = _forwards_per_evaluation(module, evaluator)
+    fit(module, max_steps=1, callbacks=[evaluator])
+    assert calls == [5, 5]  # one batch of 6 held-out images, before and after training
+    prompts = [p for p in HELDOUT for _ in range(2)]
+    seeds = [3 + c for _ in HELDOUT for c in range(2)]
+
+    def scores(steps: int) -> torch.Tensor:
+        images = module.sample(prompts, seed=seeds, adapter="base", steps=steps)
+        scored = module.rewards(images, prompts)
+        return torch.where(scored.mask, scored.values.double(), torch.nan)
+
+    base = evaluator.samples[0]
+    assert torch.allclose(base, scores(5), atol=1e-6, equal_nan=True)
+    assert not torch.allclose(base, scores(2), atol=1e-4, equal_nan=True)
+
+
+def test_the_module_eval_sample_steps_is_the_callbacks_default() -> None:
+    module = make_module("marble", sample_steps=2, eval_sample_steps=3)
+    evaluator = RewardEvalCallback(HELDOUT, every_n_steps=10, seed=3, log_images=False)
+    calls = _forwards_per_evaluation(module, evaluator)
+    fit(module, max_steps=1, callbacks=[evaluator])
+    assert calls == [3, 3]
+    with pytest.raises(ValueError, match="sample_steps"):
+        RewardEvalCallback(HELDOUT, sample_steps=0)
+    with pytest.raises(ValueError, match="eval_sample_steps"):
+        make_module("marble", eval_sample_steps=0)

@@ -58,6 +58,8 @@ class RewardEvalCallback(Callback):
         max_grid: images in the grid.
         use_ema: evaluate the policy with the weights of the trainer's
             :class:`~marble_lightning.callbacks.PolicyEMACallback` (same metric names).
+        sample_steps: sampler steps of the evaluation (``None``: the module's
+            ``eval_sample_steps``, else its ``sample_steps``).
 
     Attributes:
         history: one dict per evaluation: ``step`` (rollouts done), ``global_step``, ``adapter``,
@@ -81,6 +83,7 @@ class RewardEvalCallback(Callback):
         batch_size: int = 32,
         max_grid: int = 16,
         use_ema: bool = False,
+        sample_steps: int | None = None,
     ) -> None:
         if not isinstance(prompts, (str, list, tuple)):
             raise TypeError(
@@ -96,6 +99,9 @@ class RewardEvalCallback(Callback):
         self.max_grid = check_int("max_grid", max_grid, 0)
         self.log_images = bool(log_images)
         self.use_ema = bool(use_ema)
+        self.sample_steps = (
+            None if sample_steps is None else check_int("sample_steps", sample_steps)
+        )
         self.rewards = None if rewards is None else MultiReward(rewards)
         self.extra_rewards = MultiReward(extra_rewards) if extra_rewards else None
         self.prompts: list[str] = []
@@ -179,6 +185,9 @@ class RewardEvalCallback(Callback):
             (p, self.seed + c) for p in self.prompts for c in range(self.images_per_prompt)
         ]
         mine = everything[rank::world]
+        steps = self.sample_steps
+        if steps is None:
+            steps = getattr(pl_module, "eval_sample_steps", None)
         device = pl_module.device
         metric = RewardMetric(names).to(device)
         per_sample: list[Tensor] = []
@@ -187,7 +196,7 @@ class RewardEvalCallback(Callback):
             chunk = [p for p, _ in mine[start : start + self.batch_size]]
             seeds = [x for _, x in mine[start : start + self.batch_size]]
             with self._weights(trainer, pl_module, adapter):
-                images = pl_module.sample(chunk, seed=seeds, adapter=adapter)
+                images = pl_module.sample(chunk, seed=seeds, adapter=adapter, steps=steps)
             scored = [rewards(images, chunk)]
             if self.extra_rewards is not None:
                 scored.append(self.extra_rewards(images, chunk))
