@@ -395,7 +395,7 @@ class MarbleDiffusionModule(EvaluationSteps, PolicySampling, LightningModule):
             "refresh": refreshed,
             "alpha": [float(a) for a in used],
         }
-        kept = ("reward/", "cos/", "loss/", "norm/")
+        kept = ("reward/", "cos/", "loss/", "norm/", "grad/")
         record.update((k, v) for k, v in metrics.items() if k.startswith(kept))
         self.history.append(record)
         self.step_index = step + 1

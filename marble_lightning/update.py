@@ -371,10 +371,10 @@ def apply_direction(
             f"non-finite update direction at step {step}; parameters left unchanged"
         )
     adapters.write_gradients(full)
-    if grad_clip is not None:
-        norm = torch.nn.utils.clip_grad_norm_(adapters.policy_params, grad_clip)
-    else:
-        norm = full.norm()
+    # the whole gradient's norm on every rank, sharded (DTensor) parameters included; max_norm inf
+    # leaves the gradients as they are (scaled by exactly 1)
+    limit = float("inf") if grad_clip is None else grad_clip
+    norm = torch.nn.utils.clip_grad_norm_(adapters.policy_params, limit)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if scheduler is not None:

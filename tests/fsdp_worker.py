@@ -37,6 +37,12 @@ OPTIONS = {
     "optimizer": functools.partial(torch.optim.SGD, lr=10.0),
     "grad_clip": 1.0,
 }
+UNCLIPPED = ("weighted_sum",)
+"""Modes run without gradient clipping (``grad/norm`` is then computed apart from the clip)."""
+
+
+def options_for(mode: str) -> dict:
+    return {**OPTIONS, **({"grad_clip": None} if mode in UNCLIPPED else {})}
 
 
 class Dump(Callback):
@@ -58,6 +64,7 @@ class Dump(Callback):
                 "alpha": pl_module.current_alpha.clone(),
                 "norms": None if pl_module.cached_norms is None else pl_module.cached_norms.clone(),
                 "rewards": [r["reward/red_mean"] for r in pl_module.history],
+                "grad_norms": [r["grad/norm"] for r in pl_module.history],
                 "global_step": trainer.global_step,
                 "lora_local": local,
                 "lora_full": sum(p.numel() for p in pl_module.trainable_parameters),
@@ -73,7 +80,7 @@ class Dump(Callback):
 
 def _fit(args: argparse.Namespace, mode: str, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    options = dict(OPTIONS)
+    options = options_for(mode)
     if args.adam:  # exercises the optimizer state in the checkpoint
         options.pop("optimizer")
     module = make_module(mode, **options)

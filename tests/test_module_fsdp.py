@@ -100,10 +100,10 @@ def _reference(mode: str) -> dict:
     """One process, devices=1, over the same global batch of 4 prompts (the worker's options)."""
     sys.path.insert(0, str(WORKER.parent))
     try:
-        from fsdp_worker import OPTIONS
+        from fsdp_worker import options_for
     finally:
         sys.path.remove(str(WORKER.parent))
-    module = make_module(mode, **OPTIONS)
+    module = make_module(mode, **options_for(mode))
     callbacks = (
         [HarmonizationCallback(refresh_every=2), EMACoefficientCallback(decay=0.5)]
         if mode == "amortized"
@@ -123,6 +123,7 @@ def _reference(mode: str) -> dict:
         "alpha_history": [r["alpha"] for r in module.history],
         "norms": module.cached_norms,
         "rewards": [r["reward/red_mean"] for r in module.history],
+        "grad_norms": [r["grad/norm"] for r in module.history],
     }
 
 
@@ -146,6 +147,10 @@ def _check_equal(sharded: list[dict], one: dict, mode: str) -> None:
     if mode != "weighted_sum":
         torch.testing.assert_close(rank0["norms"], one["norms"], rtol=1e-5, atol=1e-9)
     assert rank0["rewards"] == pytest.approx(one["rewards"], rel=1e-6)
+    # the whole gradient's norm (clipped modes and weighted_sum, unclipped), not one shard's
+    assert rank0["grad_norms"] == rank1["grad_norms"]
+    # (float32 sums in another order: ~1e-4 relative on norms of ~1e-7; one shard would be ~x0.7)
+    assert rank0["grad_norms"] == pytest.approx(one["grad_norms"], rel=1e-3)
     for a, b in zip(rank0["adapters"], one["adapters"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
