@@ -168,7 +168,7 @@ def test_sharded_two_ranks_match_one_process(sharded_runs: Path, mode: str) -> N
 
 
 def test_sharded_resume_is_bit_exact_and_export_gathers(tmp_path: Path) -> None:
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    full = tmp_path / "full"
     _torchrun(full, "--modes", "amortized", "--adam", "--save-every", "1")
     ckpt = full / "amortized" / "ckpts" / "step=1.ckpt"
     assert ckpt.is_dir() and {p.name for p in ckpt.iterdir()} == {
@@ -177,13 +177,17 @@ def test_sharded_resume_is_bit_exact_and_export_gathers(tmp_path: Path) -> None:
         "__1_0.distcp",
         "meta.pt",
     }
-    _torchrun(resumed, "--modes", "amortized", "--adam", "--resume", str(ckpt), "--export")
-    for a, b in zip(_load(full, "amortized"), _load(resumed, "amortized")):
-        assert a["global_step"] == b["global_step"] == 3
-        assert a["alpha_history"] == b["alpha_history"]
-        assert a["rewards"] == b["rewards"]
-        assert torch.equal(a["norms"], b["norms"])
-        assert all(torch.equal(x, y) for x, y in zip(a["adapters"], b["adapters"]))
+    # 8 prompts, 4 per step: step 1 is mid-epoch, step 2 an epoch's last batch
+    for step in (2, 1):
+        resumed = tmp_path / f"resumed{step}"
+        ckpt = full / "amortized" / "ckpts" / f"step={step}.ckpt"
+        _torchrun(resumed, "--modes", "amortized", "--adam", "--resume", str(ckpt), "--export")
+        for a, b in zip(_load(full, "amortized"), _load(resumed, "amortized")):
+            assert a["global_step"] == b["global_step"] == 3
+            assert a["alpha_history"] == b["alpha_history"]
+            assert a["rewards"] == b["rewards"]
+            assert torch.equal(a["norms"], b["norms"])
+            assert all(torch.equal(x, y) for x, y in zip(a["adapters"], b["adapters"]))
 
     # the exported LoRA (rank 0) is the whole policy adapter
     from safetensors.torch import load_file
