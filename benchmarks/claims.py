@@ -61,6 +61,18 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def qp_schedule(config: dict) -> tuple[bool, int | None]:
+    """``(solves MARBLE's QP on refresh steps, step from which alpha is uniform)`` of a config:
+    the QP runs in ``marble`` / ``amortized`` mode unless a ``HarmonizationCallback`` makes alpha
+    uniform from step 0 (the equal-alpha ablation)."""
+    uniform_after = None
+    for cb in config.get("trainer", {}).get("callbacks") or []:
+        if cb.get("class_path", "").endswith("HarmonizationCallback"):
+            uniform_after = (cb.get("init_args") or {}).get("uniform_after")
+    qp = config["model"].get("mode") in ("marble", "amortized") and uniform_after != 0
+    return qp, uniform_after
+
+
 def cpu_line() -> str:
     import torch
 
@@ -76,8 +88,15 @@ def verdict(test, direction: int = 1) -> str:
     return "not shown"
 
 
-def build_report(summaries: dict, seeds: list[int]) -> str:
-    """The markdown report from ``{label: {seed: {"summary": ...}}}`` (only the given seeds)."""
+def build_report(
+    summaries: dict, seeds: list[int], schedules: dict[str, tuple[bool, int | None]] | None = None
+) -> str:
+    """The markdown report from ``{label: {seed: {"summary": ...}}}`` (only the given seeds).
+
+    ``schedules``: :func:`qp_schedule` per label, to tell QP steps (refresh steps whose alpha
+    comes from the QP) from the others; a label without one counts every refresh step as a QP
+    step."""
+    schedules = schedules or {}
     labels = [label for label in STUDY.values() if label in summaries]
     runs = {
         label: {s: summaries[label][str(s)]["summary"] for s in seeds if str(s) in summaries[label]}
@@ -94,12 +113,14 @@ def build_report(summaries: dict, seeds: list[int]) -> str:
     trained = list(first.get("trained") or [n for n in some["gain"] if n != "ocr_edit"])
     names = trained + sorted(n for n in some["gain"] if n not in trained)
 
-    def cosines(label: str, refresh: bool | None) -> list[float]:
-        """Worst-reward cosines of ``label``'s runs (refresh steps, other steps or all)."""
+    def cosines(label: str, qp: bool) -> list[float]:
+        """Worst-reward cosines of ``label``'s runs on QP steps (``qp``) or on the others."""
+        solves, uniform_after = schedules.get(label, (True, None))
         values = []
         for e in entries[label].values():
-            for _, is_refresh, c in e.get("cosines", []):
-                if refresh is None or is_refresh == refresh:
+            for step, is_refresh, c in e.get("cosines", []):
+                on_qp = solves and is_refresh and (uniform_after is None or step < uniform_after)
+                if on_qp == qp:
                     values.append(c)
         return values
 
@@ -111,12 +132,14 @@ def build_report(summaries: dict, seeds: list[int]) -> str:
         "t-interval; composite and worst are gains standardised by the base model's per-image std "
         "(composite: their mean over the trained rewards, worst: their minimum). `cos < 0`: "
         "diagnostic steps whose update direction had a negative cosine with some reward's "
-        "gradient, on refresh steps (fresh alpha) / other diagnostic steps (cached alpha); "
-        "columns after the trained rewards are evaluated only.",
+        "gradient, on QP steps (refresh steps whose alpha comes from MARBLE's QP, smoothed by the "
+        "alpha EMA where the recipe has one) / other diagnostic steps (cached alpha between "
+        "refreshes, the uniform stage, rules without a QP); columns after the trained rewards are "
+        "evaluated only.",
         "",
         "| method | seeds | "
         + " | ".join(names)
-        + " | composite | worst | cos < 0 refresh / other |",
+        + " | composite | worst | cos < 0 QP steps / other |",
         "|---|---|" + "---|" * (len(names) + 3),
     ]
     for label in labels:
@@ -185,9 +208,29 @@ def build_report(summaries: dict, seeds: list[int]) -> str:
         every = fresh + cached
         if every:
             lines.append(
-                f"* Worst-reward cosine of {m}: negative on {negatives(fresh)} refresh steps and "
+                f"* Worst-reward cosine of {m}: negative on {negatives(fresh)} QP steps and "
                 f"{negatives(cached)} other diagnostic steps (min {min(every):+.2f})."
             )
+    baseline = cosines("weighted sum", False) if "weighted sum" in runs else []
+    for m in MARBLES:
+        if m not in runs or not baseline:
+            continue
+        fresh, every = cosines(m, True), cosines(m, True) + cosines(m, False)
+        if not fresh:
+            continue
+        never = all(c >= 0 for c in every)
+        state = (
+            "holds"
+            if never
+            else "holds on QP steps only"
+            if all(c >= 0 for c in fresh)
+            else "contradicted"
+        )
+        lines.append(
+            f"* MARBLE ({m})'s worst-reward cosine is never negative while the weighted sum's "
+            f"often is: **{state}** ({m}: {negatives(every)} diagnostic steps negative, "
+            f"{negatives(fresh)} of its QP steps; weighted sum: {negatives(baseline)})."
+        )
     return "\n".join(lines)
 
 
@@ -253,13 +296,17 @@ def main(argv: list[str] | None = None) -> None:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             for future in [pool.submit(one, m, s) for m, s in jobs]:
                 future.result()
+    schedules = {
+        label: qp_schedule(load_config(METHODS[method], None, quick=False))
+        for method, label in STUDY.items()
+    }
     machines = sorted({e["cpu"] for per in summaries.values() for e in per.values()})
     report = "\n".join(
         [
             environment_markdown(),
             f"Runs made on: {'; '.join(machines) or 'none yet'}",
             "",
-            build_report(summaries, args.seeds),
+            build_report(summaries, args.seeds, schedules),
         ]
     )
     print(report)

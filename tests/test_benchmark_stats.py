@@ -111,8 +111,34 @@ def test_claims_report_marks_claims_from_the_tests():
     assert "MARBLE (reference) beats weighted sum on composite: **holds**" in report
     assert "MARBLE (reference) beats equal alpha on composite: **contradicted**" in report
     assert "MARBLE (reference) improves every reward: **holds**" in report
-    assert "cosine of weighted sum: negative on - refresh steps and 5/5 other" in report
-    assert "cosine of reference: negative on 0/5 refresh steps and 5/5 other" in report
+    assert "cosine of weighted sum: negative on - QP steps and 5/5 other" in report
+    assert "cosine of reference: negative on 0/5 QP steps and 5/5 other" in report
     assert "| reference | 5 |" in report and "| 0/5 / 5/5 |" in report
+    assert (
+        "(reference)'s worst-reward cosine is never negative while the weighted sum's often "
+        "is: **holds on QP steps only**" in report
+    )
+    # a uniform stage from step 5 on: the step-5 refresh is not a QP step
+    for s in seeds:
+        summaries["reference"][str(s)]["cosines"] = [[0, True, 0.2], [5, True, -0.1]]
+    staged = build_report(summaries, seeds, {"reference": (True, 5)})
+    assert "cosine of reference: negative on 0/5 QP steps and 5/5 other" in staged
+    everything = build_report(summaries, seeds)  # without schedules: every refresh is a QP step
+    assert "cosine of reference: negative on 5/10 QP steps and - other" in everything
+    assert "never negative while the weighted sum's often is: **contradicted**" in everything
     header = next(line for line in report.splitlines() if line.startswith("| method"))
     assert all(f"| {n} |" in header for n in names)
+
+
+def test_qp_schedule_reads_the_study_configs():
+    from claims import STUDY, qp_schedule
+    from quality import METHODS, load_config
+
+    schedules = {
+        label: qp_schedule(load_config(METHODS[m], None, quick=False)) for m, label in STUDY.items()
+    }
+    assert schedules["default"] == (True, 100)
+    assert schedules["reference"] == (True, None)
+    assert schedules["full per-step"][0] is True
+    assert schedules["equal alpha"] == (False, 0)
+    assert schedules["weighted sum"][0] is False and schedules["decoupled"][0] is False
