@@ -661,6 +661,9 @@ def main(args: Sequence[str] | None = None) -> None:
     _check_config_files(argv)
     # the module optimises in training_step and checkpoints after the step, by design
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+    # PromptBatches is an IterableDataset with a length that splits its batches across dataloader
+    # workers itself, which Lightning cannot know
+    warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
     from marble_lightning.data import PromptDataModule
     from marble_lightning.module import MarbleDiffusionModule
 
