@@ -664,6 +664,10 @@ def main(args: Sequence[str] | None = None) -> None:
     # PromptBatches is an IterableDataset with a length that splits its batches across dataloader
     # workers itself, which Lightning cannot know
     warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+    # the frozen backbone and rewards stay in eval mode by design (MarbleDiffusionModule.train)
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start")
+    # Lightning's own use of a torch pytree class that newer torch deprecates; nothing to act on
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     from marble_lightning.data import PromptDataModule
     from marble_lightning.module import MarbleDiffusionModule
 
