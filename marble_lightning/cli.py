@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import pickle
 import signal
@@ -648,6 +649,12 @@ _EXTRA_COMMANDS = {
 }
 
 
+def _drop_service_tips(record: logging.LogRecord) -> bool:
+    """Logging filter: False for Lightning's "Tip: ... try installing litlogger/litmodels" lines."""
+    message = record.getMessage()
+    return not ("Tip:" in message and ("litlogger" in message or "litmodels" in message))
+
+
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of the ``marble`` console script and ``python -m marble_lightning``.
 
@@ -668,6 +675,9 @@ def main(args: Sequence[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start")
     # Lightning's own use of a torch pytree class that newer torch deprecates; nothing to act on
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # Lightning's advertisements for its hosted services, printed at every fit
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_drop_service_tips)
     from marble_lightning.data import PromptDataModule
     from marble_lightning.module import MarbleDiffusionModule
 
