@@ -240,6 +240,7 @@ class MarbleDiffusionModule(EvaluationSteps, PolicySampling, LightningModule):
         self.keep_debug = False
         self.strict_loading = False  # checkpoints hold the adapters only
         self._rollout_dtype: str | None = None  # rollout_precision with 'auto' resolved
+        self.train(self.training)  # frozen backbone and rewards in eval mode from the start
 
     # ------------------------------------------------------------------ read-only views
     @property

@@ -505,3 +505,19 @@ def test_merged_lora_forwards_train_like_the_lora_branches():
     for a, b in zip(merged, plain):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(alpha_m, alpha_p, rtol=1e-4, atol=1e-6)
+
+
+def test_frozen_parts_are_in_eval_mode_from_construction():
+    """Backbone (denoiser and LoRA layers) and rewards run deterministic eval-mode forwards even
+    before a Trainer calls ``train()``, e.g. for ``module(prompts)`` right after construction."""
+    module = make_module("amortized")
+
+    def training_names() -> list[str]:
+        parts = [("backbone", module.backbone), ("rewards", module.rewards)]
+        return [f"{p}.{n}" for p, part in parts for n, m in part.named_modules() if m.training]
+
+    assert module.training and training_names() == []
+    module.train()
+    assert module.training and training_names() == []
+    module.eval()
+    assert not module.training and training_names() == []
