@@ -432,7 +432,10 @@ def test_unet_denoiser_with_conv_lora_and_per_sample_engine():
         rollout = module.rollout(PROMPTS[:2], step=0)
         directions.append(module.compute_update(rollout, refresh=True).direction)
     assert directions[0].norm() > 0
-    torch.testing.assert_close(directions[1], directions[0], rtol=1e-4, atol=1e-7)
+    # Both engines sum the same float32 terms in different orders: agree to ~1e-6 of the
+    # largest entry (a wrong Gram or direction differs at the 1e-1 level).
+    atol = 1e-5 * directions[0].abs().max().item()
+    torch.testing.assert_close(directions[1], directions[0], rtol=1e-4, atol=atol)
     base = base_state(module)
     fit(module, max_steps=1)
     assert all(torch.equal(p, base[n]) for n, p in module.named_parameters() if ".lora_" not in n)
