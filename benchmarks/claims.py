@@ -16,8 +16,8 @@ standardised composite and worst reward, worst-reward cosines on diagnostic step
 
 Nothing is tuned here: the configs are fixed before the held-out numbers are read.
 
-    python benchmarks/claims.py --seeds 0 1 2 3 4 --jobs 2     # the study (hours on 2 cores)
-    python benchmarks/claims.py --collect                      # tables from summaries.json only
+    python benchmarks/claims.py --seeds 0 1 2 3 4 --jobs 2  # the study (hours on 2 cores)
+    python benchmarks/claims.py --collect                 # tables and plots from summaries.json
 
 Rollouts run in float32 whatever the CPU (``--rollout-precision``), so the numbers do not depend
 on which machine ran a seed. Every finished run's summary is added to ``<out>/summaries.json`` at
@@ -234,6 +234,130 @@ def build_report(
     return "\n".join(lines)
 
 
+def plot_study(
+    summaries: dict,
+    seeds: list[int],
+    schedules: dict[str, tuple[bool, int | None]],
+    out: Path,
+) -> list[Path]:
+    """Figures of the study, written to ``out``; returns their paths.
+
+    ``gains.png``: every reward's held-out gain, composite and worst per rule (each seed a dot,
+    the mean with its 95% t-interval a bar); ``paired.png``: the paired differences of composite
+    and worst (MARBLE variant minus baseline) with their intervals; ``worst_cosine.png``: the
+    worst-reward cosine at each diagnostic step, every seed a line, QP steps filled dots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [label for label in STUDY.values() if label in summaries]
+    entries = {
+        label: [summaries[label][str(s)] for s in seeds if str(s) in summaries[label]]
+        for label in labels
+    }
+    if not any(entries.values()):
+        return []
+    first = next(e for per in entries.values() for e in per)
+    gains = first["summary"]["gain"]
+    trained = list(first.get("trained") or gains)
+    panels = trained + sorted(n for n in gains if n not in trained) + ["composite", "worst"]
+
+    def value(entry: dict, panel: str) -> float:
+        summary = entry["summary"]
+        return summary[panel] if panel in ("composite", "worst") else summary["gain"][panel]
+
+    written = []
+    cols = 4
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    for ax, panel in zip(axes.flat, panels):
+        for i, label in enumerate(labels):
+            values = [value(e, panel) for e in entries[label]]
+            ax.scatter([i] * len(values), values, s=10, color="0.6", zorder=2)
+            ci = mean_interval(values)
+            if ci.n >= 2:
+                ax.errorbar(
+                    i,
+                    ci.mean,
+                    yerr=[[ci.mean - ci.low], [ci.high - ci.mean]],
+                    fmt="o",
+                    color=f"C{i}",
+                    capsize=3,
+                    zorder=3,
+                )
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=7)
+        unit = " (std of base)" if panel in ("composite", "worst") else ""
+        ax.set_title(f"{panel}{unit}", fontsize=9)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.suptitle("held-out gain over the base model: seeds (dots), mean and 95% interval")
+    fig.tight_layout()
+    written.append(out / "gains.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    pairs = [(a, b) for a in MARBLES for b in BASELINES if a in entries and b in entries]
+    if pairs:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 0.45 * len(pairs) + 1.5), squeeze=False)
+        for ax, key in zip(axes[0], ("composite", "worst")):
+            for j, (a, b) in enumerate(pairs):
+                by_seed = {s: summaries[b][str(s)] for s in seeds if str(s) in summaries[b]}
+                matched = [
+                    (value(summaries[a][str(s)], key), value(by_seed[s], key))
+                    for s in seeds
+                    if str(s) in summaries[a] and s in by_seed
+                ]
+                test = paired_test([x for x, _ in matched], [y for _, y in matched])
+                d = test.difference
+                if d.n >= 2:
+                    color = "C2" if d.low > 0 else "C3" if d.high < 0 else "0.3"
+                    ax.errorbar(
+                        d.mean,
+                        j,
+                        xerr=[[d.mean - d.low], [d.high - d.mean]],
+                        fmt="o",
+                        color=color,
+                        capsize=3,
+                    )
+            ax.axvline(0, color="k", lw=0.8)
+            ax.set_yticks(range(len(pairs)), [f"{a} - {b}" for a, b in pairs], fontsize=8)
+            ax.invert_yaxis()
+            ax.set_title(f"{key}: paired difference, 95% interval", fontsize=9)
+        fig.tight_layout()
+        written.append(out / "paired.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6), sharex=True, sharey=True, squeeze=False)
+    for ax, label in zip(axes.flat, labels):
+        solves, uniform_after = schedules.get(label, (True, None))
+        for entry in entries[label]:
+            rows_ = entry.get("cosines", [])
+            ax.plot([r[0] for r in rows_], [r[2] for r in rows_], color="0.6", lw=0.6)
+            qp = [
+                r
+                for r in rows_
+                if solves and r[1] and (uniform_after is None or r[0] < uniform_after)
+            ]
+            ax.scatter([r[0] for r in qp], [r[2] for r in qp], s=6, color="C0", zorder=3)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_title(label, fontsize=9)
+    for ax in axes[-1]:
+        ax.set_xlabel("training step")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("min_k cos(d, g_k)")
+    for ax in list(axes.flat)[len(labels) :]:
+        ax.axis("off")
+    fig.suptitle("worst-reward cosine at diagnostic steps (lines: seeds; dots: QP steps)")
+    fig.tight_layout()
+    written.append(out / "worst_cosine.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+    return written
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -311,6 +435,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(report)
     (out / "table.md").write_text(report + "\n")
+    for path in plot_study(summaries, args.seeds, schedules, out):
+        print(f"wrote {path}")
     (out / "environment.json").write_text(json.dumps(environment(), indent=1) + "\n")
 
 

@@ -130,6 +130,28 @@ def test_claims_report_marks_claims_from_the_tests():
     assert all(f"| {n} |" in header for n in names)
 
 
+def test_claims_plots_are_written_from_the_summaries(tmp_path):
+    from claims import plot_study
+
+    seeds = [0, 1, 2]
+    summaries: dict = {}
+    for s in seeds:
+        for label, shift in (("default", 0.1), ("weighted sum", 0.0)):
+            summaries.setdefault(label, {})[str(s)] = {
+                "summary": fake_summary({"a": shift + 0.01 * s, "b": 0.2}, shift, -shift, []),
+                "trained": ["a", "b"],
+                "cosines": [[0, True, 0.2], [5, False, -0.1]],
+            }
+    assert plot_study({}, seeds, {}, tmp_path) == []
+    written = plot_study(summaries, seeds, {"default": (True, 100)}, tmp_path)
+    assert [p.name for p in written] == ["gains.png", "paired.png", "worst_cosine.png"]
+    import matplotlib.image
+
+    for path in written:
+        image = matplotlib.image.imread(path)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0  # a drawn figure
+
+
 def test_qp_schedule_reads_the_study_configs():
     from claims import STUDY, qp_schedule
     from quality import METHODS, load_config
