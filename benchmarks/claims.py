@@ -57,6 +57,20 @@ MARBLES = ["reference", "full per-step", "default"]
 BASELINES = ["weighted sum", "equal alpha", "decoupled"]
 
 
+STUDY_BUDGET = {"sample_steps": 10, "train_timesteps": 2}
+"""Sampling and training budget every run of the study used (the default's until commit f974e88;
+the default now samples its rollouts in fewer steps): applied to each config, with the held-out
+evaluation at the same 10 steps, so the stored runs stay reproducible."""
+
+
+def study_config(method: str, diagnostics_every: int | None) -> dict:
+    """The config of ``method`` (a key of ``quality.METHODS``) as the study runs it."""
+    config = load_config(METHODS[method], diagnostics_every, quick=False)
+    config["model"].update(STUDY_BUDGET)
+    config["model"].pop("eval_sample_steps", None)  # evaluation at sample_steps, as stored
+    return config
+
+
 def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -387,7 +401,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def one(method: str, seed: int) -> None:
         label = STUDY[method]
-        config = load_config(METHODS[method], args.diagnostics_every, quick=False)
+        config = study_config(method, args.diagnostics_every)
         config["model"]["rollout_precision"] = args.rollout_precision
         if args.max_steps is not None:
             config["trainer"]["max_steps"] = args.max_steps

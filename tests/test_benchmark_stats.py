@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _stats import mean_interval, paired_test, t_cdf, t_quantile
 
+REPO = Path(__file__).resolve().parents[1]
+
 # two-sided 95% critical values of Student's t (standard tables)
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 9: 2.262, 29: 2.045}
 
@@ -164,3 +166,19 @@ def test_qp_schedule_reads_the_study_configs():
     assert schedules["full per-step"][0] is True
     assert schedules["equal alpha"] == (False, 0)
     assert schedules["weighted sum"][0] is False and schedules["decoupled"][0] is False
+
+
+def test_stored_study_runs_match_the_configs_the_study_would_run():
+    """Every stored run of the claims study was made with the config ``claims.py`` builds today
+    (same hash), so rerunning the study reuses them instead of silently mixing budgets."""
+    import json
+
+    from claims import STUDY, config_hash, study_config
+
+    stored = json.loads((REPO / "benchmarks" / "results" / "claims" / "summaries.json").read_text())
+    assert set(stored) == set(STUDY.values())
+    for method, label in STUDY.items():
+        config = study_config(method, 5)
+        config["model"]["rollout_precision"] = "float32"
+        digest = config_hash(config)
+        assert {e["config"] for e in stored[label].values()} == {digest}, label
