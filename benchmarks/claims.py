@@ -36,6 +36,7 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import cpu_model, environment, environment_markdown
@@ -304,13 +305,15 @@ def plot_study(
         ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=7)
         unit = " (std of base)" if panel in ("composite", "worst") else ""
         ax.set_title(f"{panel}{unit}", fontsize=9)
-    for ax in list(axes.flat)[len(panels) :]:
-        ax.axis("off")
-    fig.suptitle("held-out gain over the base model: seeds (dots), mean and 95% interval")
-    fig.tight_layout()
-    written.append(out / "gains.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    written.append(
+        _save(
+            fig,
+            axes,
+            len(panels),
+            out / "gains.png",
+            "held-out gain over the base model: seeds (dots), mean and 95% interval",
+        )
+    )
 
     pairs = [(a, b) for a in MARBLES for b in BASELINES if a in entries and b in entries]
     if pairs:
@@ -362,14 +365,29 @@ def plot_study(
         ax.set_xlabel("training step")
     for ax in axes[:, 0]:
         ax.set_ylabel("min_k cos(d, g_k)")
-    for ax in list(axes.flat)[len(labels) :]:
-        ax.axis("off")
-    fig.suptitle("worst-reward cosine at diagnostic steps (lines: seeds; dots: QP steps)")
-    fig.tight_layout()
-    written.append(out / "worst_cosine.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    written.append(
+        _save(
+            fig,
+            axes,
+            len(labels),
+            out / "worst_cosine.png",
+            "worst-reward cosine at diagnostic steps (lines: seeds; dots: QP steps)",
+        )
+    )
     return written
+
+
+def _save(fig: Any, axes: Any, used: int, path: Path, title: str) -> Path:
+    """Hide the panels after the first ``used``, title, save ``fig`` to ``path`` and close it."""
+    import matplotlib.pyplot as plt
+
+    for ax in list(axes.flat)[used:]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:
