@@ -205,3 +205,31 @@ def test_likelihood_term_on_renders(reward: OCRReward) -> None:
         OCRReward(likelihood_weight=1.5)
     with pytest.raises(ValueError, match="use_det"):
         OCRReward(likelihood_weight=0.5, use_det=True)
+
+
+def test_two_rewards_on_the_same_images_read_them_once(monkeypatch) -> None:
+    edit = OCRReward(num_threads=1)
+    mixed = OCRReward(num_threads=1, likelihood_weight=0.5)
+    images = torch.stack([render("cat"), render("sun"), torch.ones(3, 64, 64)])
+    prompts = ['"cat"', '"sun"', '"dog"']
+    expected_edit, expected_mixed = edit(images, prompts), mixed(images, prompts)
+    calls = []
+    for reward in (edit, mixed):
+        session = reward.engine.text_rec.session
+        monkeypatch.setattr(
+            reward.engine.text_rec,
+            "session",
+            lambda batch, session=session: calls.append(batch.shape) or session(batch),
+        )
+    other = torch.stack([render("dog"), render("cat", font_size=18), torch.zeros(3, 64, 64)])
+    assert torch.equal(mixed(other, prompts), mixed(other, prompts))
+    assert len(calls) == 3  # the repeat was served from the latest batch's readings
+    calls.clear()
+    assert torch.equal(mixed(images, prompts), expected_mixed)
+    assert torch.equal(edit(images, prompts), expected_edit)  # same images: no new reading
+    assert len(calls) == 3
+    calls.clear()
+    half = OCRReward(num_threads=1, upscale=2.0)
+    half(images, prompts)
+    assert half.engine.text_rec.session is not None and len(calls) == 0  # own (unpatched) engine
+    assert mixed(images, prompts).equal(expected_mixed) and len(calls) == 3  # upscale: new key

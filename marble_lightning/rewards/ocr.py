@@ -25,6 +25,7 @@ and concatenates them (slower; worse on tiny images).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 import re
@@ -177,6 +178,8 @@ class OCRReward(RewardModel):
     """
 
     name = "ocr"
+    _latest: dict[tuple, tuple[str, float, np.ndarray]] = {}
+    """Readings of the latest batch, shared across instances (see :meth:`_recognize`)."""
 
     def __init__(
         self,
@@ -206,6 +209,7 @@ class OCRReward(RewardModel):
             )
         self.likelihood_weight = likelihood_weight
         self._engine = None
+        self._model_key: tuple = ()
         self._fold_table: dict[str, list[int]] | None = None
 
     @property
@@ -218,6 +222,9 @@ class OCRReward(RewardModel):
             if self.num_threads is not None:
                 kwargs = {"intra_op_num_threads": int(self.num_threads), "inter_op_num_threads": 1}
             self._engine = RapidOCR(**kwargs)
+            rec = self._engine.text_rec
+            onnx = getattr(rec.session, "session", None)
+            self._model_key = (getattr(onnx, "_model_path", None) or id(rec), *rec.rec_image_shape)
         return self._engine
 
     def applies_to(self, prompts: Sequence[str]) -> Tensor:
@@ -246,21 +253,34 @@ class OCRReward(RewardModel):
 
         Same steps as RapidOCR's recognition-only call (its size preprocessing, optional direction
         classifier, the recogniser's resize and normalisation, CTC greedy decoding), keeping the
-        recogniser's output probabilities.
+        recogniser's output probabilities. The latest batch's readings are shared by every
+        instance (keyed by the image bytes and the reading settings), so two OCR rewards scoring
+        the same images, e.g. a trained ``ocr`` and an evaluation-only ``ocr_edit``, run the
+        recogniser once per image.
         """
         engine = self.engine
         rec = engine.text_rec
         out = []
+        readings: dict[tuple, tuple[str, float, np.ndarray]] = {}
+        model = self._model_key
         for arr in self._arrays(images):
-            img = engine.preprocess(arr)[0]
-            if self.use_cls:
-                img = engine.text_cls([img])[0][0]
-            _, rec_h, rec_w = rec.rec_image_shape[:3]
-            h, w = img.shape[:2]
-            batch = rec.resize_norm_img(img, max(rec_w / rec_h, w / h))[None].astype(np.float32)
-            probs = rec.session(batch)[0]  # [1, T, C], softmax over the character classes
-            text, conf = rec.postprocess_op(probs)[0][:2]
-            out.append((str(text) if float(conf) >= self.min_confidence else "", probs[0]))
+            digest = hashlib.blake2b(arr.tobytes(), digest_size=16).digest()
+            key = (model, self.upscale, self.use_cls, arr.shape, digest)
+            reading = readings.get(key) or OCRReward._latest.get(key)
+            if reading is None:
+                img = engine.preprocess(arr)[0]
+                if self.use_cls:
+                    img = engine.text_cls([img])[0][0]
+                _, rec_h, rec_w = rec.rec_image_shape[:3]
+                h, w = img.shape[:2]
+                batch = rec.resize_norm_img(img, max(rec_w / rec_h, w / h))
+                probs = rec.session(batch[None].astype(np.float32))[0]  # [1, T, C], softmax
+                text, conf = rec.postprocess_op(probs)[0][:2]
+                reading = (str(text), float(conf), probs[0])
+            readings[key] = reading
+            text, conf, frames = reading
+            out.append((text if conf >= self.min_confidence else "", frames))
+        OCRReward._latest = readings
         return out
 
     def _folded_classes(self, char: str) -> list[int]:
