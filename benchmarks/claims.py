@@ -59,9 +59,10 @@ BASELINES = ["weighted sum", "equal alpha", "decoupled"]
 
 
 STUDY_BUDGET = {"sample_steps": 10, "train_timesteps": 2}
-"""Sampling and training budget every run of the study used (the default's until commit f974e88;
-the default now samples its rollouts in fewer steps): applied to each config, with the held-out
-evaluation at the same 10 steps, so the stored runs stay reproducible."""
+"""Sampling and training budget every run of the study used (the default's until the default
+moved to cheaper rollouts): applied to each config, with the held-out evaluation at the same 10
+steps and DiffusionNFT's old-policy schedule (lagging from step 75), so the stored runs stay
+reproducible."""
 
 
 def study_config(method: str, diagnostics_every: int | None) -> dict:
@@ -69,6 +70,7 @@ def study_config(method: str, diagnostics_every: int | None) -> dict:
     config = load_config(METHODS[method], diagnostics_every, quick=False)
     config["model"].update(STUDY_BUDGET)
     config["model"].pop("eval_sample_steps", None)  # evaluation at sample_steps, as stored
+    config["model"].pop("old_policy", None)  # the module's default: DiffusionNFT's schedule
     return config
 
 

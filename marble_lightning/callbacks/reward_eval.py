@@ -54,7 +54,7 @@ class RewardEvalCallback(Callback):
             stricter variant of a trained reward, to watch for reward hacking); their names must
             differ from the others'.
         log_images: log an image grid (first ``max_grid`` images) to loggers that support it.
-        batch_size: prompts per sampling batch.
+        batch_size: images per sampling batch.
         max_grid: images in the grid.
         use_ema: evaluate the policy with the weights of the trainer's
             :class:`~marble_lightning.callbacks.PolicyEMACallback` (same metric names).
