@@ -182,3 +182,34 @@ def test_stored_study_runs_match_the_configs_the_study_would_run():
         config["model"]["rollout_precision"] = "float32"
         digest = config_hash(config)
         assert {e["config"] for e in stored[label].values()} == {digest}, label
+
+
+def test_default_budget_runs_differ_from_the_study_only_in_budget():
+    """``default_budget.py`` runs the default as the claims study does, at the config's budget; its
+    stored runs were made with the config it builds today."""
+    import json
+
+    from claims import config_hash, study_config
+    from default_budget import budget_config, comparison
+
+    ours, study = budget_config({}), study_config("marble (amortised)", 5)
+    study["model"]["rollout_precision"] = "float32"
+    budget = {"sample_steps", "train_timesteps", "eval_sample_steps"}
+    assert {k: v for k, v in ours["model"].items() if k not in budget} == {
+        k: v for k, v in study["model"].items() if k not in budget
+    }
+    assert {k: v for k, v in ours.items() if k != "model"} == {
+        k: v for k, v in study.items() if k != "model"
+    }
+    assert (ours["model"]["sample_steps"], study["model"]["sample_steps"]) == (8, 10)
+    stored = json.loads(
+        (REPO / "benchmarks" / "results" / "default_budget" / "summaries.json").read_text()
+    )
+    assert {e["config"] for e in stored.values()} == {config_hash(ours)}
+    # the printed comparison is the paired t-test over the seeds stored in both
+    fake = {s: {"summary": {"gain": {"a": g}, "composite": g, "worst": g}} for s, g in
+            (("0", 0.3), ("1", 0.1), ("2", 0.2))}  # fmt: skip
+    base = {s: {"summary": {"gain": {"a": 0.0}, "composite": 0.0, "worst": 0.0}} for s in "012"}
+    lines = comparison(fake, base, [0, 1, 2, 7])
+    assert lines[0] == "seeds 0, 1, 2"
+    assert "+0.200 [-0.048, +0.448]" in lines[1]  # mean 0.2, sd 0.1, t(2) = 4.303: 0.2 +- 0.248
