@@ -59,10 +59,9 @@ BASELINES = ["weighted sum", "equal alpha", "decoupled"]
 
 
 STUDY_BUDGET = {"sample_steps": 10, "train_timesteps": 2}
-"""Sampling and training budget every run of the study used (the default's until the default
-moved to cheaper rollouts): applied to each config, with the held-out evaluation at the same 10
-steps and DiffusionNFT's old-policy schedule (lagging from step 75), so the stored runs stay
-reproducible."""
+"""Sampling and training budget every run of the study used (the default's): applied to each
+config, with the held-out evaluation at the same 10 steps and DiffusionNFT's old-policy schedule
+(lagging from step 75), so the stored runs stay reproducible if the default's budget changes."""
 
 
 def study_config(method: str, diagnostics_every: int | None) -> dict:

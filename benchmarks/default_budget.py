@@ -1,15 +1,18 @@
-"""The default's current budget against the claims study's default runs, paired by seed.
+"""A cheaper rollout / training budget for the default, against the claims study's default runs.
 
 Runs ``configs/marble.yaml`` as ``claims.py`` runs its ``default`` rule (float32 rollouts, one
-thread per run, diagnostics every 5 steps, the same held-out evaluation) but at the config's own
-budget instead of the study's ``STUDY_BUDGET``, so the two differ only in the rollout and training
-budget. Stores one summary per seed and prints, per reward, the mean gain with its 95% interval for
-both and the paired difference by seed.
+thread per run, diagnostics every 5 steps, the same held-out evaluation) with model overrides
+(``--set KEY=VALUE``), so the two differ only in what is overridden. Stores one summary per seed
+and prints, per reward, the mean gain with its 95% interval for both and the paired difference by
+seed. The stored runs (``results/default_budget/``) are of 8-step rollouts with 1 training
+timestep (evaluation still at 10 steps), a budget measured and not adopted
+(``marble_lightning/toy/README.md``, "How the default was chosen"):
 
-    python benchmarks/default_budget.py --seeds 0 1 2 3 4 --jobs 2    # ~20 min per run
-    python benchmarks/default_budget.py --seeds 0 1 2 4 --collect     # report what is stored
+    python benchmarks/default_budget.py --seeds 0 1 2 4 --jobs 2 \
+        --set sample_steps=8 eval_sample_steps=10 train_timesteps=1     # ~20 min per run
+    python benchmarks/default_budget.py --seeds 0 1 2 4 --collect       # report what is stored
 
-Extra model keys (``--set sample_steps=6``) try another budget under another ``--out``.
+Another budget needs another ``--out``.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ STUDY = Path(__file__).resolve().parent / "results" / "claims" / "summaries.json
 
 
 def budget_config(overrides: dict) -> dict:
-    """The default as the study runs it, at the config's budget plus ``overrides``."""
+    """The default as the study runs it, with ``overrides`` on its ``model`` keys."""
     config = load_config(METHODS["marble (amortised)"], 5, quick=False)
     config["model"]["rollout_precision"] = "float32"
     config["model"].update(overrides)
@@ -82,9 +85,11 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     store = out / "summaries.json"
     results = json.loads(store.read_text()) if store.is_file() else {}
+    if args.collect and results:  # report the stored budget
+        config = budget_config(next(iter(results.values()))["overrides"])
     digest = config_hash(config)
     other = sorted(s for s, entry in results.items() if entry.get("config") != digest)
-    if other and not args.collect:
+    if other:
         raise SystemExit(
             f"{store} holds seeds {other} of another config; choose another --out for this budget"
         )
