@@ -9,10 +9,11 @@ timestep (evaluation still at 10 steps), a budget measured and not adopted
 (``marble_lightning/toy/README.md``, "How the default was chosen"):
 
     python benchmarks/default_budget.py --seeds 0 1 2 4 --jobs 2 \
-        --set sample_steps=8 eval_sample_steps=10 train_timesteps=1     # ~20 min per run
+        --set sample_steps=8 eval_sample_steps=10 train_timesteps=1     # 18-22 min per run*
     python benchmarks/default_budget.py --seeds 0 1 2 4 --collect       # report what is stored
 
-Another budget needs another ``--out``.
+Another budget needs another ``--out``. (*2-core Intel Xeon, capability ``AVX512``, two runs at a
+time.)
 """
 
 from __future__ import annotations
