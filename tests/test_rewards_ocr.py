@@ -233,3 +233,22 @@ def test_two_rewards_on_the_same_images_read_them_once(monkeypatch) -> None:
     half(images, prompts)
     assert half.engine.text_rec.session is not None and len(calls) == 0  # own (unpatched) engine
     assert mixed(images, prompts).equal(expected_mixed) and len(calls) == 3  # upscale: new key
+
+
+def _intra_op_threads(reward: OCRReward) -> int:
+    return reward.engine.text_rec.session.session.get_session_options().intra_op_num_threads
+
+
+def test_num_threads_follows_torch_by_default() -> None:
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert _intra_op_threads(OCRReward()) == threads
+        torch.set_num_threads(2)
+        assert _intra_op_threads(OCRReward(num_threads=1)) == 1
+    finally:
+        torch.set_num_threads(before)
+    for bad in (0, "all", 1.5, True):
+        with pytest.raises(ValueError, match="num_threads"):
+            OCRReward(num_threads=bad)
