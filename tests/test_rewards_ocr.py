@@ -239,14 +239,15 @@ def _intra_op_threads(reward: OCRReward) -> int:
     return reward.engine.text_rec.session.session.get_session_options().intra_op_num_threads
 
 
-def test_num_threads_follows_torch_by_default() -> None:
+def test_num_threads_torch_follows_torch() -> None:
     before = torch.get_num_threads()
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            assert _intra_op_threads(OCRReward()) == threads
+            assert _intra_op_threads(OCRReward(num_threads="torch")) == threads
         torch.set_num_threads(2)
-        assert _intra_op_threads(OCRReward(num_threads=1)) == 1
+        assert _intra_op_threads(OCRReward()) == 1
+        assert _intra_op_threads(OCRReward(num_threads=2)) == 2
     finally:
         torch.set_num_threads(before)
     for bad in (0, "all", 1.5, True):

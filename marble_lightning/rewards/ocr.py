@@ -169,12 +169,13 @@ class OCRReward(RewardModel):
         min_confidence: recognised strings with a lower confidence are treated as empty.
         likelihood_weight: weight ``w`` in ``[0, 1]`` of the CTC-likelihood term (see the module
             docstring; default 0: the edit score alone). Needs ``use_det=False``.
-        num_threads: ONNX Runtime intra-op threads: ``"torch"`` (default) as many as torch's
-            intra-op threads when the engine is created (``torch.get_num_threads()``: all cores
-            in one process, fewer per DDP rank), an int, or ``None`` for ONNX Runtime's own
+        num_threads: ONNX Runtime intra-op threads: an int (default 1), ``"torch"`` for as many
+            as torch's intra-op threads when the engine is created (``torch.get_num_threads()``:
+            all cores in one process, fewer per DDP rank), or ``None`` for ONNX Runtime's own
             default (all cores, 2.5x slower on a 2-core machine busy with other jobs). Two threads
-            instead of one read a 32 x 32 toy render in 29 instead of 34-41 ms (idle 2-core Intel
-            Xeon).
+            instead of one read a 32 x 32 toy render in 29 instead of 34-41 ms on an idle 2-core
+            Intel Xeon; the default stays 1 because the thread count changes the float rounding of
+            the scores, and with it a seeded run's trajectory.
         name: reward name in logs.
 
     Measured (2-core CPU shared with other jobs, load ~5, recognition only, one thread, after
@@ -192,7 +193,7 @@ class OCRReward(RewardModel):
         use_det: bool = False,
         use_cls: bool = False,
         min_confidence: float = 0.0,
-        num_threads: int | Literal["torch"] | None = "torch",
+        num_threads: int | Literal["torch"] | None = 1,
         likelihood_weight: float = 0.0,
         name: str | None = None,
     ) -> None:
