@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("step_time.py", []),
         ("quality.py", []),
         ("merged_lora.py", []),
+        ("toy_unet_cost.py", ["--widths", "32,64,128", "16,32,64"]),
     ],
 )
 def test_benchmark_quick(script: str, extra: list[str], tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.resources
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,3 +175,20 @@ def test_shipped_checkpoint_loads_and_samples():
     assert img.shape == (2, 3, 32, 32) and torch.isfinite(img).all()
     # a trained model draws a mostly white background, not noise
     assert img.mean() > 0.6
+
+
+def test_stored_narrow_candidate_loads_and_draws():
+    """The 16/32/64 candidate kept in benchmarks/results/toy_small_base loads from its folder with
+    its own config and draws a trained model's white background."""
+    folder = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "toy_small_base"
+    m = ToyBackbone(folder).eval()
+    assert m.config.block_out_channels == (16, 32, 64)
+    assert json.loads((folder / f"{ASSET_NAME}.json").read_text())["block_out_channels"] == [
+        16,
+        32,
+        64,
+    ]
+    img = sample(
+        m, ["two red circles"], steps=4, cfg=1.0, generator=torch.Generator().manual_seed(0)
+    )
+    assert img.shape == (1, 3, 32, 32) and img.mean() > 0.6
