@@ -6,6 +6,7 @@ import os
 import platform
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,6 +55,15 @@ def environment_markdown() -> str:
         + ", ".join(f"{k}={v}" for k, v in env.items())
         + f", allocator {alloc_text}"
     )
+
+
+def print_table(table: str, out: str | None) -> None:
+    """Print a markdown ``table``; with ``out``, also write it to ``<out>.md``."""
+    print(table)
+    if out:
+        path = Path(out).with_suffix(".md")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(table + "\n")
 
 
 class ProjectionReward(RewardModel):

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment_markdown
+from _common import environment_markdown, print_table
 
 from marble_lightning.adapters import BASE, OLD, LoraAdapterPair
 from marble_lightning.toy.backbone import ToyBackbone
@@ -76,11 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, values in times.items():
         median = statistics.median(values)
         lines.append(f"| {name} | {1000 * median:.1f} | x{median / lora:.2f} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).with_suffix(".md").write_text(table + "\n")
+    print_table("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

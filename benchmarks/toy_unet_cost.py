@@ -25,7 +25,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment_markdown
+from _common import environment_markdown, print_table
 
 from marble_lightning.adapters import POLICY, LoraAdapterPair
 from marble_lightning.toy.backbone import ToyBackbone, ToyModelConfig
@@ -114,11 +114,7 @@ def main(argv: list[str] | None = None) -> None:
             reference = statistics.median(times[(ref, kind)])
             row.append(f"{median:.3f} | x{median / reference:.2f}")
         lines.append(" | ".join(row) + " |")
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).with_suffix(".md").write_text(table + "\n")
+    print_table("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":
