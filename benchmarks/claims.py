@@ -59,17 +59,32 @@ BASELINES = ["weighted sum", "equal alpha", "decoupled"]
 
 
 STUDY_BUDGET = {"sample_steps": 10, "train_timesteps": 2}
-"""Sampling and training budget every run of the study used (the default's): applied to each
-config, with the held-out evaluation at the same 10 steps and DiffusionNFT's old-policy schedule
-(lagging from step 75), so the stored runs stay reproducible if the default's budget changes."""
+"""Sampling and training budget every run of the study used: applied to each config, with the
+held-out evaluation at the same 10 steps and DiffusionNFT's old-policy schedule (lagging from step
+75), so the stored runs stay reproducible when the default's budget changes."""
+
+STUDY_STEPS = 150
+"""Training steps of every run of the study (evaluated at the end)."""
+
+STUDY_UNIFORM_AFTER = 100
+"""The study's default rule: dynamic alpha for steps 0-99, uniform alpha for the last third."""
 
 
 def study_config(method: str, diagnostics_every: int | None) -> dict:
-    """The config of ``method`` (a key of ``quality.METHODS``) as the study runs it."""
+    """The config of ``method`` (a key of ``quality.METHODS``) as the study runs it: the method
+    from ``configs/``, the budget pinned above."""
     config = load_config(METHODS[method], diagnostics_every, quick=False)
     config["model"].update(STUDY_BUDGET)
     config["model"].pop("eval_sample_steps", None)  # evaluation at sample_steps, as stored
     config["model"].pop("old_policy", None)  # the module's default: DiffusionNFT's schedule
+    config["trainer"]["max_steps"] = STUDY_STEPS
+    for cb in config["trainer"]["callbacks"]:
+        args = cb.get("init_args") or {}
+        if cb["class_path"].endswith("RewardEvalCallback"):
+            args["every_n_steps"] = STUDY_STEPS
+        # a final uniform stage (not the reference's None, not equal alpha's 0) at the study's step
+        if cb["class_path"].endswith("HarmonizationCallback") and args.get("uniform_after"):
+            args["uniform_after"] = STUDY_UNIFORM_AFTER
     return config
 
 
@@ -453,10 +468,7 @@ def main(argv: list[str] | None = None) -> None:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             for future in [pool.submit(one, m, s) for m, s in jobs]:
                 future.result()
-    schedules = {
-        label: qp_schedule(load_config(METHODS[method], None, quick=False))
-        for method, label in STUDY.items()
-    }
+    schedules = {label: qp_schedule(study_config(method, None)) for method, label in STUDY.items()}
     machines = sorted({e["cpu"] for per in summaries.values() for e in per.values()})
     report = "\n".join(
         [

@@ -29,18 +29,32 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _stats import mean_interval, paired_test
-from claims import config_hash, cpu_line
+from claims import config_hash, cpu_line, study_config
 from default_run import ALLOCATOR, run_seed
-from quality import METHODS, load_config, summarise
+from quality import summarise
 
 STUDY = Path(__file__).resolve().parent / "results" / "claims" / "summaries.json"
 
 
 def budget_config(overrides: dict) -> dict:
-    """The default as the study runs it, with ``overrides`` on its ``model`` keys."""
-    config = load_config(METHODS["marble (amortised)"], 5, quick=False)
+    """The default as the study runs it, with ``overrides``: a plain key sets a ``model`` key,
+    ``trainer.KEY`` a trainer key and ``<CallbackClass>.KEY`` that callback's init argument."""
+    config = study_config("marble (amortised)", 5)
     config["model"]["rollout_precision"] = "float32"
-    config["model"].update(overrides)
+    callbacks = {c["class_path"].rsplit(".", 1)[-1]: c for c in config["trainer"]["callbacks"]}
+    for key, value in overrides.items():
+        owner, dot, name = key.rpartition(".")
+        if not dot:
+            config["model"][name] = value
+        elif owner == "trainer":
+            config["trainer"][name] = value
+        elif owner in callbacks:
+            callbacks[owner].setdefault("init_args", {})[name] = value
+        else:
+            raise SystemExit(
+                f"--set {key}: expected a model key, trainer.KEY or one of the callbacks "
+                f"{sorted(callbacks)} followed by .KEY"
+            )
     return config
 
 

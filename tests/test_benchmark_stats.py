@@ -155,13 +155,13 @@ def test_claims_plots_are_written_from_the_summaries(tmp_path):
 
 
 def test_qp_schedule_reads_the_study_configs():
-    from claims import STUDY, qp_schedule
+    from claims import STUDY, qp_schedule, study_config
     from quality import METHODS, load_config
 
-    schedules = {
-        label: qp_schedule(load_config(METHODS[m], None, quick=False)) for m, label in STUDY.items()
-    }
-    assert schedules["default"] == (True, 100)
+    schedules = {label: qp_schedule(study_config(m, None)) for m, label in STUDY.items()}
+    assert schedules["default"] == (True, 100)  # the study's budget: 150 steps, last third uniform
+    shipped = qp_schedule(load_config(METHODS["marble (amortised)"], None, quick=False))
+    assert shipped == (True, 80)  # configs/marble.yaml: 120 steps, last third uniform
     assert schedules["reference"] == (True, None)
     assert schedules["full per-step"][0] is True
     assert schedules["equal alpha"] == (False, 0)
