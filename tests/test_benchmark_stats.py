@@ -215,3 +215,22 @@ def test_default_budget_runs_differ_from_the_study_only_in_the_overrides():
     lines = comparison(fake, base, [0, 1, 2, 7])
     assert lines[0] == "seeds 0, 1, 2"
     assert "+0.200 [-0.048, +0.448]" in lines[1]  # mean 0.2, sd 0.1, t(2) = 4.303: 0.2 +- 0.248
+
+
+def test_stored_default_runs_are_of_the_shipped_config():
+    """The runs behind the README's results table are of ``configs/marble.yaml`` as it ships
+    (float32 rollouts, diagnostics every 5 steps): the study's budget plus their overrides."""
+    import json
+
+    from claims import config_hash
+    from default_budget import budget_config
+    from quality import METHODS, load_config
+
+    stored = json.loads(
+        (REPO / "benchmarks" / "results" / "default_budget_120" / "summaries.json").read_text()
+    )
+    shipped = load_config(METHODS["marble (amortised)"], 5, quick=False)
+    shipped["model"]["rollout_precision"] = "float32"
+    for entry in stored.values():
+        assert budget_config(entry["overrides"]) == shipped
+        assert entry["config"] == config_hash(shipped)
