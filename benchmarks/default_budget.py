@@ -1,19 +1,29 @@
-"""A cheaper rollout / training budget for the default, against the claims study's default runs.
+"""A rollout / training budget for the default, against the claims study's default runs.
 
-Runs ``configs/marble.yaml`` as ``claims.py`` runs its ``default`` rule (float32 rollouts, one
-thread per run, diagnostics every 5 steps, the same held-out evaluation) with model overrides
-(``--set KEY=VALUE``), so the two differ only in what is overridden. Stores one summary per seed
-and prints, per reward, the mean gain with its 95% interval for both and the paired difference by
-seed. The stored runs (``results/default_budget/``) are of 8-step rollouts with 1 training
-timestep (evaluation still at 10 steps), a budget measured and not adopted
+Runs the claims study's ``default`` rule as ``claims.py`` runs it (its pinned 150-step budget,
+float32 rollouts, one thread per run, diagnostics every 5 steps, the same held-out evaluation)
+with overrides (``--set KEY=VALUE``: a model key, ``trainer.KEY`` or ``<CallbackClass>.KEY``), so
+the two differ only in what is overridden. Stores one summary per seed and prints, per reward, the
+mean gain with its 95% interval for both and the paired difference by seed. Stored budgets
 (``marble_lightning/toy/README.md``, "How the default was chosen"):
 
-    python benchmarks/default_budget.py --seeds 0 1 2 4 --jobs 2 \
-        --set sample_steps=8 eval_sample_steps=10 train_timesteps=1     # 18-22 min per run*
-    python benchmarks/default_budget.py --seeds 0 1 2 4 --collect       # report what is stored
+* ``results/default_budget_120/``: the shipped ``configs/marble.yaml`` (120 steps, 8-step
+  rollouts, 1 training timestep, evaluation at 10 steps; 13.6-14.6 min per run*):
 
-Another budget needs another ``--out``. (*2-core Intel Xeon, capability ``AVX512``, two runs at a
-time.)
+      python benchmarks/default_budget.py --seeds 0 1 2 4 \
+          --out benchmarks/results/default_budget_120 \
+          --set sample_steps=8 eval_sample_steps=10 train_timesteps=1 'old_policy={"start": 60}' \
+          trainer.max_steps=120 HarmonizationCallback.uniform_after=80 \
+          RewardEvalCallback.every_n_steps=120
+
+* ``results/default_budget/``: the same per-step budget over 150 steps, measured and not
+  adopted (18-22 min per run*):
+
+      python benchmarks/default_budget.py --seeds 0 1 2 4 \
+          --set sample_steps=8 eval_sample_steps=10 train_timesteps=1
+
+``--collect`` (with the same ``--out``) reports what is stored without running. Another budget
+needs another ``--out``. (*2-core Intel Xeon, capability ``AVX512``, two runs at a time.)
 """
 
 from __future__ import annotations

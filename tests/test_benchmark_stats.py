@@ -234,3 +234,20 @@ def test_stored_default_runs_are_of_the_shipped_config():
     for entry in stored.values():
         assert budget_config(entry["overrides"]) == shipped
         assert entry["config"] == config_hash(shipped)
+
+
+def test_default_budget_overrides_reach_trainer_and_callbacks():
+    from default_budget import budget_config
+
+    config = budget_config(
+        {"trainer.max_steps": 7, "HarmonizationCallback.uniform_after": 3, "lr": 1e-4}
+    )
+    assert config["trainer"]["max_steps"] == 7 and config["model"]["lr"] == 1e-4
+    (harmonization,) = [
+        c
+        for c in config["trainer"]["callbacks"]
+        if c["class_path"].endswith("HarmonizationCallback")
+    ]
+    assert harmonization["init_args"]["uniform_after"] == 3
+    with pytest.raises(SystemExit, match="NoSuchCallback.every"):
+        budget_config({"NoSuchCallback.every": 1})
