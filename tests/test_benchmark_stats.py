@@ -251,3 +251,27 @@ def test_default_budget_overrides_reach_trainer_and_callbacks():
     assert harmonization["init_args"]["uniform_after"] == 3
     with pytest.raises(SystemExit, match="NoSuchCallback.every"):
         budget_config({"NoSuchCallback.every": 1})
+
+
+def test_readme_results_table_is_the_stored_default_runs():
+    """The README's results table: mean gain and 95% t-interval of the stored runs of the shipped
+    config, recomputed here from the per-seed gains."""
+    import json
+    import re
+
+    from _stats import mean_interval
+
+    stored = json.loads(
+        (REPO / "benchmarks" / "results" / "default_budget_120" / "summaries.json").read_text()
+    )
+    readme = (REPO / "README.md").read_text().split("## Results", 1)[1].split("\n## ", 1)[0]
+    assert f"The default, {['no', 'one', 'two', 'three', 'four', 'five'][len(stored)]} seeds" in (
+        readme
+    )
+    rows = dict(re.findall(r"^\| (\w+) \| [-\d.]+ \| ([^|]+) \|$", readme, flags=re.M))
+    names = ["composition", "ocr", "quality", "jpeg", "clip"]
+    assert sorted(rows) == sorted(names)
+    for name in names:
+        interval = mean_interval([entry["summary"]["gain"][name] for entry in stored.values()])
+        expected = f"{interval.mean:+.3f} [{interval.low:+.3f}, {interval.high:+.3f}]"
+        assert rows[name].strip() == expected, name
