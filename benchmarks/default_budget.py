@@ -8,9 +8,9 @@ mean gain with its 95% interval for both and the paired difference by seed. Stor
 (``marble_lightning/toy/README.md``, "How the default was chosen"):
 
 * ``results/default_budget_120/``: the shipped ``configs/marble.yaml`` (120 steps, 8-step
-  rollouts, 1 training timestep, evaluation at 10 steps; 13.6-14.6 min per run*):
+  rollouts, 1 training timestep, evaluation at 10 steps; 13.6-14.8 min per run*):
 
-      python benchmarks/default_budget.py --seeds 0 1 2 4 \
+      python benchmarks/default_budget.py --seeds 0 1 2 3 4 \
           --out benchmarks/results/default_budget_120 \
           --set sample_steps=8 eval_sample_steps=10 train_timesteps=1 'old_policy={"start": 60}' \
           trainer.max_steps=120 HarmonizationCallback.uniform_after=80 \
