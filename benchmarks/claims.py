@@ -79,9 +79,9 @@ def study_config(method: str, diagnostics_every: int | None) -> dict:
     config["model"].pop("old_policy", None)  # the module's default: DiffusionNFT's schedule
     config["trainer"]["max_steps"] = STUDY_STEPS
     for cb in config["trainer"]["callbacks"]:
-        args = cb.get("init_args") or {}
         if cb["class_path"].endswith("RewardEvalCallback"):
-            args["every_n_steps"] = STUDY_STEPS
+            cb.setdefault("init_args", {})["every_n_steps"] = STUDY_STEPS
+        args = cb.get("init_args") or {}
         # a final uniform stage (not the reference's None, not equal alpha's 0) at the study's step
         if cb["class_path"].endswith("HarmonizationCallback") and args.get("uniform_after"):
             args["uniform_after"] = STUDY_UNIFORM_AFTER
